@@ -1,0 +1,175 @@
+"""Validation during training: the token-weighted validation loss, its perplexity and the best so far."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from app.sft.callbacks.base import SFTCallback
+from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum
+
+logger = logging.getLogger(__name__)
+
+MAX_LOG_PERPLEXITY = 100.0
+"""`val_perplexity` is exp(min(val_loss, this)), so a diverged model reports a large finite number."""
+
+
+class ValidationCallback(SFTCallback):
+    """Computes the validation loss every `eval_steps` steps and at each epoch end, and tracks the best one.
+
+    The loss is the mean cross-entropy per labelled (non-masked) token over the whole validation set, summed
+    over all processes. Results go into the step's `metrics` dict as `val_loss`, `val_perplexity` and
+    `best_val_loss`, so every later callback of that step sees them (this callback runs first: `order = 0`).
+
+    Data: `val_dataset` (a `datasets.Dataset` or torch `Dataset`) is batched by the trainer's
+    `make_eval_dataloader` when it has one (raw text/alpaca/chat rows or tokenized rows), otherwise by a
+    padding collate that needs tokenized rows (`input_ids`, optional `labels` and `attention_mask`).
+    Without `val_dataset`, `trainer.val_dataloader` is used; with neither, the callback does nothing.
+
+    The model's train/eval mode is restored after validation, also when it raises.
+    """
+
+    order = 0
+
+    def __init__(
+        self, val_dataset: Any = None, eval_steps: int = 500, eval_on_epoch_end: bool = True
+    ) -> None:
+        if not isinstance(eval_steps, int) or eval_steps < 1:
+            raise ValueError(f"eval_steps must be an integer >= 1, got {eval_steps!r}")
+        self.val_dataset = val_dataset
+        self.eval_steps = eval_steps
+        self.eval_on_epoch_end = eval_on_epoch_end
+        self.best_val_loss = float("inf")
+        self.best_step: int | None = None
+        self._loader: Iterable[Mapping[str, Any]] | None = None  # built once from val_dataset
+        self._last_result: tuple[int, float] | None = None  # (step, val_loss) of the latest validation
+
+    def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
+        self._loader = None  # a new run may come with a different trainer: rebuild the loader lazily
+
+    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        if step % self.eval_steps == 0:
+            self._validate(trainer, step, metrics)
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        if self.eval_on_epoch_end:
+            self._validate(trainer, getattr(trainer, "global_step", None), metrics)
+
+    def _validate(self, trainer: Any, step: int | None, metrics: dict[str, float]) -> None:
+        """Validate (or reuse this step's result) and write the values into `metrics`."""
+        if self._dataloader(trainer) is None:
+            return
+        if step is not None and self._last_result is not None and self._last_result[0] == step:
+            val_loss = self._last_result[1]
+        else:
+            val_loss = self._run_validation(trainer)
+            if step is not None:
+                self._last_result = (step, val_loss)
+            if val_loss < self.best_val_loss:
+                logger.info(
+                    "Validation loss improved to %.4f at step %s (previous best %.4f)",
+                    val_loss,
+                    step,
+                    self.best_val_loss,
+                )
+                self.best_val_loss, self.best_step = val_loss, step
+            else:
+                logger.info("Validation loss %.4f at step %s (best %.4f)", val_loss, step, self.best_val_loss)
+        metrics["val_loss"] = val_loss
+        metrics["val_perplexity"] = math.exp(min(val_loss, MAX_LOG_PERPLEXITY))
+        metrics["best_val_loss"] = self.best_val_loss
+
+    def _dataloader(self, trainer: Any) -> Iterable[Mapping[str, Any]] | None:
+        """The batches to validate on: built once from `val_dataset`, else the trainer's `val_dataloader`."""
+        if self.val_dataset is None:
+            return getattr(trainer, "val_dataloader", None)
+        if self._loader is None:
+            make_eval_dataloader = getattr(trainer, "make_eval_dataloader", None)
+            if make_eval_dataloader is not None:
+                self._loader = make_eval_dataloader(self.val_dataset)
+            else:
+                pad_id = getattr(getattr(trainer, "tokenizer", None), "pad_token_id", None)
+                collate = functools.partial(_pad_collate, pad_token_id=pad_id if pad_id is not None else 0)
+                batch_size = getattr(trainer, "eval_batch_size", 8)
+                self._loader = DataLoader(self.val_dataset, batch_size=batch_size, collate_fn=collate)
+        return self._loader
+
+    def _run_validation(self, trainer: Any) -> float:
+        """The validation loss: summed token cross-entropy / number of labelled tokens, over all processes."""
+        loader = self._dataloader(trainer)
+        if loader is None:
+            raise ValueError(
+                "ValidationCallback has no validation data: pass val_dataset or give the trainer a "
+                "val_dataloader"
+            )
+        model, device = trainer.model, trainer.device
+        all_reduce_sum = getattr(trainer, "all_reduce_sum", None) or (lambda tensor: tensor)
+        autocast = getattr(trainer, "autocast", None) or contextlib.nullcontext
+        modes = {module: module.training for module in model.modules()}
+        model.eval()
+        try:
+            totals = torch.zeros(2, device=device)  # (loss sum, labelled tokens), float32 for every backend
+            with torch.no_grad():
+                for batch in loader:
+                    with autocast():
+                        loss_sum, n_tokens = causal_lm_loss_sum(model, _on_device(batch, device))
+                    totals += torch.stack([loss_sum.float(), n_tokens.float()])
+                totals = all_reduce_sum(totals)
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+        loss_sum, n_tokens = totals.tolist()
+        if n_tokens == 0:
+            raise ValueError("the validation data has no labelled tokens (every label is -100 or padding)")
+        return loss_sum / n_tokens
+
+    def state_dict(self) -> dict[str, Any]:
+        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
+        return {"best_val_loss": best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        best = state.get("best_val_loss")
+        self.best_val_loss = float("inf") if best is None else float(best)
+        self.best_step = state.get("best_step")
+
+
+def _on_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Move a batch's tensors to `device`; without `labels`, every attended token is a label."""
+    moved = {key: val.to(device) if isinstance(val, torch.Tensor) else val for key, val in batch.items()}
+    if "labels" not in moved:
+        labels = moved["input_ids"]
+        if moved.get("attention_mask") is not None:
+            labels = labels.masked_fill(moved["attention_mask"] == 0, IGNORE_INDEX)
+        moved["labels"] = labels
+    return moved
+
+
+def _pad_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad tokenized examples into a batch (labels default to `input_ids`, padding is never a label)."""
+    for example in examples:
+        if "input_ids" not in example:
+            raise ValueError(
+                f"validation example has no 'input_ids' (its keys: {sorted(example)}); pass tokenized "
+                "examples, or use a trainer with make_eval_dataloader, which tokenizes raw rows"
+            )
+    rows = [torch.as_tensor(example["input_ids"], dtype=torch.long) for example in examples]
+    width = max(len(row) for row in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_token_id, dtype=torch.long),
+        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+    }
+    for i, (example, row) in enumerate(zip(examples, rows, strict=True)):
+        labels, mask = example.get("labels"), example.get("attention_mask")
+        batch["input_ids"][i, : len(row)] = row
+        batch["labels"][i, : len(row)] = row if labels is None else torch.as_tensor(labels)
+        batch["attention_mask"][i, : len(row)] = 1 if mask is None else torch.as_tensor(mask)
+    batch["labels"][batch["attention_mask"] == 0] = IGNORE_INDEX
+    return batch

@@ -1,0 +1,171 @@
+"""Weights & Biases logging that never stops training: without wandb, credentials or network it degrades."""
+
+from __future__ import annotations
+
+import logging
+import math
+import netrc
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from app.sft.callbacks.base import SFTCallback
+
+logger = logging.getLogger(__name__)
+
+
+class WandBCallback(SFTCallback):
+    """Logs a run to Weights & Biases: config at the start, metrics every step, epoch metrics, the best loss.
+
+    Args:
+        project, run_name, entity: where the run goes and what it is called (None: W&B's defaults).
+        config: the run's config; None logs `trainer.config` when the trainer has one.
+        log_model: also upload each saved checkpoint as a W&B artifact of type `model`.
+
+    `wandb` is imported only when training starts. When it is missing or `wandb.init` fails, one warning is
+    logged, `run` stays None and training goes on; later logging errors also only warn (once). With no W&B
+    credentials (no `WANDB_API_KEY`, no netrc entry) and no `WANDB_MODE`, the run is written offline and the
+    log says how to upload it (`wandb sync <dir>`). Step metrics use the global step as the W&B step; epoch
+    metrics are logged as `epoch/<name>` at the step the epoch ended. Only the main process logs. The run id
+    is part of `state_dict()`, so a resumed training continues the same W&B run. Runs last (`order = 90`),
+    so validation metrics of the step are included.
+    """
+
+    order = 90
+
+    def __init__(
+        self,
+        project: str = "llm-playground-sft",
+        run_name: str | None = None,
+        config: dict[str, Any] | None = None,
+        log_model: bool = False,
+        entity: str | None = None,
+    ) -> None:
+        self.project = project
+        self.run_name = run_name
+        self.config = config
+        self.log_model = log_model
+        self.entity = entity
+        self.run: Any = None
+        self.run_id: str | None = None
+        self.best_val_loss = float("inf")
+        self._warned: set[str] = set()
+
+    def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
+        if self.run is not None or not getattr(trainer, "is_main_process", True):
+            return
+        try:
+            import wandb
+        except ImportError:
+            self._warn_once("import", "wandb is not installed (pip install wandb): W&B logging is off")
+            return
+        settings: dict[str, Any] = {}
+        offline = not os.environ.get("WANDB_MODE") and not _has_wandb_credentials()
+        if offline:
+            settings["mode"] = "offline"
+        config = self.config if self.config is not None else _config_dict(getattr(trainer, "config", None))
+        try:
+            self.run = wandb.init(
+                project=self.project,
+                name=self.run_name,
+                config=config,
+                entity=self.entity,
+                resume="allow",
+                id=self.run_id,
+                **settings,
+            )
+        except Exception as error:  # any failure of the tracker must not stop training
+            self._warn_once("init", f"wandb.init failed ({error!r}): W&B logging is off")
+            self.run = None
+            return
+        self.run_id = self.run.id
+        if offline:
+            logger.warning(
+                "No W&B credentials found: the run is saved offline. Upload it later with `wandb sync %s`",
+                self.run.settings.sync_dir,
+            )
+
+    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        self._log(dict(metrics), step)
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        self._log(
+            {"epoch": epoch, **{f"epoch/{key}": value for key, value in metrics.items()}},
+            getattr(trainer, "global_step", None),
+        )
+
+    def on_save(self, trainer: Any, step: int, checkpoint_path: str, **kwargs: Any) -> None:
+        if self.run is None or not self.log_model:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"step": step})
+            if os.path.isdir(checkpoint_path):
+                artifact.add_dir(checkpoint_path)
+            else:
+                artifact.add_file(checkpoint_path)
+            self.run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
+        except Exception as error:
+            self._warn_once("artifact", f"logging checkpoint {checkpoint_path} to W&B failed: {error}")
+
+    def on_train_end(self, trainer: Any, error: BaseException | None = None, **kwargs: Any) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.finish(exit_code=1 if error is not None else 0)
+        except Exception as finish_error:
+            self._warn_once("finish", f"finishing the W&B run failed: {finish_error}")
+        self.run = None
+
+    def _log(self, values: dict[str, Any], step: int | None) -> None:
+        """Log `values` at `step` and keep the summary's `best_val_loss` current; failures only warn."""
+        if self.run is None:
+            return
+        try:
+            self.run.log(values, step=step)
+            val_loss = values.get("val_loss")
+            if val_loss is not None and val_loss < self.best_val_loss:
+                self.best_val_loss = float(val_loss)
+                self.run.summary["best_val_loss"] = self.best_val_loss
+        except Exception as error:
+            self._warn_once("log", f"logging to W&B failed ({error}); training goes on")
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning(message)
+
+    def state_dict(self) -> dict[str, Any]:
+        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
+        return {"run_id": self.run_id, "best_val_loss": best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state.get("run_id")
+        best = state.get("best_val_loss")
+        self.best_val_loss = float("inf") if best is None else float(best)
+
+
+def _has_wandb_credentials() -> bool:
+    """Whether W&B could authenticate without prompting: an API key or identity token, or a netrc entry."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for candidate in candidates:
+        try:
+            if netrc.netrc(os.path.expanduser(candidate)).authenticators(host):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return False
+
+
+def _config_dict(config: Any) -> dict[str, Any] | None:
+    """A trainer config as a plain dict: pydantic models are dumped, mappings copied, others dropped."""
+    if hasattr(config, "model_dump"):
+        return config.model_dump(mode="json")
+    if isinstance(config, Mapping):
+        return dict(config)
+    return None
