@@ -1,0 +1,875 @@
+"""Training data: load rows, turn them into conversations, tokenize them with label masks, batch them.
+
+The pipeline, one function per step:
+
+1. `load_rows`: a `.jsonl`/`.json`/`.csv`/`.parquet` file, a `datasets.save_to_disk` directory or a Hub id
+   becomes a `datasets.Dataset`. Problems name the file and line.
+2. `format_row`: an alpaca, chat (OpenAI `messages` or ShareGPT `conversations`) or completion row becomes
+   a list of messages (or the plain text of a completion row).
+3. `tokenize_dataset`: a prompt template renders each conversation into `(text, trainable)` segments; the
+   joined text is tokenized once and a token is trained when it ends inside a trainable segment. Labels are
+   -100 elsewhere. Examples are truncated to `max_seq_length`; those left with nothing to train on are
+   dropped and counted in one warning.
+4. `epoch_batches` plans each epoch's micro-batches deterministically from the seed; `PaddedCollator` and
+   `PackedCollator` (padding-free) turn a micro-batch into tensors.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import datasets
+import jinja2
+import numpy as np
+import torch
+from torch.utils.data import Dataset as TorchDataset
+from transformers import PreTrainedTokenizerBase
+
+from app.sft.config import ConfigError, SFTConfig
+from app.sft.templates import (
+    Message,
+    PromptTemplate,
+    Segment,
+    TemplateError,
+    TokenizerChatTemplate,
+    default_registry,
+)
+
+IGNORE_INDEX = -100
+"""The label of a token the loss ignores."""
+
+EVAL_SPLITS = ("validation", "test")
+"""Splits tried, in order, for `eval_dataset_name` when it is a Hub dataset or a saved `DatasetDict`."""
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+_ENCODE_CHUNK = 512  # texts tokenized per call to the fast tokenizer
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the source, the row or line, and the field."""
+
+
+class DataWarning(UserWarning):
+    """Examples were dropped or truncated, or part of a file was ignored; the message says how many."""
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_rows(source: str, split: str | Sequence[str] = "train") -> datasets.Dataset:
+    """The rows of a local file, a `save_to_disk` directory or a Hub dataset.
+
+    `split` picks the split of a Hub dataset or a saved `DatasetDict` (a sequence: the first that exists);
+    a file is a single split. Raises `DataError` for a missing file, malformed content or no rows.
+    """
+    return _load(source, split)[0]
+
+
+def _load(source: str, split: str | Sequence[str]) -> tuple[datasets.Dataset, list[int] | None]:
+    """The rows, and for JSON/JSONL files the line each row starts on (to name it in errors)."""
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    lines: list[int] | None = None
+    if path.is_dir():
+        rows = _load_directory(path, split)
+    elif suffix in (".jsonl", ".json", ".csv", ".parquet"):
+        if not path.is_file():
+            raise DataError(f"Dataset file not found: {path}")
+        if suffix == ".parquet":
+            rows = _via_datasets(source, lambda: datasets.Dataset.from_parquet(str(path)))
+        else:
+            records, lines = _read_csv(path) if suffix == ".csv" else _read_json_records(path)
+            rows = _records_to_dataset(records, source)
+    elif path.exists():
+        raise DataError(
+            f"{path}: unsupported file type {suffix or '(none)'!r}; use .jsonl, .json, .csv or .parquet"
+        )
+    else:
+        rows = _load_with_datasets(source, split)
+    if len(rows) == 0:
+        raise DataError(f"{source}: the dataset is empty (no rows)")
+    return rows, lines
+
+
+def _via_datasets(source: str, load: Callable[[], datasets.Dataset]) -> datasets.Dataset:
+    """Run a `datasets` loader, reporting its failure as a `DataError` naming `source`."""
+    try:
+        return load()
+    except DataError:
+        raise
+    except Exception as error:  # datasets/pyarrow/pandas raise many kinds; the cause stays chained
+        raise DataError(f"{source}: could not load the dataset: {error}") from error
+
+
+def _load_directory(path: Path, split: str | Sequence[str]) -> datasets.Dataset:
+    """A `save_to_disk` directory, or else a folder of data files that `datasets.load_dataset` reads."""
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        return _load_with_datasets(str(path), split)
+    return _pick_split(loaded, split, str(path))
+
+
+def _load_with_datasets(source: str, split: str | Sequence[str]) -> datasets.Dataset:
+    """`datasets.load_dataset(source)`: a Hub id, or a local folder of data files."""
+    if isinstance(split, str):
+        return _via_datasets(source, lambda: datasets.load_dataset(source, split=split))
+    return _via_datasets(source, lambda: _pick_split(datasets.load_dataset(source), split, source))
+
+
+def _pick_split(
+    loaded: datasets.Dataset | datasets.DatasetDict, split: str | Sequence[str], source: str
+) -> datasets.Dataset:
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    candidates = [split] if isinstance(split, str) else list(split)
+    for name in candidates:
+        if name in loaded:
+            return loaded[name]
+    wanted = " or ".join(repr(name) for name in candidates)
+    raise DataError(f"{source}: no split {wanted}; available splits: {', '.join(loaded)}")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+
+
+def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """CSV records (a header row, then one record per row; cells are strings) with the line each ends on."""
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    records, lines = [], []
+    try:
+        for record in reader:
+            if None in record:  # DictReader's key for cells beyond the header
+                raise DataError(f"{path}:{reader.line_num}: more cells than the header has columns")
+            records.append(record)
+            lines.append(reader.line_num)
+    except csv.Error as error:
+        raise DataError(f"{path}:{reader.line_num}: invalid CSV ({error})") from None
+    return records, lines
+
+
+def _read_json_records(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """Records of a JSON array file (possibly cut off mid-record) or a JSON-lines file, with line numbers."""
+    text = _read_text(path)
+    start = len(text) - len(text.lstrip())
+    if text.startswith("[", start):
+        return _read_json_array(path, text, start + 1)
+    return _read_json_lines(path, text)
+
+
+def _read_json_lines(path: Path, text: str) -> tuple[list[dict[str, Any]], list[int]]:
+    records, lines = [], []
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+        lines.append(number)
+    return records, lines
+
+
+_WHITESPACE = re.compile(r"\s*")
+
+
+def _read_json_array(path: Path, text: str, pos: int) -> tuple[list[dict[str, Any]], list[int]]:
+    """Decode a JSON array record by record, so that a file cut off mid-record keeps its complete records."""
+    decoder = json.JSONDecoder()
+    records: list[dict[str, Any]] = []
+    lines: list[int] = []
+    line, line_pos = 1, 0  # the line number of offset `line_pos`, advanced as records are read
+    while True:
+        pos = _WHITESPACE.match(text, pos).end()
+        line += text.count("\n", line_pos, pos)
+        line_pos = pos
+        if text.startswith("]", pos):
+            if text[pos + 1 :].strip():
+                raise DataError(f"{path}:{line}: unexpected data after the closing ']' of the JSON array")
+            return records, lines
+        if records and pos < len(text):
+            if not text.startswith(",", pos):
+                raise DataError(f"{path}:{line}: expected ',' or ']' after a record of the JSON array")
+            pos = _WHITESPACE.match(text, pos + 1).end()
+            line += text.count("\n", line_pos, pos)
+            line_pos = pos
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as error:
+            if pos < len(text) and not _is_cut_off(text, pos):
+                raise DataError(
+                    f"{path}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno})"
+                ) from None
+            ignored = len(text[pos:].encode("utf-8"))
+            warnings.warn(
+                f"{path}: the JSON array is cut off (the file looks truncated); kept {len(records)} complete "
+                f"records and ignored the last {ignored} bytes",
+                DataWarning,
+                stacklevel=5,
+            )
+            return records, lines
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+        lines.append(line)
+        pos = end
+
+
+_JSON_STRUCTURE = re.compile(r'"(?:[^"\\]|\\.)*"|"|[\[\]{}]', re.DOTALL)
+
+
+def _is_cut_off(text: str, pos: int) -> bool:
+    """Whether the JSON object/array starting at `pos` is still open when the text ends."""
+    depth = 0
+    for match in _JSON_STRUCTURE.finditer(text, pos):
+        token = match.group()
+        if token == '"':  # a string with no closing quote
+            return True
+        if token in "[{":
+            depth += 1
+        elif token in "]}":
+            depth -= 1
+        if depth <= 0:
+            return False
+    return depth > 0
+
+
+def _records_to_dataset(records: list[dict[str, Any]], source: str) -> datasets.Dataset:
+    """A `datasets.Dataset` with the union of the records' keys (missing values are None)."""
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    table = {key: [record.get(key) for record in records] for key in columns}
+    return _via_datasets(source, lambda: datasets.Dataset.from_dict(table, on_mixed_types="use_json"))
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def format_row(
+    row: Mapping[str, Any], dataset_format: str, *, text_field: str = "text", where: str = "row 1"
+) -> list[Message] | str:
+    """An alpaca or chat row as messages, or a completion row's text; `where` names the row in errors.
+
+    Alpaca: `instruction`, optional `input`, `output` -> a user message (with `input`) and an assistant
+    message. Chat: `messages: [{role, content}]`, or ShareGPT `conversations: [{from, value}]` with
+    human/gpt/system mapped to user/assistant/system. Completion: the `text_field` string.
+    """
+    if dataset_format == "alpaca":
+        instruction = _string_field(row, "instruction", where)
+        extra = _string_field(row, "input", where, required=False)
+        output = _string_field(row, "output", where)
+        user: dict[str, str] = {"role": "user", "content": instruction}
+        if extra:
+            user["input"] = extra
+        return [user, {"role": "assistant", "content": output}]
+    if dataset_format == "chat":
+        return _chat_messages(row, where)
+    if dataset_format == "completion":
+        return _string_field(row, text_field, where)
+    raise ValueError(f"unknown dataset_format {dataset_format!r}; expected alpaca, chat or completion")
+
+
+def _string_field(row: Mapping[str, Any], name: str, where: str, *, required: bool = True) -> str:
+    value = row.get(name)
+    if value is None:
+        if required:
+            present = ", ".join(repr(key) for key, item in row.items() if item is not None)
+            raise DataError(f"{where}: missing field {name!r} (the row has {present or 'no fields'})")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _chat_messages(row: Mapping[str, Any], where: str) -> list[Message]:
+    if row.get("messages") is not None:
+        field, role_key, content_key, aliases = "messages", "role", "content", None
+    elif row.get("conversations") is not None:
+        field, role_key, content_key, aliases = "conversations", "from", "value", _SHAREGPT_ROLES
+    else:
+        raise DataError(f"{where}: missing field 'messages' (or ShareGPT's 'conversations')")
+    turns = row[field]
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: field {field!r} must be a list of messages, got {type(turns).__name__}")
+    messages: list[Message] = []
+    for index, turn in enumerate(turns):
+        at = f"{where}: {field}[{index}]"
+        if not isinstance(turn, Mapping):
+            raise DataError(f"{at} must be an object with {role_key!r} and {content_key!r}")
+        role, content = turn.get(role_key), turn.get(content_key)
+        if not isinstance(role, str) or not role:
+            raise DataError(f"{at}: field {role_key!r} is missing or not a string")
+        if not isinstance(content, str):
+            kind = "missing" if content is None else f"a {type(content).__name__}, not a string"
+            raise DataError(f"{at}: field {content_key!r} is {kind}")
+        if aliases is not None:
+            if role.lower() not in aliases:
+                raise DataError(
+                    f"{at}: unknown speaker {role!r} in field 'from' (expected human, gpt or system)"
+                )
+            role = aliases[role.lower()]
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _without_leading_replies(messages: list[Message]) -> tuple[list[Message], bool]:
+    """Drop assistant messages that come before the first user message (nothing prompted them)."""
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    kept = [m for i, m in enumerate(messages) if i >= first_user or m["role"] != "assistant"]
+    return kept, len(kept) != len(messages)
+
+
+# ---------------------------------------------------------------------------------------------- templates
+
+
+def default_template(dataset_format: str, tokenizer: PreTrainedTokenizerBase) -> PromptTemplate | None:
+    """alpaca -> `alpaca`; chat -> the tokenizer's own chat template, else `chatml`; completion -> None."""
+    if dataset_format == "completion":
+        return None
+    if dataset_format == "chat":
+        return default_registry.get("tokenizer" if getattr(tokenizer, "chat_template", None) else "chatml")
+    return default_registry.get("alpaca")
+
+
+def resolve_template(config: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> PromptTemplate | None:
+    """The template `config.template_name` names, or the default for the data format (None: plain text)."""
+    if config.template_name is None:
+        return default_template(config.dataset_format, tokenizer)
+    try:
+        template = default_registry.get(config.template_name)
+    except TemplateError as error:
+        raise ConfigError(f"template_name: {error}") from None
+    if isinstance(template, TokenizerChatTemplate) and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"template_name: 'tokenizer' needs a chat template; tokenizer {tokenizer.name_or_path!r} has none"
+        )
+    return template
+
+
+# ---------------------------------------------------------------------------------------------- tokenizing
+
+
+class TokenizedDataset(TorchDataset):
+    """Tokenized examples, `{"input_ids": [...], "labels": [...]}`, with their lengths and data stats.
+
+    `num_dropped`/`num_truncated` count the examples of the source data that were dropped (nothing left to
+    train on) or truncated when it was tokenized; subsets made with `select` keep the source's counts.
+    """
+
+    def __init__(
+        self,
+        input_ids: list[list[int]],
+        labels: list[list[int]],
+        *,
+        num_dropped: int = 0,
+        num_truncated: int = 0,
+    ) -> None:
+        if len(input_ids) != len(labels):
+            raise ValueError(f"{len(input_ids)} input_ids lists but {len(labels)} labels lists")
+        self.input_ids = input_ids
+        self.labels = labels
+        self.lengths: list[int] = [len(ids) for ids in input_ids]
+        self.num_dropped = num_dropped
+        self.num_truncated = num_truncated
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+    def select(self, indices: Iterable[int]) -> TokenizedDataset:
+        """The examples at `indices`, in that order."""
+        picked = list(indices)
+        return TokenizedDataset(
+            [self.input_ids[i] for i in picked],
+            [self.labels[i] for i in picked],
+            num_dropped=self.num_dropped,
+            num_truncated=self.num_truncated,
+        )
+
+
+@dataclass
+class _Outcome:
+    """What became of one row: its tokens, or why it was dropped."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+    dropped: str = ""  # "", "no_reply" (a conversation without assistant turn) or "nothing_to_train"
+    trimmed: bool = False  # leading assistant messages were left out
+
+
+def tokenize_dataset(
+    dataset: datasets.Dataset | TorchDataset | Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    dataset_format: str = "alpaca",
+    template: PromptTemplate | None = None,
+    max_seq_length: int = 1024,
+    train_on_inputs: bool = False,
+    text_field: str = "text",
+    source: str = "dataset",
+    line_numbers: Sequence[int] | None = None,
+) -> TokenizedDataset:
+    """Tokenize every row into `input_ids` and `labels` (-100 where nothing is trained).
+
+    Rows that already have `input_ids` (and optionally `labels`) are only truncated. `template` None means
+    the default for `dataset_format`. Errors name `source` and the row (its line, when `line_numbers` gives
+    the file line of each row). Dropped and truncated examples are counted in one `DataWarning`; a dataset
+    with nothing usable left raises `DataError`.
+    """
+    input_ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    counts: Counter[str] = Counter()
+    for outcome in _tokenize_rows(
+        _iter_rows(dataset),
+        tokenizer,
+        dataset_format=dataset_format,
+        template=template,
+        max_seq_length=max_seq_length,
+        train_on_inputs=train_on_inputs,
+        text_field=text_field,
+        where=lambda i: (
+            f"{source}:{line_numbers[i]}" if line_numbers is not None else f"{source} row {i + 1}"
+        ),
+    ):
+        counts["rows"] += 1
+        counts["truncated"] += outcome.truncated
+        counts["trimmed"] += outcome.trimmed
+        if outcome.dropped:
+            counts[outcome.dropped] += 1
+        else:
+            input_ids.append(outcome.input_ids)
+            labels.append(outcome.labels)
+    summary = _summary(counts, max_seq_length)
+    if not input_ids:
+        raise DataError(f"{source}: no usable examples" + (f"; {summary}" if summary else " (no rows)"))
+    if summary:
+        warnings.warn(f"{source}: {summary}", DataWarning, stacklevel=2)
+    dropped = counts["no_reply"] + counts["nothing_to_train"]
+    return TokenizedDataset(input_ids, labels, num_dropped=dropped, num_truncated=counts["truncated"])
+
+
+def tokenize_example(
+    row: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    dataset_format: str = "alpaca",
+    template: PromptTemplate | None = None,
+    max_seq_length: int = 1024,
+    train_on_inputs: bool = False,
+    text_field: str = "text",
+) -> dict[str, list[int]] | None:
+    """One row as `{"input_ids", "labels"}`, like `tokenize_dataset`; None when it would be dropped."""
+    (outcome,) = _tokenize_rows(
+        [row],
+        tokenizer,
+        dataset_format=dataset_format,
+        template=template,
+        max_seq_length=max_seq_length,
+        train_on_inputs=train_on_inputs,
+        text_field=text_field,
+        where=lambda i: "row",
+    )
+    return None if outcome.dropped else {"input_ids": outcome.input_ids, "labels": outcome.labels}
+
+
+def prepare_dataset(
+    dataset: datasets.Dataset | TorchDataset | Sequence[Mapping[str, Any]],
+    config: SFTConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    source: str = "dataset",
+    line_numbers: Sequence[int] | None = None,
+) -> TokenizedDataset:
+    """`tokenize_dataset` with the format, template, length and masking settings of `config`."""
+    return tokenize_dataset(
+        dataset,
+        tokenizer,
+        dataset_format=config.dataset_format,
+        template=resolve_template(config, tokenizer),
+        max_seq_length=config.max_seq_length,
+        train_on_inputs=config.train_on_inputs,
+        text_field=config.dataset_text_field,
+        source=source,
+        line_numbers=line_numbers,
+    )
+
+
+def _iter_rows(dataset: Any) -> Iterator[Mapping[str, Any]]:
+    if isinstance(dataset, (datasets.Dataset, list, tuple)):
+        yield from dataset
+    elif isinstance(dataset, TorchDataset) and hasattr(dataset, "__len__"):
+        for index in range(len(dataset)):
+            yield dataset[index]
+    else:
+        raise TypeError(
+            f"expected a datasets.Dataset, a torch Dataset with a length, or a list of dicts; "
+            f"got {type(dataset).__name__}"
+        )
+
+
+_T = TypeVar("_T")
+
+
+def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _tokenize_rows(
+    rows: Iterable[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    dataset_format: str,
+    template: PromptTemplate | None,
+    max_seq_length: int,
+    train_on_inputs: bool,
+    text_field: str,
+    where: Callable[[int], str],
+) -> Iterator[_Outcome]:
+    """One `_Outcome` per row, in order; text rows are rendered, then tokenized a chunk at a time."""
+    if dataset_format == "completion" and template is not None:
+        raise ValueError(
+            f"template {template.name!r} is not used with dataset_format 'completion' (plain text)"
+        )
+    if template is None:
+        template = default_template(dataset_format, tokenizer)
+    add_special_tokens = template.add_special_tokens if template is not None else True
+    for chunk in _chunks(enumerate(rows), _ENCODE_CHUNK):
+        outcomes: list[_Outcome | None] = []  # None: waits for the chunk's tokenizer call
+        rendered: list[list[Segment]] = []
+        trimmed_flags: list[bool] = []
+        for index, row in chunk:
+            if not isinstance(row, Mapping):
+                raise DataError(f"{where(index)}: expected a mapping of fields, got {type(row).__name__}")
+            if row.get("input_ids") is not None:
+                outcomes.append(_pretokenized(row, where(index), max_seq_length))
+                continue
+            segments, trimmed = _render(row, tokenizer, dataset_format, template, text_field, where(index))
+            if segments is None:
+                outcomes.append(_Outcome([], [], dropped="no_reply", trimmed=trimmed))
+                continue
+            outcomes.append(None)
+            rendered.append(segments)
+            trimmed_flags.append(trimmed)
+        encoded = zip(
+            _encode(
+                tokenizer,
+                rendered,
+                add_special_tokens=add_special_tokens,
+                train_on_inputs=train_on_inputs,
+                max_seq_length=max_seq_length,
+            ),
+            trimmed_flags,
+            strict=True,
+        )
+        for outcome in outcomes:
+            if outcome is None:
+                (ids, labels), trimmed = next(encoded)
+                outcome = _finish(ids, labels, max_seq_length, trimmed=trimmed)
+            yield outcome
+
+
+def _pretokenized(row: Mapping[str, Any], where: str, max_seq_length: int) -> _Outcome:
+    """A row that already has `input_ids` (and maybe `labels`; default: every token trained)."""
+    ids = _token_list(row, "input_ids", where)
+    labels = _token_list(row, "labels", where) if row.get("labels") is not None else list(ids)
+    if len(labels) != len(ids):
+        raise DataError(f"{where}: field 'labels' has {len(labels)} entries but 'input_ids' has {len(ids)}")
+    return _finish(ids, labels, max_seq_length)
+
+
+def _token_list(row: Mapping[str, Any], name: str, where: str) -> list[int]:
+    value = row[name]
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(token, int) and not isinstance(token, bool) for token in value
+    ):
+        raise DataError(f"{where}: field {name!r} must be a list of token ids (integers)")
+    return list(value)
+
+
+def _render(
+    row: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    dataset_format: str,
+    template: PromptTemplate | None,
+    text_field: str,
+    where: str,
+) -> tuple[list[Segment] | None, bool]:
+    """The row's segments (None: a conversation with no assistant reply) and whether replies were trimmed."""
+    formatted = format_row(row, dataset_format, text_field=text_field, where=where)
+    if isinstance(formatted, str):
+        eos = tokenizer.eos_token or ""
+        return [(formatted if formatted.endswith(eos) else formatted + eos, True)], False
+    messages, trimmed = _without_leading_replies(formatted)
+    if not any(message["role"] == "assistant" for message in messages):
+        return None, trimmed
+    assert template is not None  # alpaca/chat always have one (see default_template)
+    try:
+        return template.render(messages, tokenizer), trimmed
+    except (TemplateError, jinja2.TemplateError) as error:
+        raise DataError(f"{where}: template {template.name!r} cannot render this row: {error}") from None
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase,
+    rendered: list[list[Segment]],
+    *,
+    add_special_tokens: bool,
+    train_on_inputs: bool,
+    max_seq_length: int,
+) -> list[tuple[list[int], list[int]]]:
+    """Tokenize each example's joined text; a token is trained when its last character is trained.
+
+    Returns every token id, and labels for the first `max_seq_length` tokens (the rest are cut off anyway).
+    """
+    if not rendered:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"tokenizer {tokenizer.name_or_path!r} is a slow (Python) tokenizer; label masks need the "
+            "character offsets of a fast tokenizer (load it with use_fast=True)"
+        )
+    texts = ["".join(text for text, _ in segments) for segments in rendered]
+    encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    examples = []
+    for segments, ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        kept = np.asarray(ids[:max_seq_length], dtype=np.int64)
+        if train_on_inputs:
+            examples.append((ids, kept.tolist()))
+            continue
+        bounds = np.cumsum([0] + [len(text) for text, _ in segments])
+        trained = np.array([flag for _, flag in segments] + [False], dtype=bool)  # + a guard for no segments
+        last_char = np.asarray(offsets[:max_seq_length], dtype=np.int64).reshape(-1, 2)[:, 1] - 1
+        segment = np.searchsorted(bounds, last_char, side="right") - 1  # -1 for tokens without text (a BOS)
+        is_trained = (last_char >= 0) & trained[segment.clip(0, len(trained) - 1)]
+        examples.append((ids, np.where(is_trained, kept, IGNORE_INDEX).tolist()))
+    return examples
+
+
+def _finish(ids: list[int], labels: list[int], max_seq_length: int, *, trimmed: bool = False) -> _Outcome:
+    """Truncate to `max_seq_length`; drop when no token after the first is trained (the first never is)."""
+    truncated = len(ids) > max_seq_length
+    ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return _Outcome([], [], truncated=truncated, dropped="nothing_to_train", trimmed=trimmed)
+    return _Outcome(ids, labels, truncated=truncated, trimmed=trimmed)
+
+
+def _summary(counts: Counter[str], max_seq_length: int) -> str:
+    """One sentence about dropped, truncated and trimmed examples ("" when there is nothing to say)."""
+    parts = []
+    reasons = []
+    if counts["no_reply"]:
+        reasons.append(f"{counts['no_reply']} conversations with no assistant reply")
+    if counts["nothing_to_train"]:
+        reasons.append(
+            f"{counts['nothing_to_train']} with no trained token within max_seq_length={max_seq_length}"
+        )
+    if reasons:
+        dropped = counts["no_reply"] + counts["nothing_to_train"]
+        parts.append(f"dropped {dropped} of {counts['rows']} examples ({'; '.join(reasons)})")
+    if counts["truncated"]:
+        parts.append(f"truncated {counts['truncated']} examples to max_seq_length={max_seq_length} tokens")
+    if counts["trimmed"]:
+        parts.append(
+            f"left out the opening assistant message of {counts['trimmed']} conversations "
+            "(it came before any user message, so nothing prompted it)"
+        )
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+_D = TypeVar("_D")
+
+
+def split_train_val(dataset: _D, validation_split: float, seed: int) -> tuple[_D, _D | None]:
+    """Split off a random `validation_split` fraction (at least one example) as validation data.
+
+    The same seed gives the same split; both parts keep the original order. Works on anything with
+    `select` (`datasets.Dataset`, `TokenizedDataset`) or on a list. `validation_split` 0 returns
+    `(dataset, None)`.
+    """
+    if not 0.0 <= validation_split < 1.0:
+        raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
+    if validation_split == 0.0:
+        return dataset, None
+    total = len(dataset)  # type: ignore[arg-type]
+    num_val = max(1, round(total * validation_split))
+    if num_val >= total:
+        raise DataError(
+            f"validation_split={validation_split} of {total} examples leaves nothing to train on; "
+            "add data or lower validation_split"
+        )
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
+    return _subset(dataset, sorted(order[num_val:])), _subset(dataset, sorted(order[:num_val]))
+
+
+def _subset(dataset: _D, indices: list[int]) -> _D:
+    if hasattr(dataset, "select"):
+        return dataset.select(indices)
+    return [dataset[i] for i in indices]  # type: ignore[index, return-value]
+
+
+def build_datasets(
+    config: SFTConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """Training and validation data as `config` describes them.
+
+    Loads `dataset_name`; validation data is `eval_dataset_name` when set, else a `validation_split`
+    fraction of the tokenized training examples (deterministic for `seed`), else None.
+    """
+    if config.dataset_name is None:
+        raise ConfigError(
+            "dataset_name: required to load training data (or give the trainer a train_dataset)"
+        )
+    rows, lines = _load(config.dataset_name, config.dataset_split)
+    train = prepare_dataset(rows, config, tokenizer, source=config.dataset_name, line_numbers=lines)
+    if config.eval_dataset_name is not None:
+        eval_rows, eval_lines = _load(config.eval_dataset_name, EVAL_SPLITS)
+        source = config.eval_dataset_name
+        return train, prepare_dataset(eval_rows, config, tokenizer, source=source, line_numbers=eval_lines)
+    return split_train_val(train, config.validation_split, config.seed)
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def epoch_batches(
+    lengths: Sequence[int],
+    *,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    shuffle: bool = True,
+    token_budget: int | None = None,
+    drop_last: bool = False,
+) -> list[list[int]]:
+    """The micro-batches (lists of example indices) of one epoch; the same arguments give the same plan.
+
+    The order is a permutation from `torch.Generator().manual_seed(seed + epoch)` (or the dataset order
+    when `shuffle` is False). Without `token_budget`: consecutive groups of `batch_size` (`drop_last` drops
+    a short last group). With `token_budget` (packing): examples in that order fill each micro-batch up to
+    `token_budget` tokens in total; an example longer than the budget gets a micro-batch of its own.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if token_budget is not None and token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    if token_budget is not None and drop_last:
+        raise ValueError("drop_last applies to fixed-size batches, not to token_budget packing")
+    count = len(lengths)
+    if shuffle:
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    else:
+        order = list(range(count))
+    if token_budget is None:
+        batches = [order[i : i + batch_size] for i in range(0, count, batch_size)]
+        if drop_last and batches and len(batches[-1]) < batch_size:
+            batches.pop()
+        return batches
+    batches, current, used = [], [], 0
+    for index in order:
+        if current and used + lengths[index] > token_budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += lengths[index]
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _ids(value: Any) -> list[int]:
+    return value.tolist() if isinstance(value, torch.Tensor) else list(value)
+
+
+class PaddedCollator:
+    """Examples -> right-padded `input_ids`, `attention_mask` and `labels` (-100 on padding) LongTensors."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        ids = [_ids(example["input_ids"]) for example in examples]
+        labels = [_ids(example.get("labels", ids[i])) for i, example in enumerate(examples)]
+        width = max(len(row) for row in ids)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(ids), width), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(ids), width), dtype=torch.long),
+            "labels": torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long),
+        }
+        for row, (row_ids, row_labels) in enumerate(zip(ids, labels, strict=True)):
+            batch["input_ids"][row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+            batch["attention_mask"][row, : len(row_ids)] = 1
+            batch["labels"][row, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
+        return batch
+
+
+class PackedCollator:
+    """Examples -> ONE unpadded row: `input_ids`, `position_ids`, `labels` of shape [1, T], and `seq_lens`.
+
+    Positions restart at 0 for each example and its first token's label is -100, so no example is trained
+    to predict across a boundary; `seq_lens` (the examples' lengths, in order) lets attention stay within
+    each example. There is no `attention_mask`.
+    """
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        ids, positions, labels, lengths = [], [], [], []
+        for example in examples:
+            example_ids = _ids(example["input_ids"])
+            if not example_ids:
+                raise ValueError("cannot pack an empty example")
+            example_labels = _ids(example.get("labels", example_ids))
+            ids += example_ids
+            positions += range(len(example_ids))
+            labels += [IGNORE_INDEX, *example_labels[1:]]
+            lengths.append(len(example_ids))
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "seq_lens": torch.tensor(lengths, dtype=torch.long),
+        }

@@ -1,0 +1,268 @@
+"""Prompt templates: how a conversation becomes training text, and which part of that text is trained.
+
+A template renders a list of messages (`{"role": ..., "content": ...}`) into segments `(text, trainable)`.
+The data pipeline tokenizes the joined text once and trains only on tokens that end inside a trainable
+segment, so prompts and user turns are masked without ever looking at token ids (a tokenizer's pad token
+is often its end-of-turn token, so masks derived from ids would be wrong).
+
+Alpaca rows keep their optional `input` on the user message (`{"role": "user", "content": instruction,
+"input": input}`): the alpaca template renders it as the standard `### Input:` block, every other template
+appends it to the instruction.
+
+Built-ins: `alpaca`, `chatml`, `llama2` and `tokenizer` (the tokenizer's own chat template). Register your
+own with `default_registry.register(name, template)`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+Message = Mapping[str, Any]
+"""One turn: `role` (system/user/assistant), `content` (str), and for alpaca rows an optional `input`."""
+Segment = tuple[str, bool]
+"""A piece of rendered text and whether the model is trained to produce it."""
+
+
+class TemplateError(ValueError):
+    """A template that is unknown, or that cannot render the given conversation."""
+
+
+def message_text(message: Message) -> str:
+    """The message's content, with an alpaca `input` appended after a blank line when present."""
+    extra = message.get("input")
+    return f"{message['content']}\n\n{extra}" if extra else str(message["content"])
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    """Join neighbouring segments with the same flag and drop empty ones."""
+    merged: list[Segment] = []
+    for text, trainable in segments:
+        if not text:
+            continue
+        if merged and merged[-1][1] == trainable:
+            merged[-1] = (merged[-1][0] + text, trainable)
+        else:
+            merged.append((text, trainable))
+    return merged
+
+
+class PromptTemplate(ABC):
+    """Renders conversations into `(text, trainable)` segments."""
+
+    name: str = ""
+    add_special_tokens: bool = True
+    """Whether the tokenizer adds its own special tokens (a BOS) around the rendered text, as
+    `tokenizer(text)` does; False for templates that write them themselves."""
+
+    @abstractmethod
+    def render(self, messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -> list[Segment]:
+        """The conversation as segments; assistant replies (with their end-of-turn marker) are trainable."""
+
+    def generation_prompt(self, messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -> str:
+        """The text to give the model so that it writes the next assistant reply."""
+        segments = self.render([*messages, {"role": "assistant", "content": ""}], tokenizer)
+        last_trainable = max(
+            (i for i, (_, trainable) in enumerate(segments) if trainable), default=len(segments)
+        )
+        return "".join(text for text, _ in segments[:last_trainable])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class AlpacaTemplate(PromptTemplate):
+    """The Stanford Alpaca prompt; each response is followed by the tokenizer's EOS token.
+
+    A first system message replaces the standard preamble. Several user/assistant turns are rendered as
+    consecutive `### Instruction:` / `### Response:` blocks.
+    """
+
+    name = "alpaca"
+    PREAMBLE = (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request."
+    )
+    PREAMBLE_WITH_INPUT = (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request."
+    )
+
+    def render(self, messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -> list[Segment]:
+        eos = tokenizer.eos_token or ""
+        turns = list(messages)
+        if turns and turns[0]["role"] == "system":
+            preamble = str(turns.pop(0)["content"])
+        elif any(turn.get("input") for turn in turns):
+            preamble = self.PREAMBLE_WITH_INPUT
+        else:
+            preamble = self.PREAMBLE
+        segments: list[Segment] = [(preamble + "\n\n", False)]
+        for index, turn in enumerate(turns):
+            role = turn["role"]
+            if role == "user":
+                block = f"### Instruction:\n{turn['content']}\n\n"
+                if turn.get("input"):
+                    block += f"### Input:\n{turn['input']}\n\n"
+                segments.append((block, False))
+            elif role == "assistant":
+                segments.append(("### Response:\n", False))
+                segments.append((f"{turn['content']}{eos}", True))
+                if index + 1 < len(turns):
+                    segments.append(("\n\n", False))
+            else:
+                raise TemplateError(
+                    f"alpaca template: unsupported role {role!r} (system only as the first message)"
+                )
+        return _merge(segments)
+
+
+class ChatMLTemplate(PromptTemplate):
+    """`<|im_start|>role\\ncontent<|im_end|>\\n` turns (Qwen, SmolLM, ...); trains on `content<|im_end|>`."""
+
+    name = "chatml"
+
+    def render(self, messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -> list[Segment]:
+        segments: list[Segment] = []
+        for message in messages:
+            header = f"<|im_start|>{message['role']}\n"
+            if message["role"] == "assistant":
+                segments += [(header, False), (f"{message_text(message)}<|im_end|>", True), ("\n", False)]
+            else:
+                segments.append((f"{header}{message_text(message)}<|im_end|>\n", False))
+        return _merge(segments)
+
+
+class Llama2Template(PromptTemplate):
+    """Llama 2 chat: `<s>[INST] <<SYS>>\\nsystem\\n<</SYS>>\\n\\nuser [/INST] reply </s>`, turn after turn.
+
+    Writes the tokenizer's BOS/EOS itself, as Meta's format puts one pair around every exchange.
+    """
+
+    name = "llama2"
+    add_special_tokens = False
+
+    def render(self, messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -> list[Segment]:
+        bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+        turns = list(messages)
+        system = str(turns.pop(0)["content"]).strip() if turns and turns[0]["role"] == "system" else None
+        segments: list[Segment] = []
+        for index, turn in enumerate(turns):
+            expected = "user" if index % 2 == 0 else "assistant"
+            if turn["role"] != expected:
+                raise TemplateError(
+                    f"llama2 template: roles must alternate user/assistant after an optional system message; "
+                    f"message {index + 1} is {turn['role']!r}"
+                )
+            content = message_text(turn).strip()
+            if expected == "assistant":
+                segments.append((f" {content} {eos}", True))
+                continue
+            if index == 0 and system:
+                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+            segments.append((f"{bos}[INST] {content} [/INST]", False))
+        return _merge(segments)
+
+
+class TokenizerChatTemplate(PromptTemplate):
+    """The tokenizer's own chat template (`tokenizer.apply_chat_template`).
+
+    Assistant spans are found by rendering the conversation incrementally: the text up to each assistant
+    turn with the generation prompt, then with the turn; the difference is the reply plus its end-of-turn
+    token (trailing whitespace between turns stays untrained). A template that does not render
+    conversations as growing prefixes (for example one that rewrites earlier turns) is refused.
+    """
+
+    name = "tokenizer"
+    add_special_tokens = False  # apply_chat_template's text already holds every special token it wants
+
+    def render(self, messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -> list[Segment]:
+        chat = [{"role": message["role"], "content": message_text(message)} for message in messages]
+        if not chat:
+            return []
+        segments: list[Segment] = []
+        done = ""  # rendered text covered by `segments` so far
+        for index, message in enumerate(chat):
+            if message["role"] != "assistant":
+                continue
+            if index == 0:
+                raise TemplateError(
+                    "the conversation starts with an assistant message; there is no prompt for it"
+                )
+            before = self._apply(tokenizer, chat[:index], add_generation_prompt=True)
+            after = self._apply(tokenizer, chat[: index + 1], add_generation_prompt=False)
+            if not before.startswith(done) or not after.startswith(before):
+                raise TemplateError(
+                    f"the tokenizer's chat template does not render this conversation as growing prefixes "
+                    f"(at message {index + 1}), so the assistant replies cannot be located; "
+                    "set template_name to an explicit template such as 'chatml'"
+                )
+            reply = after[len(before) :]
+            trained = reply.rstrip()
+            segments += [(before[len(done) :], False), (trained, True), (reply[len(trained) :], False)]
+            done = after
+        if chat[-1]["role"] != "assistant":
+            full = self._apply(tokenizer, chat, add_generation_prompt=False)
+            if not full.startswith(done):
+                raise TemplateError(
+                    "the tokenizer's chat template rewrites earlier turns of this conversation"
+                )
+            segments.append((full[len(done) :], False))
+        return _merge(segments)
+
+    def generation_prompt(self, messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -> str:
+        chat = [{"role": message["role"], "content": message_text(message)} for message in messages]
+        return self._apply(tokenizer, chat, add_generation_prompt=True)
+
+    @staticmethod
+    def _apply(
+        tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, str]], add_generation_prompt: bool
+    ) -> str:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(
+                f"template 'tokenizer': tokenizer {tokenizer.name_or_path!r} has no chat template; "
+                "set template_name to 'chatml', 'llama2' or 'alpaca'"
+            )
+        return tokenizer.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+
+class TemplateRegistry:
+    """Templates by name."""
+
+    def __init__(self) -> None:
+        self._templates: dict[str, PromptTemplate] = {}
+
+    def register(self, name: str, template: PromptTemplate, *, overwrite: bool = False) -> None:
+        """Make `template` available as `name` (for `template_name` in configs)."""
+        if not isinstance(template, PromptTemplate):
+            raise TypeError(f"template {name!r} must be a PromptTemplate, got {type(template).__name__}")
+        if name in self._templates and not overwrite:
+            raise ValueError(
+                f"a template named {name!r} is already registered; pass overwrite=True to replace it"
+            )
+        self._templates[name] = template
+
+    def get(self, name: str) -> PromptTemplate:
+        """The template registered as `name`; an unknown name raises `TemplateError` listing known ones."""
+        if name not in self._templates:
+            raise TemplateError(f"unknown template {name!r}; known templates: {', '.join(self.names())}")
+        return self._templates[name]
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._templates)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._templates
+
+
+default_registry = TemplateRegistry()
+"""The registry `template_name` is looked up in."""
+for _template in (AlpacaTemplate(), ChatMLTemplate(), Llama2Template(), TokenizerChatTemplate()):
+    default_registry.register(_template.name, _template)
+del _template
