@@ -1,0 +1,116 @@
+"""TensorBoard logging of training, validation and epoch metrics, through `torch.utils.tensorboard`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.sft.callbacks.base import SFTCallback
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+logger = logging.getLogger(__name__)
+
+
+def _scalar(value: Any) -> float | None:
+    """`value` as a float if it is a number (bools, strings and non-scalars give None)."""
+    if isinstance(value, (bool, str)):
+        return None
+    try:
+        return float(value)  # ints, floats, numpy scalars, one-element tensors
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+class TensorBoardCallback(SFTCallback):
+    """Writes metrics as TensorBoard scalars; view them with `tensorboard --logdir <output_dir>/tensorboard`.
+
+    Tags, all at the global step:
+    - step metrics as `train/<name>` (`train/loss`, `train/learning_rate`, ...), except validation
+      metrics (`val_<name>`), written as `eval/<name>` (`eval/loss`, `eval/perplexity`);
+    - epoch-end metrics as `epoch/<name>`.
+    The run config (when `trainer.config` has `to_dict()`) is written as a text table and as hparams.
+
+    Only the main process writes. When resuming (`trainer.global_step > 0` at train begin), events that
+    the interrupted run wrote after that step are purged, so curves do not double back. Any writer
+    failure (a bad `log_dir`, a full disk) logs one warning and turns the callback off; training goes on.
+    """
+
+    order = 90
+
+    def __init__(self, log_dir: str | None = None) -> None:
+        self.log_dir = log_dir
+        self.writer: SummaryWriter | None = None
+
+    def _fail(self, err: Exception) -> None:
+        logger.warning("TensorBoard logging failed (%s); training goes on without it.", err)
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # the writer is already broken; the warning above said so
+                pass
+
+    def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
+        if not getattr(trainer, "is_main_process", True):
+            return
+        log_dir = self.log_dir or str(Path(getattr(trainer, "output_dir", "runs")) / "tensorboard")
+        step = int(getattr(trainer, "global_step", 0) or 0)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=log_dir, purge_step=step + 1 if step > 0 else None)
+            config = getattr(trainer, "config", None)
+            if hasattr(config, "to_dict"):
+                self._write_config(config.to_dict())
+        except ImportError as err:
+            self._fail(ImportError(f"{err}; install it with pip install 'llm-playground-sft[tensorboard]'"))
+        except Exception as err:  # OSError, or anything else the writer raises
+            self._fail(err)
+
+    def _write_config(self, config: Mapping[str, Any]) -> None:
+        """The config as a markdown table (TEXT tab) and as hparams (HPARAMS tab, to compare runs)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        rows = "\n".join(f"| {key} | `{value!r}` |" for key, value in config.items())
+        self.writer.add_text("config", f"| setting | value |\n|---|---|\n{rows}", global_step=0)
+        simple = {
+            key: value if isinstance(value, (bool, int, float, str)) else repr(value)
+            for key, value in config.items()
+        }
+        shown_metrics = dict.fromkeys(("train/loss", "eval/loss"))  # the scalars the hparams table shows
+        for summary in hparams(simple, shown_metrics):
+            self.writer.file_writer.add_summary(summary)
+
+    def _add_scalars(self, metrics: Mapping[str, Any], step: int, tag_of: Callable[[str], str]) -> None:
+        if self.writer is None:
+            return
+        try:
+            for name, value in metrics.items():
+                number = _scalar(value)
+                if number is not None:
+                    self.writer.add_scalar(tag_of(name), number, global_step=step)
+        except Exception as err:
+            self._fail(err)
+
+    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        self._add_scalars(
+            metrics, step, lambda name: f"eval/{name[4:]}" if name.startswith("val_") else f"train/{name}"
+        )
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        step = int(getattr(trainer, "global_step", epoch))
+        self._add_scalars(metrics, step, lambda name: f"epoch/{name}")
+
+    def on_train_end(self, trainer: Any, **kwargs: Any) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.flush()
+            self.writer.close()
+        except Exception as err:
+            self._fail(err)
+        self.writer = None

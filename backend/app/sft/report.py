@@ -1,0 +1,208 @@
+"""The end-of-run report: `loss.png` (four curves against step) and a self-contained `report.html`.
+
+Everything comes from `output_dir/metrics.jsonl` (see `app.sft.metrics_log`), read as:
+training loss = `loss` of "train" records, validation loss = `val_loss` of "eval" records,
+learning rate = `learning_rate` and throughput = `tokens_per_second` of "train" records, epoch ends =
+the steps of "epoch" records. `training_summary.json` and `config.yaml`, when present, add the trained
+token count, the runtime and the run configuration to the HTML page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from app.sft.metrics_log import read_metrics
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+REPORT_FILE = "report.html"
+
+_LOSS_LABEL = "loss (cross-entropy per token)"
+_VAL_STYLE: dict[str, Any] = {
+    "color": "tab:orange",
+    "linewidth": 2,
+    "marker": "o",
+    "markersize": 5,
+    "label": "validation loss",
+}
+
+
+def _series(records: Sequence[dict[str, Any]], type: str, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` in the records of `type`, skipping records where it is missing or null."""
+    points = [(r["step"], r[key]) for r in records if r.get("type") == type and r.get(key) is not None]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def _best(steps: list[int], values: list[float]) -> tuple[int, float] | None:
+    """(step, value) of the lowest value, or None for an empty series."""
+    return min(zip(steps, values, strict=True), key=lambda point: point[1], default=None)
+
+
+def _plot(records: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Draw the 2x2 panels (loss, validation loss, learning rate, throughput) into the PNG at `path`."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(
+            "The training report needs matplotlib: pip install 'llm-playground-sft[report]'"
+        ) from err
+
+    train_steps, train_loss = _series(records, "train", "loss")
+    val_steps, val_loss = _series(records, "eval", "val_loss")
+    epoch_ends = sorted({r["step"] for r in records if r.get("type") == "epoch"})
+
+    fig = Figure(figsize=(12, 8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)  # render with Agg without touching pyplot's global backend
+    (loss_ax, val_ax), (lr_ax, speed_ax) = fig.subplots(2, 2, sharex=True)
+    fig.suptitle(title, fontsize=14)
+
+    loss_ax.plot(train_steps, train_loss, color="tab:blue", linewidth=1.5, label="training loss")
+    if val_steps:  # no empty "validation loss" entry in the legend of a run without validation
+        loss_ax.plot(val_steps, val_loss, **_VAL_STYLE)
+    for i, step in enumerate(epoch_ends):
+        loss_ax.axvline(step, color="gray", linestyle=":", linewidth=1, label=None if i else "epoch end")
+    _finish(loss_ax, "Loss", _LOSS_LABEL, bool(train_steps or val_steps), "No loss logged")
+
+    val_ax.plot(val_steps, val_loss, **_VAL_STYLE)
+    best = _best(val_steps, val_loss)
+    if best is not None:
+        val_ax.plot(*best, "*", color="tab:red", markersize=16, label=f"best {best[1]:.4g} at step {best[0]}")
+    _finish(val_ax, "Validation loss", _LOSS_LABEL, bool(val_steps), "No validation in this run")
+
+    lr_steps, lr = _series(records, "train", "learning_rate")
+    lr_ax.plot(lr_steps, lr, color="tab:green", linewidth=1.5)
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    _finish(lr_ax, "Learning rate", "learning rate", bool(lr_steps), "No learning rate logged")
+
+    speed_steps, speed = _series(records, "train", "tokens_per_second")
+    speed_ax.plot(speed_steps, speed, color="tab:purple", linewidth=1.5)
+    speed_ax.set_ylim(0, max(speed, default=1.0) * 1.1)  # from zero, so a drop in speed reads true to scale
+    _finish(speed_ax, "Throughput", "tokens / second", bool(speed_steps), "No throughput logged")
+
+    for ax in (lr_ax, speed_ax):
+        ax.set_xlabel("step (optimizer steps)")
+    fig.savefig(path)
+
+
+def _finish(ax: Any, title: str, ylabel: str, has_data: bool, empty_message: str) -> None:
+    """Title, labels, grid and legend of one panel, or a centred note when it has nothing to show."""
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if not has_data:
+        ax.text(0.5, 0.5, empty_message, transform=ax.transAxes, ha="center", va="center", color="gray")
+        ax.set_yticks([])
+    elif ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right")
+
+
+def _fmt(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, ints with thousands separators, None as a dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def _summary_rows(records: Sequence[dict[str, Any]], run_summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The headline numbers of the run, as (label, formatted value) rows."""
+    train_steps, train_loss = _series(records, "train", "loss")
+    val_steps, val_loss = _series(records, "eval", "val_loss")
+    _, speed = _series(records, "train", "tokens_per_second")
+    best = _best(val_steps, val_loss)
+    epochs = [r["epoch"] for r in records if r.get("epoch") is not None]
+    elapsed = [r["elapsed_s"] for r in records if r.get("elapsed_s") is not None]
+    return [
+        ("Optimizer steps", _fmt(max((r["step"] for r in records), default=None))),
+        ("Epochs", _fmt(max(epochs, default=None))),
+        ("Final training loss", _fmt(train_loss[-1] if train_loss else None)),
+        ("Final validation loss", _fmt(val_loss[-1] if val_loss else None)),
+        ("Best validation loss", f"{_fmt(best[1])} (step {best[0]})" if best else "—"),
+        ("Trained tokens", _fmt(run_summary.get("train_tokens"))),
+        ("Mean throughput (tokens/s)", _fmt(sum(speed) / len(speed) if speed else None)),
+        ("Runtime", _duration(run_summary.get("runtime_s", max(elapsed, default=None)))),
+    ]
+
+
+def _table(rows: Sequence[tuple[str, str]]) -> str:
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table>{cells}</table>"
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1400px; padding: 0 1rem; }
+img { max-width: 100%; border: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 1rem 0; }
+th, td { border: 1px solid #ddd; padding: 0.3rem 0.8rem; text-align: left; }
+th { background: #f5f5f5; font-weight: 600; }
+pre { background: #f5f5f5; padding: 1rem; overflow-x: auto; }
+.note { color: #666; }
+"""
+
+
+def _html(
+    title: str, png: bytes, summary: list[tuple[str, str]], output_dir: Path, run_summary: dict[str, Any]
+) -> str:
+    """The report page; the plot is inlined as base64 so the file can be mailed or opened anywhere."""
+    sections = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="note">Run directory: {html.escape(str(output_dir))}. '
+        f"Generated {datetime.now().isoformat(timespec='seconds')}.</p>",
+        "<h2>Summary</h2>",
+        _table(summary),
+        "<h2>Curves</h2>",
+        f'<img alt="Training loss, validation loss, learning rate and throughput against step" '
+        f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">',
+    ]
+    config_path = output_dir / "config.yaml"
+    if config_path.is_file():
+        config_text = config_path.read_text(encoding="utf-8")
+        sections += ["<h2>Configuration (config.yaml)</h2>", f"<pre>{html.escape(config_text)}</pre>"]
+    if run_summary:
+        summary_text = html.escape(json.dumps(run_summary, indent=2))
+        sections += ["<h2>Training summary (training_summary.json)</h2>", f"<pre>{summary_text}</pre>"]
+    body = "\n".join(sections)
+    head = f'<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>'
+    return f'<!DOCTYPE html>\n<html lang="en">\n<head>\n{head}\n</head>\n<body>\n{body}\n</body>\n</html>\n'
+
+
+def render_report(output_dir: str | Path, *, title: str | None = None) -> tuple[Path, Path]:
+    """Write `loss.png` and `report.html` into `output_dir` from its `metrics.jsonl`; return their paths.
+
+    Raises FileNotFoundError when the run has no metrics log, and ImportError (with the install command)
+    when matplotlib is missing.
+    """
+    output_dir = Path(output_dir)
+    metrics_path = output_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"No metrics log at {metrics_path}: is {output_dir} the output_dir of a run?")
+    records = read_metrics(metrics_path)
+    title = title or f"Training report: {output_dir.resolve().name}"
+    summary_path = output_dir / "training_summary.json"
+    run_summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+
+    png_path, html_path = output_dir / PLOT_FILE, output_dir / REPORT_FILE
+    _plot(records, png_path, title)
+    page = _html(title, png_path.read_bytes(), _summary_rows(records, run_summary), output_dir, run_summary)
+    html_path.write_text(page, encoding="utf-8")
+    return png_path, html_path
