@@ -1,0 +1,368 @@
+"""Loading the base model and tokenizer, LoRA/QLoRA, saving and merging.
+
+`base_model` may be a Hugging Face Hub id, a local directory in Hugging Face format, or a `.gguf`
+file. A GGUF file is de-quantized once and cached in Hugging Face format (see `gguf_cache_dir`),
+so every later step (training, LoRA, merge) works on an ordinary HF directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+if TYPE_CHECKING:
+    from app.sft.config import SFTConfig
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV_VAR = "LLM_PLAYGROUND_CACHE"
+
+# `org/name` or a bare legacy name such as `gpt2`; each part starts with a letter or digit.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# Vocabulary entries that models ship as a dedicated padding token without declaring it.
+_PAD_TOKEN_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model comes from.
+
+    For `kind="gguf"`, `path_or_id` is the directory holding the file and `gguf_file` its name,
+    which is how `from_pretrained(path_or_id, gguf_file=gguf_file)` expects them.
+    """
+
+    path_or_id: str
+    gguf_file: str | None
+    kind: Literal["hub", "local", "gguf"]
+
+
+def resolve_model_source(base_model: str) -> ModelSource:
+    """Classify `base_model` as a local HF directory, a `.gguf` file or a Hub id.
+
+    Raises a `FileNotFoundError` naming the path when something that is clearly a path does not
+    exist, instead of letting it reach the Hub and fail with an unrelated download error.
+    """
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            raise ValueError(
+                f"base_model directory {path} holds a LoRA adapter, not a full model; merge it first "
+                "(merge_lora / `sft merge`) or use its base model."
+            )
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"base_model directory {path} has no config.json; expected a model saved in Hugging Face "
+                "format (save_pretrained), or a .gguf file, or a Hub id."
+            )
+        return ModelSource(str(path.resolve()), None, "local")
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"base_model GGUF file {path} does not exist.")
+        path = path.resolve()
+        return ModelSource(str(path.parent), path.name, "gguf")
+    if path.exists():
+        raise ValueError(
+            f"base_model {path} is a file but not a .gguf file; expected a Hugging Face model "
+            "directory, a .gguf file or a Hub id."
+        )
+    if _HUB_ID.match(base_model) and ".." not in base_model:
+        return ModelSource(base_model, None, "hub")
+    raise FileNotFoundError(
+        f"base_model {base_model!r} does not exist as a local path and is not a Hub id (org/name)."
+    )
+
+
+def gguf_cache_dir(gguf_path: str | os.PathLike[str]) -> Path:
+    """The directory that holds (or will hold) the HF-format conversion of `gguf_path`.
+
+    `$LLM_PLAYGROUND_CACHE/gguf/<name>-<key>` (default root `~/.cache/llm-playground`), where the
+    key hashes the file's size and modification time, so a replaced file is converted again.
+    """
+    path = Path(gguf_path)
+    stat = path.stat()
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "llm-playground").expanduser()
+    return root / "gguf" / f"{path.stem}-{key}"
+
+
+def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
+    """Return the cached HF-format copy (model + tokenizer) of a GGUF file, converting it on first use.
+
+    De-quantizing takes tens of seconds; the cached copy loads in about a second. The copy is
+    written to a temporary directory and renamed into place, so a crash or a concurrent run never
+    leaves a half-written cache entry.
+    """
+    path = Path(gguf_path).resolve()
+    target = gguf_cache_dir(path)
+    if target.is_dir():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"Loading {path} needs the 'gguf' package: pip install gguf")
+    logger.info("Converting %s to Hugging Face format in %s (once)", path, target)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # The weights are now plain float tensors; without this, save_pretrained refuses the model.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:
+        if not target.is_dir():  # a concurrent run that finished first is fine; anything else is not
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_path(base_model: str) -> str:
+    """What to pass to `from_pretrained` for `base_model`: a Hub id or a local HF directory."""
+    source = resolve_model_source(base_model)
+    if source.kind == "gguf":
+        return str(convert_gguf(Path(source.path_or_id) / source.gguf_file))
+    return source.path_or_id
+
+
+def load_tokenizer(
+    config_or_name: SFTConfig | str, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a base model, ready for right-padded training batches.
+
+    Accepts an `SFTConfig` (its `base_model` and `trust_remote_code` are used) or a model name.
+    A GGUF file that is not cached yet is read directly, without de-quantizing the weights.
+    """
+    if isinstance(config_or_name, str):
+        base_model = config_or_name
+    else:
+        base_model, trust_remote_code = config_or_name.base_model, config_or_name.trust_remote_code
+    source = resolve_model_source(base_model)
+    if source.kind == "gguf" and not gguf_cache_dir(Path(source.path_or_id) / source.gguf_file).is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(source.path_or_id, gguf_file=source.gguf_file)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path(base_model), trust_remote_code=trust_remote_code)
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give `tokenizer` a pad token if it has none: a dedicated pad token from its vocabulary,
+    else its unk token, else its eos token.
+
+    Padding positions are excluded from the loss by the attention mask and labels, never by the pad
+    id, so reusing eos (which is also a trained token) is safe.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    vocab = tokenizer.get_vocab()
+    candidates = [name for name in _PAD_TOKEN_NAMES if name in vocab]
+    candidates += [tokenizer.unk_token, tokenizer.eos_token]
+    pad = next((token for token in candidates if token is not None), None)
+    if pad is None:
+        raise ValueError(
+            f"Tokenizer {tokenizer.name_or_path!r} has no pad, unk or eos token to pad batches with."
+        )
+    tokenizer.pad_token = pad
+
+
+def resolve_dtype(config: SFTConfig, device: torch.device | str | None = None) -> torch.dtype:
+    """The dtype to load the base model in.
+
+    An explicit `config.dtype` wins. With `"auto"`, a frozen LoRA base on CUDA with bf16/fp16 mixed
+    precision is loaded in that half dtype (half the memory, same speed); everything else, including
+    full fine-tuning and CPU runs, is loaded in float32 so optimizer updates are not lost to rounding.
+    """
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    uses_lora = config.use_lora or config.use_qlora
+    if uses_lora and on_cuda and config.mixed_precision in _HALF_DTYPES:
+        return _HALF_DTYPES[config.mixed_precision]
+    return torch.float32
+
+
+def load_model(config: SFTConfig, *, device: torch.device | str | None = None) -> PreTrainedModel:
+    """Load the base causal LM described by `config` (no adapters yet; see `apply_lora`).
+
+    `device` places the weights directly (otherwise they stay on the CPU for accelerate to move),
+    unless `config.device_map` is set. QLoRA loads 4-bit NF4 weights through bitsandbytes.
+    """
+    dtype = resolve_dtype(config, device)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    device_map = config.device_map if config.device_map is not None else device
+    if config.use_qlora:
+        _check_qlora_support()
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_HALF_DTYPES.get(config.mixed_precision, torch.float32),
+        )
+        device_map = device_map if device_map is not None else {"": torch.cuda.current_device()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(model_path(config.base_model), **kwargs)
+
+
+def _check_qlora_support() -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError("use_qlora needs a CUDA GPU (bitsandbytes 4-bit); none is available.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("use_qlora needs the 'bitsandbytes' package: pip install bitsandbytes")
+
+
+def load_model_and_tokenizer(
+    config: SFTConfig, *, device: torch.device | str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base model and its tokenizer, with the model's pad id matching the tokenizer's."""
+    model = load_model(config, device=device)  # first, so a GGUF tokenizer comes from the fresh cache
+    tokenizer = load_tokenizer(config)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def default_lora_target_modules(model: nn.Module) -> list[str]:
+    """Names of the model's linear projection layers (leaf names), excluding the output head."""
+    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head
+    }
+    if not names:
+        raise ValueError(
+            f"{type(model).__name__} has no linear layers to put LoRA on; set lora_target_modules."
+        )
+    return sorted(names)
+
+
+def apply_lora(model: PreTrainedModel, config: SFTConfig) -> PeftModel | PreTrainedModel:
+    """Prepare `model` for training as `config` says.
+
+    With `use_lora`/`use_qlora`: wrap it in LoRA adapters (only those train). Otherwise: full
+    fine-tuning, every parameter trainable. Gradient checkpointing is enabled when configured, with
+    the input embeddings' outputs requiring grad so gradients reach the adapters of a frozen base.
+    A model that already is a `PeftModel` keeps its adapters.
+    """
+    uses_lora = config.use_lora or config.use_qlora
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    checkpointing_kwargs = {"use_reentrant": False}
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    elif config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+        if uses_lora:
+            model.enable_input_require_grads()
+    if config.gradient_checkpointing:
+        model.config.use_cache = False
+
+    if isinstance(model, PeftModel):
+        logger.info("Model already has adapters %s; training them as they are.", list(model.peft_config))
+    elif uses_lora:
+        targets = config.lora_target_modules or default_lora_target_modules(model)
+        lora_config = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(targets),
+        )
+        model = get_peft_model(model, lora_config)
+    else:
+        model.requires_grad_(True)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total
+    )
+    return model
+
+
+def save_final_model(
+    model: PeftModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike[str]
+) -> str:
+    """Save the trained result and its tokenizer to `out_dir` (safetensors) and return the path.
+
+    A `PeftModel` saves only its adapter (`adapter_model.safetensors` + `adapter_config.json`), which
+    peft loads on top of the base model; any other model saves all its weights. Pass the unwrapped
+    model (for example `accelerator.unwrap_model(model)`).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def merge_lora(
+    adapter_dir_or_model: str | os.PathLike[str] | PeftModel,
+    out_dir: str | os.PathLike[str],
+    base_model: str | None = None,
+) -> str:
+    """Merge a LoRA adapter into its base model and save a standalone model + tokenizer in `out_dir`.
+
+    The result loads with `AutoModelForCausalLM.from_pretrained(out_dir)`, no peft needed. The base
+    comes from `base_model` or the adapter's `adapter_config.json` (`base_model_name_or_path`; for a
+    GGUF base that is its cached HF directory, so merging works offline). A `PeftModel` passed in is
+    left untouched: its adapter is saved to a temporary directory and merged from there.
+    """
+    if isinstance(adapter_dir_or_model, PeftModel):
+        with tempfile.TemporaryDirectory(prefix="lora-adapter-") as tmp:
+            adapter_dir_or_model.save_pretrained(tmp)
+            return merge_lora(tmp, out_dir, base_model)
+
+    adapter_dir = Path(adapter_dir_or_model)
+    adapter_config_file = adapter_dir / "adapter_config.json"
+    if not adapter_config_file.is_file():
+        raise FileNotFoundError(
+            f"{adapter_dir} has no adapter_config.json; it is not a LoRA adapter directory."
+        )
+    if base_model is None:
+        base_model = json.loads(adapter_config_file.read_text()).get("base_model_name_or_path")
+        if not base_model:
+            raise ValueError(
+                f"{adapter_config_file} does not name its base model; pass base_model explicitly."
+            )
+
+    base = AutoModelForCausalLM.from_pretrained(model_path(base_model), dtype="auto")
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    else:
+        tokenizer = load_tokenizer(base_model)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
