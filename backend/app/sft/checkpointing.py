@@ -4,7 +4,8 @@ A checkpoint is a directory `checkpoint_step_<N>/` holding:
 
 - weights: `adapter_model.safetensors` + `adapter_config.json` (LoRA) or `model*.safetensors` + `config.json`;
 - `optimizer.pt`, `scheduler.pt`: optimizer and LR-scheduler state, tensors and plain containers only
-  (read back with `torch.load(weights_only=True)`);
+  (read back with `torch.load(weights_only=True)`); the optimizer state is keyed by parameter name and full
+  (gathered from FSDP shards), so it loads whatever the wrapping or sharding;
 - `rng_state_<rank>.json` + `rng_state_<rank>.safetensors`: python/numpy and torch/CUDA random states per process;
 - `sft_config.json`: the resolved run config;
 - `trainer_state.json`: the loop state (step, epoch, data position, tokens, best metric, log history) and every
@@ -33,6 +34,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,18 +110,26 @@ def save_weights(model: nn.Module, directory: Path, state_dict: dict[str, torch.
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, directory / "model.safetensors")
 
 
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name, in full on the main process (empty on the others).
+
+    Every process must call it: under FSDP the shards are gathered. `model` may be DDP- or FSDP-wrapped.
+    """
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def save_training_state(
     directory: Path,
     *,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer_state: dict[str, Any] | None,
     lr_scheduler: Any | None,
     trainer_state: dict[str, Any],
     callback_states: dict[str, dict[str, Any]],
     config: dict[str, Any] | None,
 ) -> None:
     """Write the optimizer, scheduler, config and, last, the trainer state that marks the checkpoint complete."""
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, directory / OPTIMIZER_FILE)
     if lr_scheduler is not None:
         torch.save(lr_scheduler.state_dict(), directory / SCHEDULER_FILE)
     if config is not None:
@@ -208,7 +222,13 @@ def read_config(path: Path) -> dict[str, Any] | None:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load the weights of checkpoint `path` into `model` (PEFT adapter or full model); report mismatches by name."""
+    """Load the weights of checkpoint `path` into `model` (PEFT adapter or full model, FSDP-sharded or not);
+    report mismatches by name."""
+    with _loading_full_tensors_into_shards(model):
+        _load_weights(model, path)
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
     adapter = path / ADAPTER_WEIGHTS_FILE
     if adapter.is_file():
         from peft import set_peft_model_state_dict
@@ -232,10 +252,15 @@ def load_weights(model: nn.Module, path: Path) -> None:
         )
 
 
-def load_optimizer_and_scheduler(path: Path, optimizer: torch.optim.Optimizer | None, lr_scheduler: Any) -> None:
-    """Restore optimizer and scheduler state; refuses files holding anything but tensors and plain containers."""
+def load_optimizer_and_scheduler(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, lr_scheduler: Any
+) -> None:
+    """Restore optimizer and scheduler state (each FSDP process keeps its shards of the full optimizer state);
+    refuses files holding anything but tensors and plain containers."""
     if optimizer is not None:
-        _apply(path, lambda: optimizer.load_state_dict(_safe_torch_load(path / OPTIMIZER_FILE)))
+        state = _safe_torch_load(path / OPTIMIZER_FILE)
+        options = StateDictOptions(full_state_dict=True)
+        _apply(path, lambda: set_optimizer_state_dict(model, optimizer, state, options=options))
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(_safe_torch_load(path / SCHEDULER_FILE))
 
@@ -291,6 +316,31 @@ def _safe_torch_load(path: Path) -> Any:
             f"refusing to load {path}: it is corrupt or holds objects other than tensors and plain containers "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from exc
+
+
+@contextmanager
+def _loading_full_tensors_into_shards(model: nn.Module) -> Iterator[None]:
+    """While loading a state dict into `model`, turn each full tensor meant for a sharded (DTensor, FSDP2)
+    parameter into this process's shard of it; a model without sharded parameters is left alone."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        yield
+        return
+
+    def shard(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        targets = module.state_dict(keep_vars=True)
+        for key, value in state_dict.items():
+            target = targets.get(key.removeprefix(prefix))
+            if isinstance(target, DTensor) and not isinstance(value, DTensor):
+                state_dict[key] = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements,
+                                                    src_data_rank=None)  # every process holds the full tensor
+
+    handle = model.register_load_state_dict_pre_hook(shard)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _apply(path: Path, load: Any) -> Any:

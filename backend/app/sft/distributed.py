@@ -1,29 +1,78 @@
 """Device placement and distribution: one `Accelerator` built from the config.
 
-Launch with `accelerate launch` or `torchrun`; accelerate reads the process group from the environment. DDP is
-the default with several processes; `distributed.strategy: fsdp` shards parameters, gradients and optimizer
-state (FSDP2 where the installed accelerate supports it).
+Launch several processes with `accelerate launch` or `torchrun`; accelerate reads the process group from the
+environment (NCCL on GPUs, gloo on CPUs). `distributed.strategy`:
+
+- `auto`: what the accelerate launch config says (`accelerate launch --use_fsdp ...`), else DDP.
+- `ddp`: every process holds the whole model; gradients are averaged.
+- `fsdp`: parameters, gradients and optimizer state are sharded over the processes. `fsdp_version: 2` uses
+  torch's `fully_shard` (also on CPU processes over gloo, which accelerate leaves to GPUs; this module turns it on).
+
+Checkpoints hold full (gathered) weights and optimizer state whatever the strategy; see `checkpointing.py`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from accelerate import Accelerator
+import torch
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate.utils import DistributedType, get_cpu_distributed_information
 
 if TYPE_CHECKING:
     from app.sft.config import SFTConfig
 
 
 def make_accelerator(config: SFTConfig) -> Accelerator:
-    """An Accelerator with the config's mixed precision and, when asked, an FSDP plugin."""
-    kwargs = {}
-    if config.distributed.strategy == "fsdp":
-        from accelerate import FullyShardedDataParallelPlugin
+    """An Accelerator with the config's mixed precision and strategy, checked against how the run was launched.
 
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=config.distributed.fsdp_version,
-            auto_wrap_policy="transformer_based_wrap" if config.distributed.fsdp_auto_wrap else None,
+    Processes launched on a machine without an accelerator device (CUDA, XPU, ...) run on CPU over gloo.
+    Raises `RuntimeError` when accelerate did not join every launched process, and `ValueError` when the config
+    and the accelerate launch config ask for different strategies.
+    """
+    settings = config.distributed
+    launched = get_cpu_distributed_information().world_size  # WORLD_SIZE from torchrun / accelerate launch
+    fsdp_plugin = None
+    if settings.strategy == "fsdp":
+        fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=settings.fsdp_version,
+            auto_wrap_policy="transformer_based_wrap" if settings.fsdp_auto_wrap else None,
             state_dict_type="FULL_STATE_DICT",
         )
-    return Accelerator(mixed_precision=config.mixed_precision or "no", **kwargs)
+    accelerator = Accelerator(
+        cpu=launched > 1 and not _has_accelerator_device(),
+        mixed_precision=config.mixed_precision or "no",
+        fsdp_plugin=fsdp_plugin,
+    )
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched but accelerate joined {accelerator.num_processes} "
+            f"(distributed type {accelerator.distributed_type.value}, device {accelerator.device}); "
+            "launch with `accelerate launch` or `torchrun` on machines whose devices accelerate supports"
+        )
+    if fsdp_plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        _enable_fsdp_on_cpu(accelerator, fsdp_plugin)
+    if settings.strategy == "ddp" and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "distributed.strategy is 'ddp' but the accelerate launch config asks for FSDP; set "
+            "distributed.strategy to 'fsdp' or 'auto', or launch without --use_fsdp"
+        )
+    return accelerator
+
+
+def _has_accelerator_device() -> bool:
+    """Whether torch sees a device accelerate runs processes on (CUDA, XPU, ...), not just CPUs."""
+    if hasattr(torch, "accelerator"):  # torch >= 2.6
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def _enable_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
+    """Switch a multi-CPU accelerator to FSDP: accelerate enables FSDP for GPUs only, torch's FSDP2 runs on gloo."""
+    if plugin.fsdp_version != 2:
+        raise ValueError("FSDP on CPU processes needs distributed.fsdp_version: 2 (FSDP1 needs GPUs)")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP

@@ -174,7 +174,8 @@ class SFTTrainer:
         model = apply_lora(model, cfg)
         if cfg.torch_compile:
             _compile_decoder_layers(model)
-        self.model = self.accelerator.prepare_model(model)
+        # FSDP2 shards the model together with the optimizer (`_setup_optimizer`); DDP wraps it now.
+        self.model = model if self.accelerator.is_fsdp2 else self.accelerator.prepare_model(model)
 
     def _setup_optimizer(self) -> None:
         """AdamW (fused on CUDA) or SGD over trainable parameters, and warmup followed by the chosen schedule."""
@@ -200,7 +201,10 @@ class SFTTrainer:
         else:
             fused = self.accelerator.device.type == "cuda"
             optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused or None)
-        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        if self.accelerator.is_fsdp2:  # shards the model and points the optimizer at the shards
+            self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        else:
+            self.optimizer = self.accelerator.prepare_optimizer(optimizer)
         self.state.max_steps = self._total_steps()
         schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler_type]
         self.lr_scheduler = get_scheduler(
@@ -516,11 +520,17 @@ class SFTTrainer:
     def save_checkpoint(self, path: str | Path, metrics: Mapping[str, float] | None = None) -> str:
         """Write the full training state into the checkpoint directory `path`, atomically; returns the path.
 
-        Every process must call it (random states and sharded weights are gathered); the main process writes.
+        Every process must call it (stop requests are agreed on, random states and sharded weights gathered);
+        the main process writes.
         """
         path = Path(path)
+        self._agree_on_stop()  # a stop asked for on another process this step is part of the saved state
+        val = (metrics or {}).get("val_loss")  # reduced over all processes: every one takes the same decision
+        is_best = val is not None and (self.state.best_checkpoint_metric is None
+                                       or val < self.state.best_checkpoint_metric)
         rng_states = gather_object([checkpointing.capture_rng_state()])
         full_state = self.accelerator.get_state_dict(self.model) if self._is_sharded() else None
+        optimizer_state = checkpointing.full_optimizer_state(self.model, self.optimizer.optimizer)
         if self.is_main_process:
             with checkpointing.atomic_directory(path) as tmp:
                 checkpointing.save_weights(self._unwrapped_model(), tmp, full_state)
@@ -528,7 +538,7 @@ class SFTTrainer:
                     checkpointing.write_rng_state(tmp, rank, rng)
                 checkpointing.save_training_state(
                     tmp,
-                    optimizer=self.optimizer,
+                    optimizer_state=optimizer_state,
                     lr_scheduler=self.lr_scheduler,
                     trainer_state={
                         **self.state.to_dict(),
@@ -539,12 +549,11 @@ class SFTTrainer:
                     config=self.config.to_dict(),
                 )
             checkpointing.write_pointer(path.parent, checkpointing.LATEST_POINTER, path)
-            val = (metrics or {}).get("val_loss")
-            if val is not None and (self.state.best_checkpoint_metric is None
-                                    or val < self.state.best_checkpoint_metric):
-                self.state.best_checkpoint_metric = float(val)
-                self.state.best_checkpoint = str(path)
+            if is_best:
                 checkpointing.write_pointer(path.parent, checkpointing.BEST_POINTER, path)
+        if is_best:
+            self.state.best_checkpoint_metric = float(val)
+            self.state.best_checkpoint = str(path)
         self.accelerator.wait_for_everyone()
         return str(path)
 
@@ -556,11 +565,14 @@ class SFTTrainer:
         saved_processes = trainer_state.pop("num_processes", 1)
         if saved_processes != self.num_processes:
             raise checkpointing.CheckpointError(
-                f"checkpoint {path} was written by {saved_processes} processes; resume it with the same number "
-                f"(this run has {self.num_processes})"
+                f"checkpoint {path} was written by {saved_processes} processes and this run has "
+                f"{self.num_processes}: each step's batch is spread over the processes, each with its own random "
+                f"state, so an exact resume needs the same number; launch {saved_processes} processes "
+                f"(`torchrun --nproc_per_node {saved_processes} ...` or `accelerate launch --num_processes "
+                f"{saved_processes} ...`)"
             )
         checkpointing.load_weights(self._unwrapped_model(), path)
-        checkpointing.load_optimizer_and_scheduler(path, self.optimizer, self.lr_scheduler)
+        checkpointing.load_optimizer_and_scheduler(path, self.model, self.optimizer.optimizer, self.lr_scheduler)
         self.state = TrainerState.from_dict(trainer_state)
         self.state.max_steps = self._total_steps()
         self.callback_handler.load_state_dict(callback_states)
@@ -643,9 +655,14 @@ class SFTTrainer:
 
     def _save_outputs(self) -> None:
         """Write the trained adapter or model, the tokenizer, the config and (if asked) the merged model."""
+        full_state = self.accelerator.get_state_dict(self.model) if self._is_sharded() else None
         if self.is_main_process:
             model = self._unwrapped_model()
-            save_final_model(model, self.tokenizer, self.output_dir)
+            if full_state is None:
+                save_final_model(model, self.tokenizer, self.output_dir)
+            else:  # FSDP: the weights gathered from every process
+                checkpointing.save_weights(model, self.output_dir, full_state)
+                self.tokenizer.save_pretrained(self.output_dir)
             self.config.to_yaml(self.output_dir / "config.yaml")
             if self.config.save_merged_model and hasattr(model, "peft_config"):
                 merge_lora(self.output_dir, self.output_dir / "merged")
