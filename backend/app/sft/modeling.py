@@ -332,17 +332,21 @@ def apply_lora(model: PreTrainedModel, config: SFTConfig) -> PeftModel | PreTrai
 
 
 def save_final_model(
-    model: PeftModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike[str]
+    model: PeftModel | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | os.PathLike[str],
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> str:
     """Save the trained result and its tokenizer to `out_dir` (safetensors) and return the path.
 
     A `PeftModel` saves only its adapter (`adapter_model.safetensors` + `adapter_config.json`), which
     peft loads on top of the base model; any other model saves all its weights. Pass the unwrapped
-    model (for example `accelerator.unwrap_model(model)`).
+    model (for example `accelerator.unwrap_model(model)`) and, for a sharded (FSDP) model, the full
+    `state_dict` gathered from every process.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     return str(out)
 

@@ -658,11 +658,7 @@ class SFTTrainer:
         full_state = self.accelerator.get_state_dict(self.model) if self._is_sharded() else None
         if self.is_main_process:
             model = self._unwrapped_model()
-            if full_state is None:
-                save_final_model(model, self.tokenizer, self.output_dir)
-            else:  # FSDP: the weights gathered from every process
-                checkpointing.save_weights(model, self.output_dir, full_state)
-                self.tokenizer.save_pretrained(self.output_dir)
+            save_final_model(model, self.tokenizer, self.output_dir, state_dict=full_state)
             self.config.to_yaml(self.output_dir / "config.yaml")
             if self.config.save_merged_model and hasattr(model, "peft_config"):
                 merge_lora(self.output_dir, self.output_dir / "merged")
