@@ -58,15 +58,14 @@ def causal_lm_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> t
             output = model(**inputs, use_cache=False)
         finally:
             handle.remove()
-        selected = output.logits[0]
+        selected = output.logits.flatten(0, 1)  # a view: its backward allocates nothing
 
-    selected_targets = targets[keep]
+    # `split` (not slicing) so the backward pass joins the chunks' gradients once instead of zero-filling a
+    # full-size gradient per chunk.
     loss_sum = selected.new_zeros((), dtype=torch.float32)
-    for start in range(0, selected_targets.numel(), LOSS_CHUNK_TOKENS):
-        chunk = slice(start, start + LOSS_CHUNK_TOKENS)
-        loss_sum = loss_sum + F.cross_entropy(
-            selected[chunk].float(), selected_targets[chunk], reduction="sum"
-        )
+    for logits, chunk_targets in zip(selected.split(LOSS_CHUNK_TOKENS), targets[keep].split(LOSS_CHUNK_TOKENS),
+                                     strict=True):
+        loss_sum = loss_sum + F.cross_entropy(logits.float(), chunk_targets, reduction="sum")
     return loss_sum, keep.sum()
 
 

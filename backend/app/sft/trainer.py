@@ -45,6 +45,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import get_scheduler
 
 from app.sft import checkpointing
+from app.sft.attention import register_document_attention
 from app.sft.callbacks import (
     CheckpointCallback,
     EarlyStoppingCallback,
@@ -171,6 +172,8 @@ class SFTTrainer:
         cfg = self.config
         if model is None:
             model = load_model(cfg)
+        if cfg.packing and cfg.attn_implementation is None and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(register_document_attention())  # packed rows without a dense mask
         model = apply_lora(model, cfg)
         if cfg.torch_compile:
             _compile_decoder_layers(model)

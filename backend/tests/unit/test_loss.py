@@ -126,3 +126,24 @@ def test_plain_module_returning_logits_is_supported():
     )
     torch.testing.assert_close(loss_sum, expected)
     assert int(n_tokens) == count_label_tokens(batch["labels"])
+
+
+def test_document_attention_on_a_packed_row_matches_the_padded_batch():
+    from app.sft.attention import register_document_attention
+
+    examples = _examples(seed=6, n=5)
+    padded_model = tiny_llama(seed=1)
+    packed_model = tiny_llama(seed=1)
+    packed_model.set_attn_implementation(register_document_attention())
+    padded_sum, _ = causal_lm_loss_sum(padded_model, _padded(examples))
+    packed_sum, _ = causal_lm_loss_sum(packed_model, _packed(examples))
+    padded_sum.backward()
+    packed_sum.backward()
+    torch.testing.assert_close(packed_sum, padded_sum, rtol=1e-4, atol=1e-5)
+    padded_grads = _grads(padded_model)
+    for name, grad in _grads(packed_model).items():
+        torch.testing.assert_close(grad, padded_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    # Generation and padded batches fall back to stock sdpa: same logits as the untouched model.
+    batch = _padded(examples)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    torch.testing.assert_close(packed_model(**inputs).logits, padded_model(**inputs).logits)
