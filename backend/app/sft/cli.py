@@ -1,0 +1,451 @@
+"""The `sft` command: train, check data, preview masks, evaluate, generate, chat, merge and report.
+
+    sft train CONFIG [--set key=value ...] [--resume [CHECKPOINT]]
+    sft validate CONFIG          sft preview CONFIG [-n 3]          sft eval RUN_DIR_OR_CONFIG
+    sft generate RUN_DIR --prompt "..."     sft chat RUN_DIR     sft merge RUN_DIR [--out DIR]
+    sft report RUN_DIR
+
+Also `python -m app.sft`. Exit codes: 0 success, 2 a usage, config or data error (one message on stderr, no
+traceback), 1 a runtime failure, 130 interrupted. Works unchanged under `accelerate launch` and `torchrun`:
+only the main process (RANK 0) logs at INFO level and prints results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import statistics
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from app.sft.checkpointing import CheckpointError
+from app.sft.config import ConfigError, SFTConfig
+from app.sft.data import (
+    IGNORE_INDEX,
+    DataError,
+    TokenizedDataset,
+    build_datasets,
+    epoch_batches,
+    load_rows,
+    resolve_template,
+    tokenize_example,
+)
+from app.sft.generation import RUN_CONFIG_FILE, Generator, evaluate_loss, load_run_config, load_trained_model
+from app.sft.modeling import load_tokenizer, merge_lora
+from app.sft.report import render_report
+from app.sft.templates import Message, TemplateError
+from app.sft.trainer import SFTTrainer
+
+USAGE_ERRORS = (ConfigError, DataError, CheckpointError, TemplateError, FileNotFoundError)
+"""Errors in what the user gave (exit code 2, one message, no traceback)."""
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+_MARK_START, _MARK_END = "[[", "]]"
+_COLOR_START, _COLOR_END = "\033[1;32m", "\033[0m"
+_TARGET_HELP = "a run's output_dir, one of its checkpoints, or a config file (its base model)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `sft` command with `argv` (default: `sys.argv[1:]`) and return its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, argparse printed why)
+        return exit_.code if isinstance(exit_.code, int) else 0
+    with _console_logging(args.debug), warnings.catch_warnings():
+        warnings.showwarning = _log_warning
+        if not args.debug:  # libraries' notes to developers, not to the user of the command
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return args.handler(args)
+        except USAGE_ERRORS as error:
+            print(f"sft {args.command}: error: {_message(error)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"sft {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:
+            if args.debug:
+                traceback.print_exc()
+            hint = "" if args.debug else " (run with --debug for the traceback)"
+            print(f"sft {args.command}: failed: {type(error).__name__}: {error}{hint}", file=sys.stderr)
+            return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `sft` and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="sft",
+        description="Supervised fine-tuning of causal language models (LoRA, QLoRA or full).",
+        epilog="Run 'sft COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--debug", action="store_true", help="debug logging, and tracebacks of failures")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    Handler = Callable[[argparse.Namespace], int]
+
+    def command(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    train = command("train", _train, "train a model as a YAML config describes")
+    train.add_argument("config", metavar="CONFIG", help="YAML config file")
+    _add_overrides(train)
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue from a checkpoint directory, or (without a value) from the latest one of the run",
+    )
+
+    validate = command("validate", _validate, "check a config and its data without loading model weights")
+    validate.add_argument("config", metavar="CONFIG", help="YAML config file")
+    _add_overrides(validate)
+
+    preview = command("preview", _preview, "show formatted training examples, trained tokens marked")
+    preview.add_argument("config", metavar="CONFIG", help="YAML config file")
+    preview.add_argument("-n", "--num-examples", type=_positive_int, default=3, help="how many (default 3)")
+    _add_overrides(preview)
+
+    evaluate = command("eval", _eval, "validation loss and perplexity of a base model or a trained run")
+    evaluate.add_argument("target", metavar="RUN_DIR_OR_CONFIG", help=_TARGET_HELP)
+    _add_overrides(evaluate)
+
+    generate = command("generate", _generate, "answer one prompt with a trained run (or a base model)")
+    generate.add_argument("target", metavar="RUN_DIR", help=_TARGET_HELP)
+    generate.add_argument("--prompt", required=True, help="the instruction or user message")
+    generate.add_argument("--input", default="", help="an alpaca 'input' field to go with the prompt")
+    _add_generation_options(generate)
+
+    chat = command("chat", _chat, "chat interactively (stdin); /reset starts over, /exit or Ctrl-D ends")
+    chat.add_argument("target", metavar="RUN_DIR", help=_TARGET_HELP)
+    _add_generation_options(chat)
+
+    merge = command("merge", _merge, "merge a run's LoRA adapter into its base model")
+    merge.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (or a checkpoint)")
+    merge.add_argument("--out", help="where to write the merged model (default: RUN_DIR/merged)")
+
+    report = command("report", _report, "re-render a run's report.html and loss.png from metrics.jsonl")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
+    return parser
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config setting (YAML value; dotted keys for sections), repeatable",
+    )
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", help="a system message")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=256, help="reply length limit (256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0)")
+    _add_overrides(parser)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = _load_config(args.config, args.overrides)
+    trainer = SFTTrainer(config)
+    summary = trainer.train(resume_from_checkpoint=args.resume)
+    interrupted = summary["stop_reason"] == "signal"
+    if not trainer.is_main_process:
+        return 130 if interrupted else 0
+    if interrupted:
+        print(f"Stopped at step {summary['global_step']}; a checkpoint was saved. Continue with:\n"
+              f"  sft train {args.config} --resume")
+        return 130
+    best = summary["best_val_loss"]
+    print(f"Trained {summary['global_step']} steps in {summary['runtime_s']:.1f} s "
+          f"({summary['stop_reason']}): train loss {_fmt(summary['train_loss'])}"
+          + (f", best val loss {best:.4f} at step {summary['best_step']}" if best is not None else ""))
+    out = summary["output_dir"]
+    print(f"Outputs in {out}: the trained weights, {RUN_CONFIG_FILE}, metrics.jsonl, report.html")
+    print(f"Next: sft eval {out} | sft chat {out} | sft merge {out}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    config = _load_config(args.config, args.overrides)
+    config.resolve_for_hardware()  # warns about settings this machine would change, refuses impossible ones
+    tokenizer = load_tokenizer(config)
+    template = resolve_template(config, tokenizer)
+    train, val = build_datasets(config, tokenizer)
+    template_name = template.name if template is not None else "none (plain text)"
+    print(f"Config {args.config}: OK ({config.dataset_format} data, template {template_name}, "
+          f"max_seq_length {config.max_seq_length})")
+    print(f"Tokenizer of {config.base_model}: {len(tokenizer):,} tokens")
+    _print_data_stats("train", config.dataset_name, train)
+    if val is None:
+        print("validation: none (set eval_dataset_name or validation_split to validate during training)")
+    elif config.eval_dataset_name is not None:
+        _print_data_stats("validation", config.eval_dataset_name, val)
+    else:
+        print(f"validation: {len(val)} examples split off the training data (validation_split "
+              f"{config.validation_split})")
+    print(f"Token lengths of the training examples (max_seq_length {config.max_seq_length}):")
+    for line in _histogram(train.lengths):
+        print(f"  {line}")
+    budget = config.batch_size * config.max_seq_length if config.packing else None
+    micro_batches = len(epoch_batches(train.lengths, batch_size=config.batch_size, epoch=0, seed=config.seed,
+                                      token_budget=budget))
+    per_epoch = math.ceil(micro_batches / config.gradient_accumulation_steps)
+    total = config.max_steps or per_epoch * config.num_epochs
+    print(f"Steps: {per_epoch} optimizer steps per epoch on one process; the run takes {total}")
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    config = _load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(config)
+    template = resolve_template(config, tokenizer)
+    rows = load_rows(config.dataset_name, config.dataset_split)
+    color = sys.stdout.isatty()
+    marked = f"{_COLOR_START}like this{_COLOR_END}" if color else f"{_MARK_START}like this{_MARK_END}"
+    print(f"Trained tokens (the ones the loss is computed on) are marked {marked}.")
+    for index in range(min(args.num_examples, len(rows))):
+        example = tokenize_example(
+            rows[index],
+            tokenizer,
+            dataset_format=config.dataset_format,
+            template=template,
+            max_seq_length=config.max_seq_length,
+            train_on_inputs=config.train_on_inputs,
+            text_field=config.dataset_text_field,
+        )
+        print(f"\n--- {config.dataset_name} row {index + 1}", end="")
+        if example is None:
+            print(": dropped (nothing to train on within max_seq_length) ---")
+            continue
+        trained = sum(label != IGNORE_INDEX for label in example["labels"])
+        print(f": {len(example['input_ids'])} tokens, {trained} trained ---")
+        spans = _label_spans(tokenizer, example["input_ids"], example["labels"])
+        print("".join(_mark(text, color) if is_trained else text for text, is_trained in spans))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    config = load_run_config(args.target, args.overrides)
+    tokenizer = load_tokenizer(config)
+    _, val = build_datasets(config, tokenizer)
+    if val is None:
+        raise ConfigError(
+            "no validation data: set eval_dataset_name, or validation_split > 0 "
+            "(e.g. --set validation_split=0.1)"
+        )
+    model = load_trained_model(args.target, config)
+    batch_size = config.eval_batch_size or config.batch_size
+    loss, tokens = evaluate_loss(model, val, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
+    if _is_main_process():
+        print(f"{args.target}: val_loss {loss:.4f}  perplexity {math.exp(min(loss, 100.0)):.3f}  "
+              f"({len(val)} examples, {tokens:,} trained tokens)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    generator = Generator.load(args.target, args.overrides)
+    prompt: list[Message] | str
+    if generator.is_chat:
+        user: dict[str, str] = {"role": "user", "content": args.prompt}
+        if args.input:
+            user["input"] = args.input
+        prompt = _with_system(args.system, [user])
+    else:
+        prompt = args.prompt
+    reply = generator.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_p=args.top_p)
+    if _is_main_process():
+        print(reply)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    generator = Generator.load(args.target, args.overrides)
+    if not generator.is_chat:
+        raise ConfigError(f"{args.target}: chat needs a model trained on alpaca or chat data, not plain text")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {args.target} (template {generator.template.name}). "
+              "/reset starts over, /exit or Ctrl-D ends.", file=sys.stderr)
+    history = _with_system(args.system, [])
+    budget = max(generator.config.max_seq_length - args.max_new_tokens, 1)
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        text = line.strip()
+        if not line or text == "/exit":
+            return 0
+        if text == "/reset":
+            history = _with_system(args.system, [])
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        _drop_oldest_turns(generator, history, budget)
+        reply = generator.generate(history, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p)
+        history.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    base_model = load_run_config(run_dir).base_model  # so a GGUF base is found (and converted) again
+    out = merge_lora(run_dir, args.out or run_dir / "merged", base_model=base_model)
+    print(f"Merged model written to {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    png, html = render_report(args.run_dir)
+    print(f"Wrote {html} and {png}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _load_config(path: str, overrides: Sequence[str]) -> SFTConfig:
+    """A YAML config with `--set` overrides that names its training data."""
+    config = SFTConfig.from_yaml(path)
+    if overrides:
+        config = config.with_overrides(list(overrides))
+    if config.dataset_name is None:
+        raise ConfigError(f"{path}: dataset_name: required setting is missing (the training data)")
+    return config
+
+
+def _with_system(system: str | None, messages: list[Message]) -> list[Message]:
+    return [{"role": "system", "content": system}, *messages] if system else messages
+
+
+def _drop_oldest_turns(generator: Generator, history: list[Message], budget: int) -> None:
+    """Forget the oldest exchanges while the prompt is over `budget` tokens (the last message stays)."""
+    first = 1 if history[0]["role"] == "system" else 0
+    while len(history) - first > 1 and generator.prompt_length(history) > budget:
+        del history[first : first + 2]
+
+
+def _label_spans(
+    tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]
+) -> list[tuple[str, bool]]:
+    """The decoded text as (text, trained) spans. Each span is the difference between decoding a prefix and a
+    longer one, so tokenizers that decode words differently at the start of a text still read correctly."""
+    flags = [label != IGNORE_INDEX for label in labels]
+    ends = [i for i in range(1, len(ids)) if flags[i] != flags[i - 1]] + [len(ids)]
+    spans, done, start = [], "", 0
+    for end in ends:
+        text = tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        spans.append((text[len(done) :], flags[start]))
+        done, start = text, end
+    return spans
+
+
+def _mark(text: str, color: bool) -> str:
+    if color:  # colour each line separately, so a terminal never carries it across a line break
+        return "\n".join(f"{_COLOR_START}{line}{_COLOR_END}" if line else line for line in text.split("\n"))
+    return f"{_MARK_START}{text}{_MARK_END}"
+
+
+def _print_data_stats(name: str, source: str | None, data: TokenizedDataset) -> None:
+    trained = sum(sum(label != IGNORE_INDEX for label in labels) for labels in data.labels)
+    total = sum(data.lengths)
+    print(f"{name}: {len(data)} examples from {source}; {data.num_dropped} dropped, "
+          f"{data.num_truncated} truncated; {trained:,} of {total:,} tokens trained")
+
+
+def _histogram(lengths: Sequence[int], bins: int = 8, width: int = 40) -> list[str]:
+    """Text histogram lines: `  lo-hi | ####  count`, plus the min/median/max line."""
+    low, high = min(lengths), max(lengths)
+    step = max(1, math.ceil((high - low + 1) / bins))
+    counts = [0] * math.ceil((high - low + 1) / step)
+    for length in lengths:
+        counts[(length - low) // step] += 1
+    digits = len(str(high))
+    lines = [
+        f"{low + i * step:>{digits}}-{min(low + (i + 1) * step - 1, high):>{digits}} | "
+        f"{'#' * math.ceil(width * count / max(counts)):<{width}} {count}"
+        for i, count in enumerate(counts)
+    ]
+    lines.append(f"min {low}, median {statistics.median(lengths):g}, max {high} tokens")
+    return lines
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _message(error: BaseException) -> str:
+    """The error's message; FileNotFoundError from open() has it in `strerror` and `filename`."""
+    if isinstance(error, FileNotFoundError) and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    return str(error)
+
+
+def _is_main_process() -> bool:
+    """RANK 0, or no launcher at all (`accelerate launch` and `torchrun` set RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever `sys.stderr` is when a record is emitted (tests swap it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _console_logging(debug: bool) -> Iterator[None]:
+    """INFO (DEBUG with --debug) from this package to stderr on the main process, WARNING elsewhere and from
+    other libraries; restored afterwards."""
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
+    root, package = logging.getLogger(), logging.getLogger("app")
+    saved = root.level, package.level
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    package.setLevel(logging.DEBUG if debug else logging.INFO if _is_main_process() else logging.WARNING)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        package.setLevel(saved[1])
+
+
+def _log_warning(message: Warning | str, *_args: Any, **_kwargs: Any) -> None:
+    """Show Python warnings (config fallbacks, dropped examples) as one log line each."""
+    logging.getLogger("app.sft").warning("%s", message)

