@@ -7,22 +7,13 @@ token is its end-of-turn token `<|im_end|>`, so a mask derived from the pad id w
 
 from __future__ import annotations
 
+from helpers import CHATML_TEMPLATE
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS, EOS = "<s>", "<|im_end|>"
 SPECIALS = ["<|im_start|>", EOS, BOS, "</s>", "<unk>"]
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
-    "{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 _CORPUS = [
     "Below is an instruction that describes a task, paired with an input that provides further context.",
