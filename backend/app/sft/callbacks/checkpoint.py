@@ -173,8 +173,15 @@ def _write_model(model: torch.nn.Module, target: str) -> None:
 
 
 def _remove(path: str) -> None:
-    """Delete a checkpoint file or folder; a missing one is fine."""
+    """Delete a checkpoint file or folder; a missing one is fine.
+
+    A folder is first renamed to a hidden sibling (one atomic step), then deleted: a process killed halfway
+    through the deletion leaves a hidden leftover, never a checkpoint folder with some of its files gone.
+    """
     if os.path.isdir(path):
-        shutil.rmtree(path)
+        doomed = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
     elif os.path.exists(path):
         os.remove(path)
