@@ -225,3 +225,25 @@ def test_checkpoint_with_a_pickled_object_is_refused(tmp_path, tiny_model_dir, m
     with pytest.raises(CheckpointError, match="refusing to load"):
         run(config.model_copy(update={"max_steps": 3}), resume=str(checkpoint))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_full_disk_during_a_save_keeps_earlier_checkpoints(tmp_path, tiny_model_dir, monkeypatch):
+    import errno
+
+    from app.sft import checkpointing
+
+    config = lora_config(tmp_path, tiny_model_dir, "m", max_steps=3)
+    real_save = checkpointing.save_training_state
+
+    def disk_full_at_step_3(directory, **kwargs):
+        if kwargs["trainer_state"]["global_step"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(directory, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "save_training_state", disk_full_at_step_3)
+    with pytest.raises(CheckpointError, match="No space left on device.*Earlier checkpoints are untouched"):
+        run(config)
+    root = Path(config.resolved_checkpoint_dir)
+    assert [p.name for p in checkpointing.list_checkpoints(root)] == ["checkpoint_step_1", "checkpoint_step_2"]
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
+    assert (root / "latest").read_text().strip() == "checkpoint_step_2"
