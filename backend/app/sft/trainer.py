@@ -69,6 +69,7 @@ from app.sft.distributed import make_accelerator
 from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, count_label_tokens
 from app.sft.metrics_log import MetricsLog
 from app.sft.modeling import apply_lora, load_model, load_tokenizer, merge_lora, save_final_model
+from app.sft.report import render_report
 from app.sft.state import TrainerState
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class SFTTrainer:
         self.should_stop = False
         self._stop_signal: int | None = None
         self._last_metrics: dict[str, float] = {}
+        self.metrics_log: MetricsLog | None = None  # written by the main process during train()
 
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.config)
         self._setup_data(train_dataset, eval_dataset)
@@ -303,9 +305,9 @@ class SFTTrainer:
             if self._already_finished():
                 return self._summary(0.0)
         started = time.perf_counter()
-        self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl",
-                                      resume_from_step=self.state.global_step if resume_from_checkpoint else None) \
-            if self.is_main_process else None
+        if self.is_main_process:
+            resume_step = self.state.global_step if resume_from_checkpoint else None
+            self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", resume_from_step=resume_step)
         error: BaseException | None = None
         previous_handlers = self._install_signal_handlers()
         try:
@@ -669,8 +671,6 @@ class SFTTrainer:
 
     def _render_report(self) -> None:
         """`report.html` and `loss.png` from `metrics.jsonl`; a missing plotting library only warns."""
-        from app.sft.report import render_report
-
         try:
             render_report(self.output_dir)
         except ImportError as exc:
