@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.handler(args)
         except USAGE_ERRORS as error:
+            if args.debug:
+                traceback.print_exc()
             print(f"sft {args.command}: error: {_message(error)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -217,8 +219,8 @@ def _validate(args: argparse.Namespace) -> int:
     micro_batches = len(epoch_batches(train.lengths, batch_size=config.batch_size, epoch=0, seed=config.seed,
                                       token_budget=budget))
     per_epoch = math.ceil(micro_batches / config.gradient_accumulation_steps)
-    total = config.max_steps or per_epoch * config.num_epochs
-    print(f"Steps: {per_epoch} optimizer steps per epoch on one process; the run takes {total}")
+    total = f"{config.max_steps} (max_steps)" if config.max_steps else f"{per_epoch * config.num_epochs}"
+    print(f"Optimizer steps: {per_epoch} per epoch on one process; this run: {total}")
     return 0
 
 

@@ -69,7 +69,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> t
     return config, directory / "run"
 
 
-def test_train_writes_the_run_and_prints_where_it_is(trained, capsys):
+def test_train_writes_adapter_config_metrics_and_report(trained):
     config, run = trained
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl", "report.html"):
         assert (run / name).is_file(), name
@@ -127,7 +127,7 @@ def test_validate_counts_examples_without_loading_weights(tmp_path, tiny_model_d
     assert "train: 3 examples" in out.out and "1 dropped, 2 truncated" in out.out
     assert "validation: none" in out.out
     assert "max 48 tokens" in out.out and "|" in out.out  # the histogram
-    assert "Steps: 1 optimizer steps per epoch" in out.out
+    assert "Optimizer steps: 1 per epoch on one process; this run: 12 (max_steps)" in out.out
     assert "dropped 1 of 4 examples" in out.err  # the data warning, as one log line
 
     assert main(["train", str(config)]) == 1
@@ -147,7 +147,7 @@ def test_preview_marks_the_trained_tokens(tmp_path, tiny_model_dir, capsys, monk
     assert f"\033[1;32m {ANSWER} {EOS_TOKEN}\033[0m" in capsys.readouterr().out
 
 
-def test_eval_matches_the_validation_loss_of_training(trained, tiny_model_dir, capsys):
+def test_eval_matches_the_validation_loss_of_training(trained, capsys):
     config, run = trained
     assert main(["eval", str(run / "checkpoints" / "checkpoint_step_4")]) == 0
     assert f"val_loss {metrics(run, 'eval')[0]['val_loss']:.4f}" in capsys.readouterr().out
