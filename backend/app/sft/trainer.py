@@ -450,6 +450,8 @@ class SFTTrainer:
                    "epoch": state.epoch}
         self.callback_handler.fire("on_epoch_end", self, epoch=state.epoch, metrics=metrics)
         self._track_best(metrics)
+        if "val_loss" in metrics:  # the final checkpoint records an epoch-end validation as its metric
+            self._last_metrics = {**self._last_metrics, "val_loss": metrics["val_loss"]}
         if self.metrics_log is not None:
             self.metrics_log.write("epoch", state.global_step, metrics, epoch=state.epoch + 1)
         state.epoch_loss_sum = 0.0

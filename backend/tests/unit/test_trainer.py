@@ -317,3 +317,13 @@ def test_missing_training_data_is_a_clear_error(tmp_path, tiny_model_dir):
     config = make_config(tmp_path, tiny_model_dir)
     with pytest.raises(ValueError, match="dataset_name"):
         SFTTrainer(config, model=tiny_llama(), tokenizer=build_tiny_tokenizer())
+
+
+def test_final_checkpoint_is_the_best_when_only_the_epoch_end_validates(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, max_steps=None, num_epochs=1, eval_steps=1000)
+    trainer = SFTTrainer(config, model=tiny_llama(), tokenizer=build_tiny_tokenizer(),
+                         train_dataset=instruction_rows(16), eval_dataset=instruction_rows(8, seed=4))
+    result = trainer.train()
+    last = Path(config.resolved_checkpoint_dir) / "checkpoint_step_4"
+    assert result["best_checkpoint"] == str(last)
+    assert (last.parent / "best").read_text().strip() == last.name
