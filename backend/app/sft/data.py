@@ -840,9 +840,11 @@ class PaddedCollator:
             "labels": torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long),
         }
         for row, (row_ids, row_labels) in enumerate(zip(ids, labels, strict=True)):
+            mask = examples[row].get("attention_mask")  # a tokenized example may bring its own (0 = padding)
             batch["input_ids"][row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-            batch["attention_mask"][row, : len(row_ids)] = 1
+            batch["attention_mask"][row, : len(row_ids)] = 1 if mask is None else torch.tensor(_ids(mask))
             batch["labels"][row, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
+        batch["labels"][batch["attention_mask"] == 0] = IGNORE_INDEX  # padding is never a label
         return batch
 
 

@@ -582,3 +582,9 @@ def test_packed_and_padded_batches_train_the_same_predictions() -> None:
     padded = trained_pairs_padded(PaddedCollator(pad_token_id=TOKENIZER.pad_token_id)(examples))
     assert sum(padded.values()) > 10
     assert trained_pairs_packed(PackedCollator()(examples)) == padded
+
+
+def test_padded_collator_keeps_an_examples_own_attention_mask():
+    batch = PaddedCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 0]}, {"input_ids": [8]}])
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, -100], [8, -100, -100]]  # masked positions are never labels

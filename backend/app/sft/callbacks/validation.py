@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from app.sft.callbacks.base import SFTCallback
+from app.sft.data import PaddedCollator
 from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class ValidationCallback(SFTCallback):
                 self._loader = make_eval_dataloader(self.val_dataset)
             else:
                 pad_id = getattr(getattr(trainer, "tokenizer", None), "pad_token_id", None)
-                collate = functools.partial(_pad_collate, pad_token_id=pad_id if pad_id is not None else 0)
+                collate = functools.partial(_pad_collate, collate=PaddedCollator(pad_id if pad_id is not None else 0))
                 batch_size = getattr(trainer, "eval_batch_size", 8)
                 self._loader = DataLoader(self.val_dataset, batch_size=batch_size, collate_fn=collate)
         return self._loader
@@ -151,25 +152,12 @@ def _on_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str
     return moved
 
 
-def _pad_collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad tokenized examples into a batch (labels default to `input_ids`, padding is never a label)."""
+def _pad_collate(examples: Sequence[Mapping[str, Any]], collate: PaddedCollator) -> dict[str, torch.Tensor]:
+    """Right-pad tokenized examples (labels default to `input_ids`); raw rows get a message saying what to do."""
     for example in examples:
         if "input_ids" not in example:
             raise ValueError(
                 f"validation example has no 'input_ids' (its keys: {sorted(example)}); pass tokenized "
                 "examples, or use a trainer with make_eval_dataloader, which tokenizes raw rows"
             )
-    rows = [torch.as_tensor(example["input_ids"], dtype=torch.long) for example in examples]
-    width = max(len(row) for row in rows)
-    batch = {
-        "input_ids": torch.full((len(rows), width), pad_token_id, dtype=torch.long),
-        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-    }
-    for i, (example, row) in enumerate(zip(examples, rows, strict=True)):
-        labels, mask = example.get("labels"), example.get("attention_mask")
-        batch["input_ids"][i, : len(row)] = row
-        batch["labels"][i, : len(row)] = row if labels is None else torch.as_tensor(labels)
-        batch["attention_mask"][i, : len(row)] = 1 if mask is None else torch.as_tensor(mask)
-    batch["labels"][batch["attention_mask"] == 0] = IGNORE_INDEX
-    return batch
+    return collate(examples)
