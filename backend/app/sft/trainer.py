@@ -591,15 +591,13 @@ class SFTTrainer:
         """Refuse a resume whose config changes the model or the step; note the harmless changes."""
         if saved is None:
             return
-        current = json.loads(json.dumps(self.config.to_dict()))
-        changed = {k: (saved.get(k), current.get(k)) for k in current if saved.get(k) != current.get(k)}
+        saved_config = SFTConfig.from_dict(saved, source=str(path / checkpointing.CONFIG_FILE))
+        changed = saved_config.diff(self.config)
         locked = {k: v for k, v in changed.items() if k in RESUME_LOCKED_FIELDS}
-        effective = ("batch_size", "gradient_accumulation_steps")
-        if any(k in changed for k in effective):
-            before = saved.get("batch_size", 0) * saved.get("gradient_accumulation_steps", 0)
-            after = self.config.batch_size * self.config.gradient_accumulation_steps
-            if before != after:
-                locked["batch_size x gradient_accumulation_steps"] = (before, after)
+        before = saved_config.batch_size * saved_config.gradient_accumulation_steps
+        after = self.config.batch_size * self.config.gradient_accumulation_steps
+        if before != after:
+            locked["batch_size x gradient_accumulation_steps"] = (before, after)
         if locked:
             lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in locked.items())
             raise checkpointing.CheckpointError(
