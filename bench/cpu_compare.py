@@ -64,6 +64,7 @@ def run_trl(
     clock: StepClock,
     *,
     max_steps: int,
+    bf16: bool,
     **settings: Any,
 ) -> None:
     """TRL's `SFTTrainer` on the pre-tokenised rows (it keeps a given `labels` column as is); `settings`
@@ -73,7 +74,7 @@ def run_trl(
 
     with tempfile.TemporaryDirectory() as output_dir:
         args = SFTConfig(
-            **hf_arguments(output_dir, BATCH_SIZE, max_steps, bf16=False),
+            **hf_arguments(output_dir, BATCH_SIZE, max_steps, bf16=bf16),
             **{"max_length": MAX_LEN, **settings},
         )
         trainer = SFTTrainer(
@@ -95,8 +96,9 @@ def train(
     clock: StepClock,
     max_steps: int,
     lora: bool,
+    bf16: bool,
 ) -> None:
-    """Train contender `name` for `max_steps` optimizer steps, feeding `clock`."""
+    """Train contender `name` for `max_steps` optimizer steps, feeding `clock`; `bf16`: bf16 autocast."""
     if name.startswith("hf_"):
         run_hf(
             model,
@@ -105,10 +107,10 @@ def train(
             padding_free=name == "hf_padfree",
             batch_size=BATCH_SIZE,
             max_steps=max_steps,
-            bf16=False,
+            bf16=bf16,
         )
     elif name.startswith("trl_"):
-        run_trl(model, tokenizer, rows, clock, max_steps=max_steps, **TRL_SETTINGS[name])
+        run_trl(model, tokenizer, rows, clock, max_steps=max_steps, bf16=bf16, **TRL_SETTINGS[name])
     else:
         run_ours(
             model,
@@ -120,10 +122,11 @@ def train(
             max_seq_length=MAX_LEN,
             max_steps=max_steps,
             lora=lora,
+            mixed_precision="bf16" if bf16 else None,
         )
 
 
-def child(name: str, work: Path, warmup: int, steps: int, lora: bool) -> None:
+def child(name: str, work: Path, warmup: int, steps: int, lora: bool, bf16: bool) -> None:
     """Train one contender on the cached work and print its result line."""
     rows = load_work(work)
     tokenizer = load_tokenizer()
@@ -133,7 +136,7 @@ def child(name: str, work: Path, warmup: int, steps: int, lora: bool) -> None:
     if lora and not name.startswith("ours"):
         model = with_lora(model)
     clock = StepClock()
-    train(name, model, tokenizer, rows, clock, warmup + steps, lora)
+    train(name, model, tokenizer, rows, clock, warmup + steps, lora, bf16)
     emit_result(
         {
             "run": name,
@@ -209,6 +212,11 @@ def main() -> None:
     parser.add_argument(
         "--lora", action="store_true", help="LoRA (r16, all linear layers) instead of full FT"
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 mixed precision (autocast) for every contender instead of fp32; needs a CPU with native bf16",
+    )
     parser.add_argument("--only", nargs="+", choices=CONTENDERS, help="run these contenders only")
     parser.add_argument(
         "--work",
@@ -223,7 +231,7 @@ def main() -> None:
     if args.warmup < 1:
         parser.error("--warmup must be at least 1")
     if args.run:
-        child(args.run, args.work, args.warmup, args.steps, args.lora)
+        child(args.run, args.work, args.warmup, args.steps, args.lora, args.bf16)
         return
 
     if not args.work.exists():
@@ -235,13 +243,14 @@ def main() -> None:
         f"torch {torch.__version__} ({torch.get_num_threads()} threads, {os.cpu_count()} cores), "
         f"transformers {transformers.__version__}, trl {trl.__version__}; {args.reps} reps x "
         f"({args.warmup} warm-up + {args.steps} timed steps), batch {BATCH_SIZE}, "
-        f"{'LoRA' if args.lora else 'full fine-tuning'}, fp32",
+        f"{'LoRA' if args.lora else 'full fine-tuning'}, {'bf16 autocast' if args.bf16 else 'fp32'}",
         flush=True,
     )
     names = args.only or CONTENDERS
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     child_args = ["--work", str(args.work), "--warmup", str(args.warmup), "--steps", str(args.steps)]
     child_args += ["--lora"] if args.lora else []
+    child_args += ["--bf16"] if args.bf16 else []
     for rep in range(args.reps):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:  # alternate the order across repetitions

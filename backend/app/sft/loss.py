@@ -1,11 +1,16 @@
-"""Token-summed causal-LM loss, computed only where there are labels.
+"""Token-summed causal-LM loss, computed only where there are labels, without full-vocabulary logits.
 
 In supervised fine-tuning most prompt tokens carry no label (-100), yet a stock forward pass multiplies every
-position's hidden state by the full output matrix (vocabulary x hidden: 49k-128k rows). `causal_lm_loss_sum`
-asks the model's own output layer for the labelled positions only, by selecting them in a forward pre-hook on
-that layer, so the model code (norms, soft-capping, distributed wrappers) is untouched while the logits of
-unlabelled positions are never computed. The cross-entropy is then taken in float32, a chunk of positions at a
-time, so the upcast never holds every position's full-vocabulary logits at once.
+position's hidden state by the full output matrix (vocabulary x hidden: 49k-128k rows), upcasts all those logits
+to float32, and keeps them, their log-softmax and its gradient alive until the backward pass. Here:
+
+- the output layer sees the labelled positions only (the model code around it is untouched);
+- when that layer is a plain `nn.Linear` whose output the model returns as is (Llama, Qwen, Mistral, SmolLM...),
+  it is replaced for this one forward pass by `linear_cross_entropy_sum`: logits, float32 cross-entropy and
+  its gradients, a chunk of positions at a time, so the logits of a chunk are freed before the next one is
+  computed and the backward pass only scales gradients already computed;
+- otherwise (a LoRA-adapted or quantised head, a model that rescales or soft-caps its logits) the layer runs
+  as usual on the labelled positions and the cross-entropy is taken in float32 chunks.
 
 Returning the *sum* and the token count (not a mean) lets callers weight micro-batches and processes exactly:
 the loss of a step is sum(loss_sum) / sum(n_tokens) over everything that step saw.
@@ -13,7 +18,8 @@ the loss of a step is sum(loss_sum) / sum(n_tokens) over everything that step sa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +27,9 @@ from torch import nn
 
 IGNORE_INDEX = -100
 LOSS_CHUNK_TOKENS = 2048  # positions whose float32 logits are held at once
+
+# Output layers whose model returns the layer's output untouched (True), or does something to it (False).
+_HEAD_OUTPUT_RETURNED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -38,35 +47,178 @@ def causal_lm_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> t
     Works with Hugging Face causal LMs (also PEFT-wrapped or inside DDP/FSDP wrappers) and with any module whose
     forward takes `input_ids`/`attention_mask` and returns logits (a tensor or an object with `.logits`).
     """
-    labels = batch["labels"]
-    targets = labels[..., 1:]
+    targets = batch["labels"][..., 1:]
     keep = targets != IGNORE_INDEX
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    kept_targets = targets[keep]
 
     head = _output_layer(model)
     if head is None:
         output = model(**inputs)
         logits = output if isinstance(output, torch.Tensor) else output.logits
-        selected = logits[..., :-1, :][keep]
-    else:
-        def keep_labelled_positions(_module: nn.Module, args: tuple) -> tuple:
-            hidden = args[0]
-            return (hidden[:, :-1][keep].unsqueeze(0),) + tuple(args[1:])
+        return _chunked_cross_entropy_sum(logits[..., :-1, :][keep], kept_targets), keep.sum()
+    if _is_plain_linear(head) and _HEAD_OUTPUT_RETURNED.get(head, True):
+        loss_sum = _fused_head_loss_sum(model, head, inputs, keep, kept_targets)
+        if loss_sum is not None:
+            return loss_sum, keep.sum()
 
-        handle = head.register_forward_pre_hook(keep_labelled_positions)
-        try:
-            output = model(**inputs, use_cache=False)
-        finally:
-            handle.remove()
-        selected = output.logits.flatten(0, 1)  # a view: its backward allocates nothing
+    def keep_labelled_positions(_module: nn.Module, args: tuple) -> tuple:
+        return (args[0][:, :-1][keep].unsqueeze(0),) + tuple(args[1:])
 
-    # `split` (not slicing) so the backward pass joins the chunks' gradients once instead of zero-filling a
-    # full-size gradient per chunk.
-    loss_sum = selected.new_zeros((), dtype=torch.float32)
-    for logits, chunk_targets in zip(selected.split(LOSS_CHUNK_TOKENS), targets[keep].split(LOSS_CHUNK_TOKENS),
-                                     strict=True):
-        loss_sum = loss_sum + F.cross_entropy(logits.float(), chunk_targets, reduction="sum")
-    return loss_sum, keep.sum()
+    handle = head.register_forward_pre_hook(keep_labelled_positions)
+    try:
+        output = model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return _chunked_cross_entropy_sum(output.logits.flatten(0, 1), kept_targets), keep.sum()
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    """sum_i cross_entropy(hidden[i] @ weight.T + bias, targets[i]), never holding every row's logits at once.
+
+    `hidden` is [N, H], `weight` [V, H], `targets` [N] (no ignored entries). The matrix products run in the
+    autocast dtype when autocast is on (as `F.linear` would), the softmax in float32. When gradients are needed
+    they are computed chunk by chunk in this forward pass, so the backward pass only scales them.
+    """
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if needs_grad:
+        return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _linear_cross_entropy_chunks(hidden, weight, bias, targets, dtype, with_grads=False)[0]
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """Autograd wrapper of `_linear_cross_entropy_chunks`: gradients computed forward, scaled backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, dtype):  # noqa: ANN001, ANN205 (autograd signature)
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, grads = _linear_cross_entropy_chunks(hidden, weight, bias, targets, dtype, with_grads=True)
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.wanted = ctx.needs_input_grad[:3]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
+        grads = [
+            (grad * grad_loss).to(dtype) if wanted and grad is not None else None
+            for grad, dtype, wanted in zip(ctx.saved_tensors, ctx.dtypes, ctx.wanted, strict=True)
+        ]
+        return *grads, None, None
+
+
+def _linear_cross_entropy_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    with_grads: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """The loss sum and, if `with_grads`, its gradients for hidden, weight and bias (float32 for the last two,
+    so the chunks accumulate without rounding). Each chunk's logits are upcast, turned into the softmax in
+    place, and freed before the next chunk."""
+    x, w = hidden.to(dtype), weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    grad_hidden = torch.empty_like(x) if with_grads else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+    grad_bias = None if bias is None or not with_grads else torch.zeros(bias.shape, dtype=torch.float32,
+                                                                          device=bias.device)
+    for start in range(0, x.shape[0], LOSS_CHUNK_TOKENS):
+        rows, chunk_targets = x[start : start + LOSS_CHUNK_TOKENS], targets[start : start + LOSS_CHUNK_TOKENS]
+        logits = F.linear(rows, w, b).float()
+        target_logits = logits.gather(1, chunk_targets[:, None])
+        row_max = logits.amax(dim=1, keepdim=True)
+        probs = logits.sub_(row_max).exp_()  # in place: `logits` is not used again
+        row_sum = probs.sum(dim=1, keepdim=True)
+        loss += (row_max + row_sum.log() - target_logits).sum()
+        if not with_grads:
+            continue
+        probs.div_(row_sum)
+        probs[torch.arange(len(chunk_targets), device=probs.device), chunk_targets] -= 1  # d loss / d logits
+        grad_logits = probs.to(dtype)
+        torch.mm(grad_logits, w, out=grad_hidden[start : start + LOSS_CHUNK_TOKENS])
+        grad_weight += grad_logits.T @ rows
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(dim=0)
+    return loss, (grad_hidden, grad_weight, grad_bias)
+
+
+def _fused_head_loss_sum(
+    model: nn.Module,
+    head: nn.Linear,
+    inputs: dict[str, torch.Tensor],
+    keep: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor | None:
+    """Run `model` with its output layer replaced by `linear_cross_entropy_sum` on the labelled positions, and
+    return the loss sum; None (with the random state put back, as if nothing had run) when the model does not
+    return the layer's output as is, which is then remembered so that the layer runs as usual from then on."""
+    first_call = head not in _HEAD_OUTPUT_RETURNED
+    restore_rng = _rng_restorer(keep.device) if first_call else None
+    returned: list[tuple[torch.Tensor, int]] = []
+
+    def labelled_loss(hidden: torch.Tensor) -> torch.Tensor:
+        loss = linear_cross_entropy_sum(hidden[:, :-1][keep], head.weight, head.bias, targets)
+        returned.append((loss, loss._version))
+        return loss
+
+    head.forward = labelled_loss  # this instance only, for this one call
+    try:
+        output = model(**inputs, use_cache=False)
+    finally:
+        del head.forward
+    logits = getattr(output, "logits", None)
+    untouched = len(returned) == 1 and logits is returned[0][0] and logits._version == returned[0][1]
+    _HEAD_OUTPUT_RETURNED[head] = untouched
+    if untouched:
+        return logits
+    if restore_rng is not None:
+        restore_rng()
+    return None
+
+
+def _chunked_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Float32 cross-entropy summed over rows of `logits` [N, V], a chunk of rows at a time. `split` (not
+    slicing) so the backward pass joins the chunks' gradients once instead of zero-filling one per chunk."""
+    loss_sum = logits.new_zeros((), dtype=torch.float32)
+    for chunk, chunk_targets in zip(
+        logits.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS), strict=True
+    ):
+        loss_sum = loss_sum + F.cross_entropy(chunk.float(), chunk_targets, reduction="sum")
+    return loss_sum
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` (or a wrapper class, such as FSDP2's, that keeps its forward) with a floating weight."""
+    return (
+        isinstance(module, nn.Linear)
+        and type(module).forward is nn.Linear.forward
+        and module.weight.is_floating_point()
+    )
+
+
+def _rng_restorer(device: torch.device) -> Callable[[], None]:
+    """A function that puts back the CPU and `device`'s random state as they are now (dropout draws from them)."""
+    cpu_state = torch.get_rng_state()
+    device_module = None if device.type == "cpu" else torch.get_device_module(device.type)
+    device_state = None if device_module is None else device_module.get_rng_state(device)
+
+    def restore() -> None:
+        torch.set_rng_state(cpu_state)
+        if device_module is not None:
+            device_module.set_rng_state(device_state, device)
+
+    return restore
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:

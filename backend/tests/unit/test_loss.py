@@ -7,7 +7,7 @@ from helpers import tiny_llama
 from peft import LoraConfig, get_peft_model
 
 from app.sft import loss as loss_module
-from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, count_label_tokens
+from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, count_label_tokens, linear_cross_entropy_sum
 
 
 def _examples(seed: int = 0, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -95,14 +95,75 @@ def test_lora_model_loss_matches_its_own_forward(monkeypatch):
     torch.testing.assert_close(loss_sum / n_tokens, model(**batch).loss, rtol=1e-5, atol=1e-6)
 
 
-def test_only_labelled_positions_reach_the_output_layer():
+def test_only_labelled_positions_reach_the_fused_output_layer(monkeypatch):
     model = tiny_llama()
     batch = _padded(_examples(seed=4))
-    seen = []
-    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    rows = []
+
+    def spy(hidden, weight, bias, targets):
+        rows.append((hidden.shape[0], len(targets)))
+        return linear_cross_entropy_sum(hidden, weight, bias, targets)
+
+    monkeypatch.setattr(loss_module, "linear_cross_entropy_sum", spy)
     causal_lm_loss_sum(model, batch)
-    handle.remove()
-    assert seen == [torch.Size([1, count_label_tokens(batch["labels"]), model.config.vocab_size])]
+    assert rows == [(count_label_tokens(batch["labels"]),) * 2]
+
+
+def test_fused_loss_in_chunks_matches_transformers_with_a_biased_head_and_under_no_grad(monkeypatch):
+    model = tiny_llama(seed=2)
+    model.lm_head = torch.nn.Linear(32, model.config.vocab_size, bias=True)
+    batch = _padded(_examples(seed=7))
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_TOKENS", 5)  # several chunks of positions
+    loss_sum, n_tokens = causal_lm_loss_sum(model, batch)
+    (loss_sum / n_tokens).backward()
+    ours = _grads(model)
+    model.zero_grad()
+    reference = model(**batch).loss
+    reference.backward()
+    torch.testing.assert_close(loss_sum / n_tokens, reference, rtol=1e-5, atol=1e-6)
+    assert "lm_head.bias" in ours
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        no_grad_sum, _ = causal_lm_loss_sum(model, batch)
+    assert not no_grad_sum.requires_grad
+    torch.testing.assert_close(no_grad_sum, loss_sum.detach())
+
+
+def test_fused_loss_under_bf16_autocast_tracks_the_float32_loss():
+    model = tiny_llama(seed=3, tie_word_embeddings=True)
+    batch = _padded(_examples(seed=8))
+    reference = model(**batch).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_sum, n_tokens = causal_lm_loss_sum(model, batch)
+    (loss_sum / n_tokens).backward()
+    assert loss_sum.dtype == torch.float32
+    torch.testing.assert_close(loss_sum / n_tokens, reference.detach(), rtol=1e-2, atol=0)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_model_that_soft_caps_its_logits_falls_back_without_disturbing_dropout():
+    """Gemma-2 rescales the output layer's logits: the fused loss would be wrong there, so the output layer runs
+    as usual, and the attempt leaves the random state (dropout) as if only one forward pass had run."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=151, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0, attention_dropout=0.3,
+    )
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).train()
+    batch = _padded(_examples(seed=9))
+    seen = []
+    model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    for _ in range(2):  # the first call finds out, the second remembers
+        torch.manual_seed(1)
+        loss_sum, n_tokens = causal_lm_loss_sum(model, batch)
+        torch.manual_seed(1)
+        torch.testing.assert_close(loss_sum / n_tokens, model(**batch).loss, rtol=1e-5, atol=1e-6)
+    labelled = torch.Size([1, count_label_tokens(batch["labels"]), 151])
+    full = torch.Size([*batch["labels"].shape, 151])
+    assert seen == [torch.Size([]), labelled, full, labelled, full]  # the fused layer is tried once only
 
 
 def test_plain_module_returning_logits_is_supported():
