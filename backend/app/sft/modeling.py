@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -24,6 +25,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
+
+from app.sft.config import ConfigError
 
 if TYPE_CHECKING:
     from app.sft.config import SFTConfig
@@ -85,7 +88,7 @@ def resolve_model_source(base_model: str) -> ModelSource:
     path = Path(base_model).expanduser()
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
-            raise ValueError(
+            raise ConfigError(
                 f"base_model directory {path} holds a LoRA adapter, not a full model; merge it first "
                 "(merge_lora / `sft merge`) or use its base model."
             )
@@ -101,7 +104,7 @@ def resolve_model_source(base_model: str) -> ModelSource:
         path = path.resolve()
         return ModelSource(str(path.parent), path.name, "gguf")
     if path.exists():
-        raise ValueError(
+        raise ConfigError(
             f"base_model {path} is a file but not a .gguf file; expected a Hugging Face model "
             "directory, a .gguf file or a Hub id."
         )
@@ -278,8 +281,8 @@ def default_lora_target_modules(model: nn.Module) -> list[str]:
         if isinstance(module, (nn.Linear, Conv1D)) and module is not head
     }
     if not names:
-        raise ValueError(
-            f"{type(model).__name__} has no linear layers to put LoRA on; set lora_target_modules."
+        raise ConfigError(
+            f"lora_target_modules: {type(model).__name__} has no linear layers to put LoRA on; set lora_target_modules."
         )
     return sorted(names)
 
@@ -319,7 +322,9 @@ def apply_lora(model: PreTrainedModel, config: SFTConfig) -> PeftModel | PreTrai
             lora_dropout=config.lora_dropout,
             target_modules=list(targets),
         )
-        model = get_peft_model(model, lora_config)
+        with warnings.catch_warnings():  # peft calls a transformers property deprecated in 5.x; not the user's to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lora_config)
     else:
         model.requires_grad_(True)
 
@@ -377,7 +382,7 @@ def merge_lora(
     if base_model is None:
         base_model = json.loads(adapter_config_file.read_text()).get("base_model_name_or_path")
         if not base_model:
-            raise ValueError(
+            raise ConfigError(
                 f"{adapter_config_file} does not name its base model; pass base_model explicitly."
             )
 

@@ -229,12 +229,16 @@ def test_report_is_rendered_again(trained, capsys):
         (["generate", "{empty}", "--prompt", "hi"], "not a config file, a run directory"),
         (["report", "{empty}"], "No metrics log"),
         (["merge", "{config}"], "not a LoRA adapter directory"),
+        (["train", "{config}", "--set", "base_model={adapter}"], "holds a LoRA adapter, not a full model"),
+        (["eval", "{config}", "--set", "base_model={config}"], "is a file but not a .gguf file"),
     ],
 )
 def test_bad_input_is_one_message_and_exit_code_2(argv, expected, tmp_path, tiny_model_dir, capsys):
     config = write_config(tmp_path, tiny_model_dir)
     (tmp_path / "empty").mkdir()
-    argv = [arg.format(config=config, empty=tmp_path / "empty") for arg in argv]
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    argv = [arg.format(config=config, empty=tmp_path / "empty", adapter=tmp_path / "adapter") for arg in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err

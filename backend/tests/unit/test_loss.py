@@ -85,14 +85,31 @@ def test_packed_row_gives_the_same_loss_and_gradients_as_the_padded_batch():
         torch.testing.assert_close(grad, padded_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_lora_model_loss_matches_its_own_forward(monkeypatch):
+def test_lora_model_loss_and_gradients_match_its_own_forward_and_skip_the_frozen_head(monkeypatch):
     model = get_peft_model(
-        tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
     )
     batch = _padded(_examples(seed=3))
     monkeypatch.setattr(loss_module, "LOSS_CHUNK_TOKENS", 5)  # several chunks of positions
+    computed = []
+    chunks = loss_module._linear_cross_entropy_chunks
+
+    def spy(*args):
+        computed.append(args[-1])
+        return chunks(*args)
+
+    monkeypatch.setattr(loss_module, "_linear_cross_entropy_chunks", spy)
     loss_sum, n_tokens = causal_lm_loss_sum(model, batch)
-    torch.testing.assert_close(loss_sum / n_tokens, model(**batch).loss, rtol=1e-5, atol=1e-6)
+    (loss_sum / n_tokens).backward()
+    ours = _grads(model)
+    model.zero_grad()
+    reference = model(**batch).loss
+    reference.backward()
+    torch.testing.assert_close(loss_sum / n_tokens, reference, rtol=1e-5, atol=1e-6)
+    assert ours.keys() == _grads(model).keys() and all("lora_" in name for name in ours)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert computed == [(True, False, False)]  # the frozen output layer's weight gradient is never computed
 
 
 def test_only_labelled_positions_reach_the_fused_output_layer(monkeypatch):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import gguf
@@ -12,7 +13,7 @@ from peft import PeftModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from app.sft.config import SFTConfig
+from app.sft.config import ConfigError, SFTConfig
 from app.sft.modeling import (
     apply_lora,
     default_lora_target_modules,
@@ -151,7 +152,7 @@ def test_dir_without_config_json_names_the_dir_and_the_missing_file(tmp_path):
 
 def test_adapter_dir_as_base_model_says_it_is_an_adapter(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="LoRA adapter"):
+    with pytest.raises(ConfigError, match="LoRA adapter"):
         resolve_model_source(str(tmp_path))
 
 
@@ -169,7 +170,7 @@ def test_missing_gguf_file_is_reported(tmp_path):
 def test_file_that_is_not_gguf_is_rejected(tmp_path):
     path = tmp_path / "model.bin"
     path.write_bytes(b"x")
-    with pytest.raises(ValueError, match=r"model\.bin is a file but not a \.gguf"):
+    with pytest.raises(ConfigError, match=r"model\.bin is a file but not a \.gguf"):
         resolve_model_source(str(path))
 
 
@@ -250,8 +251,10 @@ def test_default_lora_targets_are_the_projections_not_the_head(model_dir):
     assert not hasattr(model.get_output_embeddings(), "lora_A")
 
 
-def test_only_lora_parameters_train(model_dir):
-    model = lora_model(model_dir)
+def test_only_lora_parameters_train_and_wrapping_warns_of_nothing(model_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. peft's use of a property transformers 5 deprecates
+        model = lora_model(model_dir)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     # 2 layers x 7 projections x (A, B)
