@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from app.sft import checkpointing
 from app.sft.config import SFTConfig
 from app.sft.data import PaddedCollator, TokenizedDataset, resolve_template
-from app.sft.loss import causal_lm_loss_sum
+from app.sft.loss import evaluation_totals
 from app.sft.modeling import load_model, load_tokenizer
 from app.sft.templates import Message
 
@@ -73,21 +73,12 @@ def evaluate_loss(
     """The mean cross-entropy per trained token over `data` (as the trainer's validation computes it), and
     the number of trained tokens. One process; the model's train/eval mode is left as it was."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_sum, tokens = 0.0, 0
-    try:
-        with torch.no_grad():
-            for batch in DataLoader(data, batch_size=batch_size, collate_fn=PaddedCollator(pad_token_id)):
-                batch = {key: value.to(device) for key, value in batch.items()}
-                batch_loss, batch_tokens = causal_lm_loss_sum(model, batch)
-                loss_sum += float(batch_loss)
-                tokens += int(batch_tokens)
-    finally:
-        model.train(was_training)
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=PaddedCollator(pad_token_id))
+    batches = ({key: value.to(device) for key, value in batch.items()} for batch in loader)
+    loss_sum, tokens = evaluation_totals(model, batches).tolist()
     if tokens == 0:
         raise ValueError("the evaluation data has no trained tokens")
-    return loss_sum / tokens, tokens
+    return loss_sum / tokens, int(tokens)
 
 
 class Generator:

@@ -18,8 +18,9 @@ the loss of a step is sum(loss_sum) / sum(n_tokens) over everything that step sa
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,31 @@ def causal_lm_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> t
     finally:
         handle.remove()
     return _chunked_cross_entropy_sum(output.logits.flatten(0, 1), kept_targets), keep.sum()
+
+
+def evaluation_totals(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """(summed loss, labelled tokens) over `batches` (already on the model's device), as a float32 tensor of 2,
+    computed in eval mode without gradients; every module's train/eval mode is put back afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    totals = None
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                with autocast():
+                    loss_sum, n_tokens = causal_lm_loss_sum(model, batch)
+                step = torch.stack([loss_sum.float(), n_tokens.float()])
+                totals = step if totals is None else totals + step
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    if totals is None:
+        totals = torch.zeros(2, device=next(model.parameters()).device)
+    return totals
 
 
 def linear_cross_entropy_sum(

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from app.sft.callbacks.base import SFTCallback
 from app.sft.data import PaddedCollator
-from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum
+from app.sft.loss import IGNORE_INDEX, evaluation_totals
 
 logger = logging.getLogger(__name__)
 
@@ -113,19 +113,8 @@ class ValidationCallback(SFTCallback):
         model, device = trainer.model, trainer.device
         all_reduce_sum = getattr(trainer, "all_reduce_sum", None) or (lambda tensor: tensor)
         autocast = getattr(trainer, "autocast", None) or contextlib.nullcontext
-        modes = {module: module.training for module in model.modules()}
-        model.eval()
-        try:
-            totals = torch.zeros(2, device=device)  # (loss sum, labelled tokens), float32 for every backend
-            with torch.no_grad():
-                for batch in loader:
-                    with autocast():
-                        loss_sum, n_tokens = causal_lm_loss_sum(model, _on_device(batch, device))
-                    totals += torch.stack([loss_sum.float(), n_tokens.float()])
-                totals = all_reduce_sum(totals)
-        finally:
-            for module, training in modes.items():
-                module.train(training)
+        totals = evaluation_totals(model, (_on_device(batch, device) for batch in loader), autocast)
+        totals = all_reduce_sum(totals.to(device))
         loss_sum, n_tokens = totals.tolist()
         if n_tokens == 0:
             raise ValueError("the validation data has no labelled tokens (every label is -100 or padding)")
