@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+_RETIRED_FIELDS = ("best_checkpoint", "best_checkpoint_metric")
+"""Written by earlier versions (the best checkpoint is now CheckpointCallback's record); ignored on resume."""
+
 
 @dataclass
 class TrainerState:
@@ -26,8 +29,6 @@ class TrainerState:
     max_steps: int = 0
     best_metric: float | None = None
     best_step: int | None = None
-    best_checkpoint: str | None = None
-    best_checkpoint_metric: float | None = None
     stop_reason: str | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -36,6 +37,7 @@ class TrainerState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainerState:
+        data = {key: value for key, value in data.items() if key not in _RETIRED_FIELDS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -524,17 +524,18 @@ class SFTTrainer:
         if "tensorboard" in cfg.report_to and missing(TensorBoardCallback):
             self.add_callback(TensorBoardCallback(log_dir=str(self.output_dir / "tensorboard")))
 
-    def save_checkpoint(self, path: str | Path, metrics: Mapping[str, float] | None = None) -> str:
+    def save_checkpoint(self, path: str | Path) -> str:
         """Write the full training state into the checkpoint directory `path`, atomically; returns the path.
 
         Every process must call it (stop requests are agreed on, random states and sharded weights gathered);
-        the main process writes.
+        the main process writes, and points `latest` (and `best`, when the CheckpointCallback that asked for
+        this save recorded it as its best) at it.
         """
         path = Path(path)
         self._agree_on_stop()  # a stop asked for on another process this step is part of the saved state
-        val = (metrics or {}).get("val_loss")  # reduced over all processes: every one takes the same decision
-        is_best = val is not None and (self.state.best_checkpoint_metric is None
-                                       or val < self.state.best_checkpoint_metric)
+        # The CheckpointCallback that asked for this save has recorded it already (on every process alike).
+        is_best = any(saver.best_checkpoint is not None and Path(saver.best_checkpoint) == path
+                      for saver in self._checkpoint_savers())
         rng_states = gather_object([checkpointing.capture_rng_state()])
         full_state = self.accelerator.get_state_dict(self.model) if self._is_sharded() else None
         optimizer_state = checkpointing.full_optimizer_state(self.model, self.optimizer.optimizer)
@@ -558,9 +559,6 @@ class SFTTrainer:
             checkpointing.write_pointer(path.parent, checkpointing.LATEST_POINTER, path)
             if is_best:
                 checkpointing.write_pointer(path.parent, checkpointing.BEST_POINTER, path)
-        if is_best:
-            self.state.best_checkpoint_metric = float(val)
-            self.state.best_checkpoint = str(path)
         self.accelerator.wait_for_everyone()
         return str(path)
 
@@ -625,7 +623,7 @@ class SFTTrainer:
 
         With `save_best_only`, only a run stopped by a signal gets this extra save.
         """
-        saver = next((cb for cb in self.callbacks if isinstance(cb, CheckpointCallback)), None)
+        saver = next(iter(self._checkpoint_savers()), None)
         if saver is None or self.state.global_step == 0:
             return
         if saver.save_best_only and self.state.stop_reason != "signal":
@@ -633,6 +631,10 @@ class SFTTrainer:
         path = Path(saver._get_checkpoint_path(self.state.global_step)).with_suffix("")
         if not checkpointing.is_complete(path):
             saver._save_checkpoint(self, self.state.global_step, self._last_metrics)
+
+    def _checkpoint_savers(self) -> list[CheckpointCallback]:
+        """The attached CheckpointCallbacks; the first one saves the final step and names the best checkpoint."""
+        return [cb for cb in self.callbacks if isinstance(cb, CheckpointCallback)]
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """On SIGTERM/SIGINT finish the step, save and stop; a second signal aborts at once."""
@@ -682,7 +684,7 @@ class SFTTrainer:
             "train_loss": state.train_loss_sum / state.train_tokens if state.train_tokens else None,
             "best_val_loss": state.best_metric,
             "best_step": state.best_step,
-            "best_checkpoint": state.best_checkpoint,
+            "best_checkpoint": next((saver.best_checkpoint for saver in self._checkpoint_savers()), None),
             "global_step": state.global_step,
             "epochs": state.epoch + state.batch_in_epoch / max(len(self._epoch_plan(state.epoch)), 1),
             "train_tokens": state.train_tokens,

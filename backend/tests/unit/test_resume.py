@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -139,6 +140,17 @@ def test_finished_run_says_so_on_resume(tmp_path, tiny_model_dir, caplog):
     _, recorder, result = run(config, resume="latest")
     assert recorder.step_metrics() == [] and result["global_step"] == 2
     assert "nothing to train" in caplog.text
+
+
+def test_checkpoint_of_an_earlier_version_with_its_own_best_record_still_resumes(tmp_path, tiny_model_dir):
+    config = lora_config(tmp_path, tiny_model_dir, "old", max_steps=4)
+    run(config, callbacks=[SignalAt(2)])
+    state_file = Path(config.output_dir) / "checkpoints" / "checkpoint_step_2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["trainer"].update(best_checkpoint=str(state_file.parent), best_checkpoint_metric=1.0)  # as before 11-26
+    state_file.write_text(json.dumps(state))
+    _, recorder, result = run(config, resume="latest")
+    assert [e[1] for e in recorder.events if e[0] == "step_end"] == [3, 4] and result["global_step"] == 4
 
 
 def test_resume_refuses_a_config_that_changes_the_model(tmp_path, tiny_model_dir):

@@ -26,7 +26,7 @@ class CheckpointCallback(SFTCallback):
         save_best_only: save only when `val_loss` improved on the best saved checkpoint; a save step with no
             `val_loss` in its metrics still saves.
 
-    What a checkpoint is depends on the trainer: a trainer with `save_checkpoint(path, metrics)` (SFTTrainer)
+    What a checkpoint is depends on the trainer: a trainer with `save_checkpoint(path)` (SFTTrainer)
     writes its full training state into the folder `checkpoint_step_<N>`; otherwise a model with
     `save_pretrained` (Hugging Face, PEFT/LoRA) is saved into that folder, and any other `nn.Module` has its
     state dict written to `checkpoint_step_<N>.pt` (load it with `torch.load(path, weights_only=True)`).
@@ -106,7 +106,7 @@ class CheckpointCallback(SFTCallback):
         self._record(target, metrics.get("val_loss"))
         try:
             if save_checkpoint is not None:
-                saved = os.fspath(save_checkpoint(folder, metrics))
+                saved = os.fspath(save_checkpoint(folder))
             elif is_main:
                 _write_model(model, target)
                 saved = target
