@@ -23,7 +23,7 @@ from app.sft import checkpointing
 from app.sft.config import SFTConfig
 from app.sft.data import PaddedCollator, TokenizedDataset, resolve_template
 from app.sft.loss import evaluation_totals
-from app.sft.modeling import load_model, load_tokenizer
+from app.sft.modeling import load_model, load_tokenizer, quiet_peft_deprecations
 from app.sft.templates import Message
 
 RUN_CONFIG_FILE = "config.yaml"
@@ -59,7 +59,8 @@ def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel |
     if path.is_file():
         model = load_model(config, device=device)
     elif (path / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(load_model(config, device=device), path)
+        with quiet_peft_deprecations():
+            model = PeftModel.from_pretrained(load_model(config, device=device), path)
     elif (path / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device)
     else:

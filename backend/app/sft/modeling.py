@@ -16,6 +16,8 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -74,6 +76,15 @@ def package_file(uri: str) -> Path:
             f"`pip install --no-deps {package.replace('_', '-')}`), or the path inside it is missing."
         )
     return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
+@contextmanager
+def quiet_peft_deprecations() -> Iterator[None]:
+    """Hide the FutureWarning peft triggers on every wrap/load by reading a property transformers 5 deprecated
+    (`is_gradient_checkpointing`): it is not the user's to fix. Other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def resolve_model_source(base_model: str) -> ModelSource:
@@ -322,8 +333,7 @@ def apply_lora(model: PreTrainedModel, config: SFTConfig) -> PeftModel | PreTrai
             lora_dropout=config.lora_dropout,
             target_modules=list(targets),
         )
-        with warnings.catch_warnings():  # peft calls a transformers property deprecated in 5.x; not the user's to fix
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with quiet_peft_deprecations():
             model = get_peft_model(model, lora_config)
     else:
         model.requires_grad_(True)
@@ -387,7 +397,8 @@ def merge_lora(
             )
 
     base = AutoModelForCausalLM.from_pretrained(model_path(base_model), dtype="auto")
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    with quiet_peft_deprecations():
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     if (adapter_dir / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     else:

@@ -227,6 +227,7 @@ class _RunsCode:
         return (os.system, ("touch pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the planted file's protocol
 def test_checkpoint_with_a_pickled_object_is_refused(tmp_path, tiny_model_dir, monkeypatch):
     config = lora_config(tmp_path, tiny_model_dir, "l", max_steps=2)
     run(config)

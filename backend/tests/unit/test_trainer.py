@@ -131,7 +131,7 @@ def test_per_step_loss_matches_transformers_trainer(tmp_path, tiny_model_dir):
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             loss = super().compute_loss(model, inputs, *args, **kwargs)
-            self.recorded.append(float(loss))
+            self.recorded.append(float(loss.detach()))
             return loss
 
     args = TrainingArguments(
