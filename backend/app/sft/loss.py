@@ -115,8 +115,7 @@ def linear_cross_entropy_sum(
     )
     if needs_grad:
         return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, dtype)
-    with torch.autocast(device_type, enabled=False):
-        return _linear_cross_entropy_chunks(hidden, weight, bias, targets, dtype, (False, False, False))[0]
+    return _linear_cross_entropy_chunks(hidden, weight, bias, targets, dtype, (False, False, False))[0]
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -125,8 +124,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, dtype):  # noqa: ANN001, ANN205 (autograd signature)
         wanted = tuple(ctx.needs_input_grad[:3])
-        with torch.autocast(hidden.device.type, enabled=False):
-            loss, grads = _linear_cross_entropy_chunks(hidden, weight, bias, targets, dtype, wanted)
+        loss, grads = _linear_cross_entropy_chunks(hidden, weight, bias, targets, dtype, wanted)
         ctx.save_for_backward(*grads)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss
@@ -150,7 +148,7 @@ def _linear_cross_entropy_chunks(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """The loss sum and the gradients `wanted` for (hidden, weight, bias), None for the others; weight and bias
     gradients in float32 so the chunks accumulate without rounding. Each chunk's logits are upcast, turned into
-    the softmax in place, and freed before the next chunk."""
+    the softmax in place, and freed before the next chunk. The products run in `dtype`, whatever autocast says."""
     x, w = hidden.to(dtype), weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
     want_hidden, want_weight, want_bias = wanted
@@ -158,25 +156,26 @@ def _linear_cross_entropy_chunks(
     grad_hidden = torch.empty_like(x) if want_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
     grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
-    for start in range(0, x.shape[0], LOSS_CHUNK_TOKENS):
-        rows, chunk_targets = x[start : start + LOSS_CHUNK_TOKENS], targets[start : start + LOSS_CHUNK_TOKENS]
-        logits = F.linear(rows, w, b).float()
-        target_logits = logits.gather(1, chunk_targets[:, None])
-        row_max = logits.amax(dim=1, keepdim=True)
-        probs = logits.sub_(row_max).exp_()  # in place: `logits` is not used again
-        row_sum = probs.sum(dim=1, keepdim=True)
-        loss += (row_max + row_sum.log() - target_logits).sum()
-        if not any(wanted):
-            continue
-        probs.div_(row_sum)
-        probs[torch.arange(len(chunk_targets), device=probs.device), chunk_targets] -= 1  # d loss / d logits
-        grad_logits = probs.to(dtype)
-        if grad_hidden is not None:
-            torch.mm(grad_logits, w, out=grad_hidden[start : start + LOSS_CHUNK_TOKENS])
-        if grad_weight is not None:
-            grad_weight += grad_logits.T @ rows
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(dim=0)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, x.shape[0], LOSS_CHUNK_TOKENS):
+            rows, chunk_targets = x[start : start + LOSS_CHUNK_TOKENS], targets[start : start + LOSS_CHUNK_TOKENS]
+            logits = F.linear(rows, w, b).float()
+            target_logits = logits.gather(1, chunk_targets[:, None])
+            row_max = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # in place: `logits` is not used again
+            row_sum = probs.sum(dim=1, keepdim=True)
+            loss += (row_max + row_sum.log() - target_logits).sum()
+            if not any(wanted):
+                continue
+            probs.div_(row_sum)
+            probs[torch.arange(len(chunk_targets), device=probs.device), chunk_targets] -= 1  # d loss / d logits
+            grad_logits = probs.to(dtype)
+            if grad_hidden is not None:
+                torch.mm(grad_logits, w, out=grad_hidden[start : start + LOSS_CHUNK_TOKENS])
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ rows
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(dim=0)
     return loss, (grad_hidden, grad_weight, grad_bias)
 
 
