@@ -83,19 +83,16 @@ def evaluation_totals(
     computed in eval mode without gradients; every module's train/eval mode is put back afterwards."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
-    totals = None
+    totals = torch.zeros(2, device=next(model.parameters()).device)
     try:
         with torch.no_grad():
             for batch in batches:
                 with autocast():
                     loss_sum, n_tokens = causal_lm_loss_sum(model, batch)
-                step = torch.stack([loss_sum.float(), n_tokens.float()])
-                totals = step if totals is None else totals + step
+                totals += torch.stack([loss_sum.float(), n_tokens.float()])
     finally:
         for module, training in modes.items():
             module.train(training)
-    if totals is None:
-        totals = torch.zeros(2, device=next(model.parameters()).device)
     return totals
 
 
