@@ -47,6 +47,23 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_loss_and_gradients_match_transformers(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Our mean loss and every gradient equal the model's own `.loss` and its gradients; returns our loss sum and
+    gradients."""
+    loss_sum, n_tokens = causal_lm_loss_sum(model, batch)
+    (loss_sum / n_tokens).backward()
+    ours = _grads(model)
+    model.zero_grad()
+    reference = model(**batch).loss
+    reference.backward()
+    torch.testing.assert_close(loss_sum / n_tokens, reference, rtol=1e-5, atol=1e-6)
+    reference_grads = _grads(model)
+    assert ours.keys() == reference_grads.keys()
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    return loss_sum.detach(), ours
+
+
 def test_loss_sum_matches_transformers_mean_loss_times_token_count():
     model = tiny_llama()
     batch = _padded(_examples())
@@ -57,17 +74,7 @@ def test_loss_sum_matches_transformers_mean_loss_times_token_count():
 
 
 def test_gradients_match_transformers_loss():
-    model = tiny_llama(tie_word_embeddings=True)
-    batch = _padded(_examples(seed=1))
-    loss_sum, n_tokens = causal_lm_loss_sum(model, batch)
-    (loss_sum / n_tokens).backward()
-    ours = _grads(model)
-    model.zero_grad()
-    model(**batch).loss.backward()
-    reference = _grads(model)
-    assert ours.keys() == reference.keys()
-    for name in ours:
-        torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+    _assert_loss_and_gradients_match_transformers(tiny_llama(tie_word_embeddings=True), _padded(_examples(seed=1)))
 
 
 def test_packed_row_gives_the_same_loss_and_gradients_as_the_padded_batch():
@@ -99,16 +106,8 @@ def test_lora_model_loss_and_gradients_match_its_own_forward_and_skip_the_frozen
         return chunks(*args)
 
     monkeypatch.setattr(loss_module, "_linear_cross_entropy_chunks", spy)
-    loss_sum, n_tokens = causal_lm_loss_sum(model, batch)
-    (loss_sum / n_tokens).backward()
-    ours = _grads(model)
-    model.zero_grad()
-    reference = model(**batch).loss
-    reference.backward()
-    torch.testing.assert_close(loss_sum / n_tokens, reference, rtol=1e-5, atol=1e-6)
-    assert ours.keys() == _grads(model).keys() and all("lora_" in name for name in ours)
-    for name, grad in _grads(model).items():
-        torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    _, ours = _assert_loss_and_gradients_match_transformers(model, batch)
+    assert all("lora_" in name for name in ours)
     assert computed == [(True, False, False)]  # the frozen output layer's weight gradient is never computed
 
 
@@ -131,20 +130,12 @@ def test_fused_loss_in_chunks_matches_transformers_with_a_biased_head_and_under_
     model.lm_head = torch.nn.Linear(32, model.config.vocab_size, bias=True)
     batch = _padded(_examples(seed=7))
     monkeypatch.setattr(loss_module, "LOSS_CHUNK_TOKENS", 5)  # several chunks of positions
-    loss_sum, n_tokens = causal_lm_loss_sum(model, batch)
-    (loss_sum / n_tokens).backward()
-    ours = _grads(model)
-    model.zero_grad()
-    reference = model(**batch).loss
-    reference.backward()
-    torch.testing.assert_close(loss_sum / n_tokens, reference, rtol=1e-5, atol=1e-6)
+    loss_sum, ours = _assert_loss_and_gradients_match_transformers(model, batch)
     assert "lm_head.bias" in ours
-    for name, grad in _grads(model).items():
-        torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():
         no_grad_sum, _ = causal_lm_loss_sum(model, batch)
     assert not no_grad_sum.requires_grad
-    torch.testing.assert_close(no_grad_sum, loss_sum.detach())
+    torch.testing.assert_close(no_grad_sum, loss_sum)
 
 
 def test_fused_loss_under_bf16_autocast_tracks_the_float32_loss():
