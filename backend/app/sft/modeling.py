@@ -293,7 +293,7 @@ def default_lora_target_modules(model: nn.Module) -> list[str]:
     }
     if not names:
         raise ConfigError(
-            f"lora_target_modules: {type(model).__name__} has no linear layers to put LoRA on; set lora_target_modules."
+            f"lora_target_modules: {type(model).__name__} has no linear layers to put LoRA on; name the modules."
         )
     return sorted(names)
 
