@@ -145,7 +145,7 @@ def _summary_rows(records: Sequence[dict[str, Any]], run_summary: dict[str, Any]
         ("Training loss (mean over the run)", _fmt(run_summary.get("train_loss"))),
         ("Last logged training loss", last_train),
         ("Final validation loss", _fmt(val_loss[-1] if val_loss else None)),
-        (f"Best {best_name}", best),
+        ("Best validation loss" if best_name == "val_loss" else f"Best {best_name}", best),
         ("Best checkpoint", Path(run_summary["best_checkpoint"]).name if run_summary.get("best_checkpoint") else "—"),
         ("Stopped because", _fmt(run_summary.get("stop_reason"))),
         ("Trained tokens", _fmt(run_summary.get("train_tokens"))),

@@ -86,13 +86,12 @@ class Probe(SFTCallback):
 
     def on_step_end(self, trainer, step, metrics, **kw):
         self.seen["steps"].append({"step": step, "loss": metrics["loss"], "val_loss": metrics.get("val_loss")})
-        if step % self.save_steps == 0:
-            folder = trainer.checkpoint_dir / f"checkpoint_step_{step}"
-            latest = (trainer.checkpoint_dir / checkpointing.LATEST_POINTER).read_text().strip()
-            self.seen["checkpoints_complete"].append(checkpointing.is_complete(folder) and latest == folder.name)
 
     def on_save(self, trainer, step, checkpoint_path, **kw):
         self.seen["saves"].append(step)
+        folder = trainer.checkpoint_dir / f"checkpoint_step_{step}"
+        latest = (trainer.checkpoint_dir / checkpointing.LATEST_POINTER).read_text().strip()
+        self.seen["checkpoints_complete"].append(checkpointing.is_complete(folder) and latest == folder.name)
 
 
 class StopOnOneProcess(SFTCallback):

@@ -111,7 +111,7 @@ def test_read_metrics_ignores_a_final_partial_line_but_not_a_damaged_middle(tmp_
         read_metrics(path)
 
 
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs Linux's /dev/full device")
 def test_metrics_log_write_failure_warns_once_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     log = MetricsLog("/dev/full")  # every write fails with ENOSPC, like a full disk
     with caplog.at_level(logging.WARNING, logger="app.sft.metrics_log"):
@@ -174,7 +174,7 @@ def test_report_renders_curves_summary_and_config(tmp_path: Path) -> None:
     assert f"data:image/png;base64,{base64.b64encode(png).decode('ascii')}" in page  # self-contained
     assert "<title>Tiny run</title>" in page
     assert _summary_cell(page, "Best validation loss") == f"{_val_loss(50):.4g} (step 50)"
-    assert _summary_cell(page, "Final training loss") == f"{_train_loss(50):.4g}"
+    assert _summary_cell(page, "Last logged training loss") == f"{_train_loss(50):.4g} (step 50)"
     assert _summary_cell(page, "Optimizer steps") == "50"
     assert _summary_cell(page, "Trained tokens") == "100,000"
     assert _summary_cell(page, "Runtime") == "2m 05s"

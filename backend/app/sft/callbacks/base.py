@@ -115,7 +115,7 @@ _STAND_IN_FIELDS = (
 
 
 class _StandInTrainer(TrainerAPI):
-    """A TrainerAPI view of an object that only has `model` and `device` (plus any of `_STAND_IN_FIELDS`).
+    """A TrainerAPI view of an object with `model` and `device` (plus any of `_STAND_IN_FIELDS`).
 
     Only attributes the object holds itself are taken over, so a `unittest.mock.Mock`'s automatic attributes
     are never mistaken for real ones.
@@ -123,8 +123,8 @@ class _StandInTrainer(TrainerAPI):
 
     def __init__(self, trainer: Any) -> None:
         self._trainer = trainer
-        self.model = trainer.model
-        self.device = trainer.device
+        self.model = getattr(trainer, "model", None)  # a logger's stand-in may have no model
+        self.device = getattr(trainer, "device", "cpu")
         own = getattr(trainer, "__dict__", {})
         for name in _STAND_IN_FIELDS:
             if name in own:
