@@ -114,7 +114,7 @@ def test_only_the_main_process_writes_checkpoints_and_logs(launched):
         assert sorted(p.name for p in folder.glob("rng_state_*.json")) == ["rng_state_0.json", "rng_state_1.json"]
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, STEPS + 1))
-    assert [r["step"] for r in records if r["type"] == "eval"] == [2, 3, 4, 6]  # every eval_steps, and epoch ends (3, 6)
+    assert [r["step"] for r in records if r["type"] == "eval"] == [2, 3, 4, 6]  # eval_steps and epoch ends (3, 6)
     main, other = seen(out, "full")
     assert main["saves"] == other["saves"] == [2, 4, 6]  # every process took part in the save
     # Every process finds each checkpoint complete (and `latest` naming it) as soon as the save returns.
