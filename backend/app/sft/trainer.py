@@ -70,6 +70,7 @@ from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, count_label_tokens
 from app.sft.metrics_log import MetricsLog
 from app.sft.modeling import apply_lora, load_model, load_tokenizer, merge_lora, save_final_model
 from app.sft.report import render_report
+from app.sft.run_dir import run_folder
 from app.sft.state import TrainerState
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ RESUME_LOCKED_FIELDS = (
 RESUME_SAFE_FIELDS = (
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "output_dir", "checkpoint_dir",
     "wandb_project", "wandb_entity", "wandb_run_name", "run_name", "report_to", "disable_progress_bar",
-    "eval_batch_size", "dataloader_num_workers", "save_merged_model",
+    "eval_batch_size", "dataloader_num_workers", "save_merged_model", "overwrite_output_dir",
 )
 
 
@@ -297,8 +298,19 @@ class SFTTrainer:
 
     # --- the loop ------------------------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any]:
-        """Run training (from a checkpoint if asked) and return a summary of the run."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *, overwrite: bool | None = None
+              ) -> dict[str, Any]:
+        """Run training (from a checkpoint if asked) and return a summary of the run.
+
+        The run holds `output_dir`'s lock throughout, and a new run refuses a folder that already holds one
+        unless `overwrite` (default: `config.overwrite_output_dir`) deletes that run's files (see `run_dir`).
+        """
+        overwrite = self.config.overwrite_output_dir if overwrite is None else overwrite
+        with run_folder(self.config, resuming=bool(resume_from_checkpoint), overwrite=overwrite,
+                        accelerator=self.accelerator):
+            return self._train(resume_from_checkpoint)
+
+    def _train(self, resume_from_checkpoint: str | bool | None) -> dict[str, Any]:
         self._add_default_callbacks()
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
@@ -614,6 +626,7 @@ class SFTTrainer:
             return True
         if state.global_step >= state.max_steps:
             logger.warning("The run already reached its last step (%d); nothing to train.", state.global_step)
+            state.stop_reason = state.stop_reason or ("max_steps" if self.config.max_steps is not None else "completed")
             return True
         state.stop_reason = None
         return False
