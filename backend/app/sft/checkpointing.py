@@ -46,6 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from app.sft.state import TrainerState
+
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -107,16 +109,19 @@ def _write_failure(final: Path, tmp: Path, exc: BaseException) -> str | None:
     torch reports a full disk as `RuntimeError: ... unexpected pos`, safetensors as `os error 28`: a failure while
     the file system has no space left is reported as what it is.
     """
+    named = Path(exc.filename) if isinstance(exc, OSError) and exc.filename else None
     written = [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
-    newest = max(written, key=lambda p: p.stat().st_mtime_ns, default=None)
-    where = f" while writing {final / newest.relative_to(tmp)}" if newest is not None else f" while writing {final}"
+    newest = named if named is not None else max(written, key=lambda p: p.stat().st_mtime_ns, default=None)
+    file = final / newest.relative_to(tmp) if newest is not None and newest.is_relative_to(tmp) else newest or final
+    where = f" while writing {file}"
     text = str(exc)
     full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space left" in text.lower()
     if not full:
         with contextlib.suppress(OSError):
             full = shutil.disk_usage(final.parent).free < 1 << 20
     if full:
-        return f"no space left on device{where}; earlier checkpoints are kept. Free some space and resume."
+        return (f"no space left on device{where} (errno ENOSPC: {os.strerror(errno.ENOSPC)}). Earlier checkpoints "
+                "are untouched; free some space, then resume.")
     if isinstance(exc, OSError) or "unexpected pos" in text or "serializ" in text.lower():
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else text.splitlines()[0] if text else exc
         return f"could not write checkpoint {final}{where}: {reason}. Earlier checkpoints are untouched."
@@ -319,7 +324,15 @@ def read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, 
     data = _read_json(path / TRAINER_STATE_FILE)
     if not isinstance(data, dict) or not isinstance(data.get("trainer"), dict):
         raise CheckpointError(f"{path / TRAINER_STATE_FILE} does not hold a trainer state")
-    return data["trainer"], data.get("callbacks", {})
+    trainer = data["trainer"]
+    problem = TrainerState.type_problem(trainer)
+    if problem is None and not isinstance(trainer.get("num_processes", 1), int):
+        problem = f"field 'num_processes' must be int, got {trainer['num_processes']!r}"
+    if problem is None and not isinstance(data.get("callbacks", {}), dict):
+        problem = f"field 'callbacks' must be an object, got {data['callbacks']!r}"
+    if problem is not None:
+        raise CheckpointError(f"{path / TRAINER_STATE_FILE}: {problem} (the file is damaged or was edited)")
+    return trainer, data.get("callbacks", {})
 
 
 def read_config(path: Path) -> dict[str, Any] | None:

@@ -522,6 +522,9 @@ class SFTTrainer:
 
         if self.val_dataloader is not None and missing(ValidationCallback):
             self.add_callback(ValidationCallback(eval_steps=cfg.eval_steps))
+        if cfg.early_stopping_patience is not None and self.val_dataloader is None and missing(ValidationCallback):
+            logger.warning("early_stopping_patience is set but there is no validation data (eval_dataset_name or "
+                           "validation_split), so early stopping will never trigger")
         if cfg.early_stopping_patience is not None and missing(EarlyStoppingCallback):
             self.add_callback(EarlyStoppingCallback(patience=cfg.early_stopping_patience,
                                                     min_delta=cfg.early_stopping_min_delta))
@@ -685,11 +688,13 @@ class SFTTrainer:
         self.accelerator.wait_for_everyone()
 
     def _render_report(self) -> None:
-        """`report.html` and `loss.png` from `metrics.jsonl`; a missing plotting library only warns."""
+        """`report.html` and `loss.png` from `metrics.jsonl`; any failure (no plotting library, a full disk, a
+        damaged log) only warns: the training itself succeeded."""
         try:
             render_report(self.output_dir)
-        except ImportError as exc:
-            logger.warning("No training report: %s", exc)
+        except Exception as exc:
+            logger.warning("No training report: %s (the training itself succeeded; `sft report %s` retries)",
+                           exc, self.output_dir)
 
     def _summary(self, runtime_s: float) -> dict[str, Any]:
         state = self.state
