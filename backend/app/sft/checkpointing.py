@@ -281,7 +281,7 @@ def read_pointer(checkpoint_dir: str | os.PathLike, name: str) -> tuple[Path | N
     candidate = root / named.name if named.is_absolute() or len(named.parts) == 1 else None
     if candidate is None or "\x00" in text or checkpoint_step(candidate) is None or not _is_inside(candidate, root):
         return None, f"the pointer file {pointer} names {text[:200]!r}, which is not a checkpoint inside {root}"
-    if not is_complete(candidate):
+    if not (candidate / TRAINER_STATE_FILE).is_file():
         return None, f"the pointer file {pointer} names {candidate.name}, which is incomplete or missing"
     return candidate, None
 
