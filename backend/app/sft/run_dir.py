@@ -76,23 +76,25 @@ def run_folder(config: SFTConfig, *, resuming: bool, overwrite: bool = False, ac
     """
     is_main = accelerator is None or accelerator.is_main_process
     lock: RunLock | None = None
-    failure: ConfigError | None = None
+    failure: Exception | None = None
     if is_main:
         try:
             check_run_paths(config)
             lock = RunLock(config.output_dir)
             lock.acquire()
             prepare_run_folder(config, resuming=resuming, overwrite=overwrite)
-        except ConfigError as error:
+        except Exception as error:  # every process must learn of it, or the others wait forever
             failure = error
             if lock is not None:
                 lock.release()
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        message = broadcast_object_list([str(failure) if failure is not None else None], from_process=0)[0]
-        if message is not None and failure is None:
-            failure = ConfigError(message)
+        verdict = [None if failure is None else (isinstance(failure, ConfigError), str(failure))]
+        verdict = broadcast_object_list(verdict, from_process=0)[0]
+        if verdict is not None and failure is None:
+            is_config_error, message = verdict
+            failure = ConfigError(message) if is_config_error else RuntimeError(f"the main process failed: {message}")
     if failure is not None:
         raise failure
     try:
@@ -350,15 +352,23 @@ class RunLock:
             raise ConfigError(f"output_dir: {str(self.folder)!r} cannot be created: {error.strerror or error}"
                               ) from None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                raise ConfigError(f"output_dir: cannot create the run lock {self.path}: {error.strerror or error}"
+                                  ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
-                holder = _read_holder(fd)
-                os.close(fd)
-                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                raise RunLockedError(self._held_message(holder)) from None
+                if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    logger.warning("The file system of %s cannot lock files; only the pid in the lock file keeps "
+                                   "a second run out", self.path)
+                else:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise
+                    raise RunLockedError(self._held_message(holder)) from None
             if not self._is_current_file(fd):  # the previous holder removed it as we opened it: try again
                 os.close(fd)
                 continue
