@@ -287,12 +287,12 @@ def read_pointer(checkpoint_dir: str | os.PathLike, name: str) -> tuple[Path | N
 
 
 def resolve_checkpoint(checkpoint_dir: str | os.PathLike, spec: str | os.PathLike | bool) -> Path:
-    """Find the checkpoint to resume from, its files checked against its manifest.
+    """Find the checkpoint to resume from.
 
     `spec` is `"latest"` or `True` (the `latest` pointer in `checkpoint_dir`, falling back with a warning to the
-    newest complete checkpoint whose files check out when the pointer is missing, names anything but a complete
-    checkpoint inside `checkpoint_dir`, or names one with a damaged file) or a checkpoint path, whose damaged
-    file is a `CheckpointError` naming it.
+    newest complete checkpoint whose files match its manifest when the pointer is missing, names anything but a
+    complete checkpoint inside `checkpoint_dir`, or names one with a damaged file) or a checkpoint path (whose
+    files the loaders and then `check_manifest` check, naming a damaged one in a `CheckpointError`).
     """
     if spec is True or spec == "latest":
         root = Path(checkpoint_dir)
@@ -313,10 +313,15 @@ def resolve_checkpoint(checkpoint_dir: str | os.PathLike, spec: str | os.PathLik
         raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
     if not (path / TRAINER_STATE_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {TRAINER_STATE_FILE} is missing")
+    return path
+
+
+def check_manifest(path: str | os.PathLike) -> None:
+    """Raise a `CheckpointError` naming the file when a checkpoint's files differ from its manifest (sizes and
+    checksums): damage the loaders cannot see, such as a changed byte inside a tensor."""
     problem = verify_checkpoint(path)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
-    return path
 
 
 def read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

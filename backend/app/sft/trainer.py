@@ -597,6 +597,7 @@ class SFTTrainer:
         self.state.max_steps = self._total_steps()
         self.callback_handler.load_state_dict(callback_states)
         checkpointing.load_rng_state(path, self.process_index)
+        checkpointing.check_manifest(path)  # after the loaders, whose messages say more about what they refuse
         logger.info("Resumed from %s at step %d (epoch %d, batch %d)", path, self.state.global_step,
                     self.state.epoch, self.state.batch_in_epoch)
 

@@ -263,19 +263,21 @@ def test_a_truncated_file_in_the_latest_checkpoint_falls_back_to_the_previous_on
         assert resolve_checkpoint(root, "latest") == root / "checkpoint_step_2"
     assert "adapter_model.safetensors" in caplog.text and "checkpoint_step_2" in caplog.text
     with pytest.raises(CheckpointError, match=r"checkpoint_step_3/adapter_model.safetensors is corrupt"):
-        resolve_checkpoint(root, root / "checkpoint_step_3")
+        run(config.model_copy(update={"max_steps": 4}), resume=str(root / "checkpoint_step_3"))
 
 
 def test_a_damaged_byte_is_found_by_the_checksum(tmp_path, finished_run, caplog):
     config = copy_run(finished_run, tmp_path / "run")
     root = Path(config.resolved_checkpoint_dir)
-    optimizer = root / "checkpoint_step_3" / "optimizer.pt"
-    data = bytearray(optimizer.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
-    optimizer.write_bytes(bytes(data))
+    adapter = root / "checkpoint_step_3" / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-1] ^= 0x01  # same size, one bit of a weight flipped: the file still loads
+    adapter.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
         assert resolve_checkpoint(root, "latest") == root / "checkpoint_step_2"
-    assert "optimizer.pt is corrupt: its checksum differs" in caplog.text
+    assert "adapter_model.safetensors is corrupt: its checksum differs" in caplog.text
+    with pytest.raises(CheckpointError, match=r"checkpoint_step_3/adapter_model.safetensors is corrupt: its checksum"):
+        run(config.model_copy(update={"max_steps": 4}), resume=str(root / "checkpoint_step_3"))
 
 
 def test_every_file_of_a_checkpoint_is_in_its_manifest(finished_run):
