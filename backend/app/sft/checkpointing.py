@@ -140,6 +140,11 @@ def write_pointer(checkpoint_dir: str | os.PathLike, name: str, target: str | os
     os.replace(tmp, pointer)
 
 
+def remove_pointer(checkpoint_dir: str | os.PathLike, name: str) -> None:
+    """Remove the pointer file `checkpoint_dir/name` (e.g. `best` once no checkpoint holds the best)."""
+    (Path(checkpoint_dir) / name).unlink(missing_ok=True)
+
+
 def save_weights(model: nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write a model's weights in safetensors: a PEFT adapter or a transformers model via `save_pretrained`,
     any other module as `model.safetensors`."""
@@ -173,9 +178,9 @@ def save_training_state(
     if lr_scheduler is not None:
         torch.save(lr_scheduler.state_dict(), directory / SCHEDULER_FILE)
     if config is not None:
-        _write_json(directory / CONFIG_FILE, config)
+        write_json(directory / CONFIG_FILE, config)
     write_manifest(directory)
-    _write_json(directory / TRAINER_STATE_FILE, {"trainer": trainer_state, "callbacks": callback_states})
+    write_json(directory / TRAINER_STATE_FILE, {"trainer": trainer_state, "callbacks": callback_states})
 
 
 def write_manifest(directory: Path) -> None:
@@ -188,7 +193,7 @@ def write_manifest(directory: Path) -> None:
         for path in sorted(directory.rglob("*"))
         if path.is_file() and path.name not in (MANIFEST_FILE, TRAINER_STATE_FILE)
     }
-    _write_json(directory / MANIFEST_FILE, {"version": 1, "files": files})
+    write_json(directory / MANIFEST_FILE, {"version": 1, "files": files})
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -207,7 +212,7 @@ def capture_rng_state() -> dict[str, Any]:
 
 def write_rng_state(directory: Path, process_index: int, state: dict[str, Any]) -> None:
     """Store one process's random states as `rng_state_<rank>.json` + `.safetensors`."""
-    _write_json(directory / f"rng_state_{process_index}.json", {k: state[k] for k in ("python", "numpy")})
+    write_json(directory / f"rng_state_{process_index}.json", {k: state[k] for k in ("python", "numpy")})
     save_file(state["tensors"], directory / f"rng_state_{process_index}.safetensors")
 
 
@@ -421,9 +426,15 @@ def _checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, allow_nan=True)
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as indented JSON through a temporary sibling, so `path` is never left half written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--overwrite", action="store_true",
                        help="start afresh in an output_dir that holds a run: delete that run's own files first")
+    train.add_argument(
+        "--continue",
+        dest="continue_after_stop",
+        action="store_true",
+        help="with --resume: train on even though early stopping or a callback ended the run",
+    )
 
     validate = command("validate", _validate, "check a config and its data without loading model weights")
     validate.add_argument("config", metavar="CONFIG", help="YAML config file")
@@ -179,7 +185,8 @@ def _positive_int(text: str) -> int:
 def _train(args: argparse.Namespace) -> int:
     config = _load_config(args.config, args.overrides)
     trainer = SFTTrainer(config)
-    summary = trainer.train(resume_from_checkpoint=args.resume, overwrite=True if args.overwrite else None)
+    summary = trainer.train(resume_from_checkpoint=args.resume, continue_after_stop=args.continue_after_stop,
+                            overwrite=True if args.overwrite else None)
     interrupted = summary["stop_reason"] == "signal"
     if not trainer.is_main_process:
         return 130 if interrupted else 0
