@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -436,7 +437,7 @@ def test_an_unreachable_wandb_server_logs_offline_after_a_short_timeout(tmp_path
     started = time.monotonic()
     try:
         with caplog.at_level(logging.WARNING):
-            callback.on_train_begin(type("T", (), {"is_main_process": True, "config": None})())
+            callback.on_train_begin(SimpleNamespace(model=torch.nn.Linear(1, 1), device=torch.device("cpu")))
         assert time.monotonic() - started < 30
         assert callback.run is not None and callback.run.settings.mode == "offline"
         assert caplog.text.count("W&B unreachable") == 1 and "logging offline" in caplog.text
