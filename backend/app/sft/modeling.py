@@ -188,6 +188,8 @@ def hub_unreachable() -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return True
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # only the proxy knows the way: let the download itself find out
     endpoint = urlsplit(constants.ENDPOINT)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
