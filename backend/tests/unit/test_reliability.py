@@ -402,6 +402,8 @@ def unreachable_hub(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
     modeling.hub_unreachable.cache_clear()
     yield
     modeling.hub_unreachable.cache_clear()
