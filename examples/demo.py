@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     before = show("BEFORE training")
     print(f"\nTraining {trainer.state.max_steps} steps of LoRA on {len(trainer.train_data)} examples "
           f"(validation every {config.eval_steps} steps) ...", flush=True)
-    summary = trainer.train()
+    summary = trainer.train(overwrite=True)  # the demo replaces its previous run
     after = show("AFTER training")
 
     out = Path(config.output_dir)

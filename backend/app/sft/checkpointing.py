@@ -8,17 +8,22 @@ A checkpoint is a directory `checkpoint_step_<N>/` holding:
   (gathered from FSDP shards), so it loads whatever the wrapping or sharding;
 - `rng_state_<rank>.json` + `rng_state_<rank>.safetensors`: python/numpy and torch/CUDA random states per process;
 - `sft_config.json`: the resolved run config;
+- `manifest.json`: the size and xxh3-64 checksum of every other file (`write_manifest`), so a truncated or damaged
+  file is found before it is loaded (`verify_checkpoint`); checkpoints of older versions have none and still load;
 - `trainer_state.json`: the loop state (step, epoch, data position, tokens, best metric, log history) and every
   callback's `state_dict()`, written last: its presence marks the checkpoint complete.
 
 Everything is written into a hidden sibling directory (`.tmp-checkpoint_step_<N>`), flushed to disk, then renamed
 into place, so a process killed at any instant leaves either the complete checkpoint or none. The small `latest` and
-`best` files name the newest and best complete checkpoints and are replaced atomically too. Loading never
-unpickles arbitrary objects.
+`best` files name the newest and best complete checkpoints by folder name and are replaced atomically too; a
+pointer is only followed to a checkpoint directly inside its own checkpoint folder (symlinks and `..` resolved).
+Loading never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -32,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -40,6 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from app.sft.state import TrainerState
+
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -47,6 +55,7 @@ CONFIG_FILE = "sft_config.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+MANIFEST_FILE = "manifest.json"
 LATEST_POINTER = "latest"
 BEST_POINTER = "best"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_step_(\d+)$")
@@ -79,18 +88,49 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except OSError as exc:
+    except CheckpointError:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"could not write checkpoint {final}: {exc.strerror or exc}. Earlier checkpoints are untouched."
-        ) from exc
+        raise
+    except Exception as exc:  # OSError, and the RuntimeError/SafetensorError that torch and safetensors raise
+        message = _write_failure(final, tmp, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if message is None:
+            raise
+        raise CheckpointError(message) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _write_failure(final: Path, tmp: Path, exc: BaseException) -> str | None:
+    """One line for a failed checkpoint write naming the file being written; None for a failure that is not
+    about writing files (a bug, which keeps its traceback).
+
+    torch reports a full disk as `RuntimeError: ... unexpected pos`, safetensors as `os error 28`: a failure while
+    the file system has no space left is reported as what it is.
+    """
+    named = Path(exc.filename) if isinstance(exc, OSError) and exc.filename else None
+    written = [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
+    newest = named if named is not None else max(written, key=lambda p: p.stat().st_mtime_ns, default=None)
+    file = final / newest.relative_to(tmp) if newest is not None and newest.is_relative_to(tmp) else newest or final
+    where = f" while writing {file}"
+    text = str(exc)
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space left" in text.lower()
+    if not full:
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(final.parent).free < 1 << 20
+    if full:
+        return (f"no space left on device{where} (errno ENOSPC: {os.strerror(errno.ENOSPC)}). Earlier checkpoints "
+                "are untouched; free some space, then resume.")
+    if isinstance(exc, OSError) or "unexpected pos" in text or "serializ" in text.lower():
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else text.splitlines()[0] if text else exc
+        return f"could not write checkpoint {final}{where}: {reason}. Earlier checkpoints are untouched."
+    return None
+
+
 def write_pointer(checkpoint_dir: str | os.PathLike, name: str, target: str | os.PathLike) -> None:
-    """Atomically make `checkpoint_dir/name` (e.g. `latest`) name the checkpoint directory `target`."""
+    """Atomically make `checkpoint_dir/name` (e.g. `latest`) name the checkpoint directory `target`, by its
+    folder name (so the run folder can be copied or moved and still resumes)."""
     pointer = Path(checkpoint_dir) / name
     tmp = pointer.with_name(f".tmp-{name}")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -139,7 +179,21 @@ def save_training_state(
         torch.save(lr_scheduler.state_dict(), directory / SCHEDULER_FILE)
     if config is not None:
         write_json(directory / CONFIG_FILE, config)
+    write_manifest(directory)
     write_json(directory / TRAINER_STATE_FILE, {"trainer": trainer_state, "callbacks": callback_states})
+
+
+def write_manifest(directory: Path) -> None:
+    """Record the size and checksum of every file of a checkpoint being written in `manifest.json`.
+
+    Called after all files but the trainer state (written last, it is checked as JSON when read).
+    """
+    files = {
+        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "xxh3_64": _checksum(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name not in (MANIFEST_FILE, TRAINER_STATE_FILE)
+    }
+    write_json(directory / MANIFEST_FILE, {"version": 1, "files": files})
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -172,44 +226,107 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 
 
 def is_complete(path: str | os.PathLike) -> bool:
-    """True for a finished checkpoint directory (its trainer state is written last)."""
-    return (Path(path) / TRAINER_STATE_FILE).is_file()
+    """True for a finished checkpoint directory (its trainer state is written last) whose files have the sizes
+    its manifest recorded."""
+    return (Path(path) / TRAINER_STATE_FILE).is_file() and verify_checkpoint(path, checksums=False) is None
+
+
+def verify_checkpoint(path: str | os.PathLike, *, checksums: bool = True) -> str | None:
+    """None when every file in the checkpoint's manifest is there with its recorded size (and, with `checksums`,
+    its checksum); else the problem, naming the file. A checkpoint without a manifest (older versions) passes."""
+    path = Path(path)
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        return None
+    try:
+        files = json.loads(manifest_file.read_bytes().decode("utf-8"))["files"]
+        entries = [(str(name), int(entry["size"]), entry.get("xxh3_64")) for name, entry in files.items()]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{manifest_file} is damaged (not a manifest of file sizes)"
+    for name, size, checksum in entries:
+        file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not file.is_file():
+            return f"{file} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{file} is corrupt: it has {actual} bytes where {MANIFEST_FILE} recorded {size} (truncated?)"
+        if checksums and checksum is not None and _checksum(file) != checksum:
+            return f"{file} is corrupt: its checksum differs from the one {MANIFEST_FILE} recorded"
+    return None
 
 
 def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in `checkpoint_dir`, oldest step first; temporary directories are never listed."""
+    """Complete checkpoints directly inside `checkpoint_dir`, oldest step first; temporary directories and
+    links to folders elsewhere are never listed."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and is_complete(p)]
+    found = [p for p in root.iterdir()
+             if p.is_dir() and checkpoint_step(p) is not None and _is_inside(p, root) and is_complete(p)]
     return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+
+def read_pointer(checkpoint_dir: str | os.PathLike, name: str) -> tuple[Path | None, str | None]:
+    """(the checkpoint the pointer file `name` names, None) or (None, why it is not usable).
+
+    A pointer may only name a checkpoint folder directly inside `checkpoint_dir`, after resolving symlinks and
+    `..`. An absolute path (older versions wrote those) is accepted when it is inside, else re-rooted by its
+    folder name when this folder has a checkpoint of that name (a copied or moved run).
+    """
+    root = Path(checkpoint_dir)
+    pointer = root / name
+    if not pointer.is_file():
+        return None, f"there is no '{name}' pointer"
+    try:
+        text = pointer.read_bytes()[:4096].decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None, f"the pointer file {pointer} is not text"
+    named = Path(text)
+    # An absolute path (older versions) is re-rooted by its folder name; a relative one must be a bare name.
+    candidate = root / named.name if named.is_absolute() or len(named.parts) == 1 else None
+    if candidate is None or "\x00" in text or checkpoint_step(candidate) is None or not _is_inside(candidate, root):
+        return None, f"the pointer file {pointer} names {text[:200]!r}, which is not a checkpoint inside {root}"
+    if not (candidate / TRAINER_STATE_FILE).is_file():
+        return None, f"the pointer file {pointer} names {candidate.name}, which is incomplete or missing"
+    return candidate, None
 
 
 def resolve_checkpoint(checkpoint_dir: str | os.PathLike, spec: str | os.PathLike | bool) -> Path:
     """Find the checkpoint to resume from.
 
-    `spec` is `"latest"` or `True` (the `latest` pointer in `checkpoint_dir`, falling back to the newest complete
-    checkpoint when the pointer is missing or names an incomplete one, with a warning) or a checkpoint path.
+    `spec` is `"latest"` or `True` (the `latest` pointer in `checkpoint_dir`, falling back with a warning to the
+    newest complete checkpoint whose files match its manifest when the pointer is missing, names anything but a
+    complete checkpoint inside `checkpoint_dir`, or names one with a damaged file) or a checkpoint path (whose
+    files the loaders and then `check_manifest` check, naming a damaged one in a `CheckpointError`).
     """
     if spec is True or spec == "latest":
         root = Path(checkpoint_dir)
-        pointer = root / LATEST_POINTER
-        named = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
-        if named is not None and is_complete(named):
-            return named
-        candidates = list_checkpoints(root)
-        if not candidates:
-            raise CheckpointError(f"no complete checkpoint to resume from in {root}")
-        reason = f"'latest' names {named.name}, which is incomplete" if named else "there is no 'latest' pointer"
-        logger.warning("%s in %s; resuming from the newest complete checkpoint, %s", reason, root,
-                       candidates[-1].name)
-        return candidates[-1]
+        named, reason = read_pointer(root, LATEST_POINTER)
+        candidates = [named] if named is not None else []
+        candidates += [p for p in reversed(list_checkpoints(root)) if p != named]
+        for candidate in candidates:
+            problem = verify_checkpoint(candidate)
+            if problem is None:
+                if reason is not None:
+                    logger.warning("%s; resuming from the newest complete checkpoint, %s", reason, candidate.name)
+                return candidate
+            reason = f"checkpoint {candidate.name} is damaged: {problem}"
+        raise CheckpointError(f"no complete checkpoint to resume from in {root}" + (f" ({reason})" if reason and
+                                                                                    candidates else ""))
     path = Path(spec)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
-    if not is_complete(path):
+    if not (path / TRAINER_STATE_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {TRAINER_STATE_FILE} is missing")
     return path
+
+
+def check_manifest(path: str | os.PathLike) -> None:
+    """Raise a `CheckpointError` naming the file when a checkpoint's files differ from its manifest (sizes and
+    checksums): damage the loaders cannot see, such as a changed byte inside a tensor."""
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
 
 
 def read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -217,7 +334,15 @@ def read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, 
     data = _read_json(path / TRAINER_STATE_FILE)
     if not isinstance(data, dict) or not isinstance(data.get("trainer"), dict):
         raise CheckpointError(f"{path / TRAINER_STATE_FILE} does not hold a trainer state")
-    return data["trainer"], data.get("callbacks", {})
+    trainer = data["trainer"]
+    problem = TrainerState.type_problem(trainer)
+    if problem is None and not isinstance(trainer.get("num_processes", 1), int):
+        problem = f"field 'num_processes' must be int, got {trainer['num_processes']!r}"
+    if problem is None and not isinstance(data.get("callbacks", {}), dict):
+        problem = f"field 'callbacks' must be an object, got {data['callbacks']!r}"
+    if problem is not None:
+        raise CheckpointError(f"{path / TRAINER_STATE_FILE}: {problem} (the file is damaged or was edited)")
+    return trainer, data.get("callbacks", {})
 
 
 def read_config(path: Path) -> dict[str, Any] | None:
@@ -285,6 +410,20 @@ def load_rng_state(path: Path, process_index: int = 0) -> None:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _is_inside(path: Path, root: Path) -> bool:
+    """Whether `path` is directly inside folder `root`, after resolving symlinks and `..` of both."""
+    return path.resolve().parent == root.resolve()
+
+
+def _checksum(path: Path) -> str:
+    """xxh3-64 of a file's bytes, as hex (about 10 GB/s: sha256 would add ~0.75 s per GB to every save)."""
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

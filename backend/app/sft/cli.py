@@ -1,6 +1,6 @@
 """The `sft` command: train, check data, preview masks, evaluate, generate, chat, merge and report.
 
-    sft train CONFIG [--set key=value ...] [--resume [CHECKPOINT]]
+    sft train CONFIG [--set key=value ...] [--resume [CHECKPOINT] | --overwrite]
     sft validate CONFIG          sft preview CONFIG [-n 3]          sft eval RUN_DIR_OR_CONFIG
     sft generate RUN_DIR --prompt "..."     sft chat RUN_DIR     sft merge RUN_DIR [--out DIR]
     sft report RUN_DIR
@@ -104,13 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = command("train", _train, "train a model as a YAML config describes")
     train.add_argument("config", metavar="CONFIG", help="YAML config file")
     _add_overrides(train)
-    train.add_argument(
+    start = train.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume",
         nargs="?",
         const="latest",
         metavar="CHECKPOINT",
         help="continue from a checkpoint directory, or (without a value) from the latest one of the run",
     )
+    start.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an output_dir that holds a run: delete that run's own files first")
     train.add_argument(
         "--continue",
         dest="continue_after_stop",
@@ -182,7 +185,8 @@ def _positive_int(text: str) -> int:
 def _train(args: argparse.Namespace) -> int:
     config = _load_config(args.config, args.overrides)
     trainer = SFTTrainer(config)
-    summary = trainer.train(resume_from_checkpoint=args.resume, continue_after_stop=args.continue_after_stop)
+    summary = trainer.train(resume_from_checkpoint=args.resume, continue_after_stop=args.continue_after_stop,
+                            overwrite=True if args.overwrite else None)
     interrupted = summary["stop_reason"] == "signal"
     if not trainer.is_main_process:
         return 130 if interrupted else 0

@@ -146,6 +146,11 @@ class SFTConfig(BaseModel):
     run_name: str | None = None
     disable_progress_bar: bool = False
 
+    # One run per folder (see run_dir.py)
+    overwrite_output_dir: bool = False
+    """A new run in an `output_dir` that holds a run deletes that run's own files first (never anything else);
+    False: such a run is refused with a message offering resume, a new folder or this option."""
+
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     def __init__(self, **data: Any) -> None:

@@ -62,6 +62,8 @@ _SHAREGPT_ROLES = {
     "model": "assistant",
     "system": "system",
 }
+CHAT_ROLES = ("system", "user", "assistant")
+"""The roles a chat row's messages may have (ShareGPT speakers are mapped to these)."""
 _ENCODE_CHUNK = 512  # texts tokenized per call to the fast tokenizer
 
 
@@ -151,10 +153,16 @@ def _pick_split(
 
 
 def _read_text(path: Path) -> str:
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}); save the file "
+            "as UTF-8"
+        ) from None
 
 
 def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
@@ -334,6 +342,10 @@ def _chat_messages(row: Mapping[str, Any], where: str) -> list[Message]:
                     f"{at}: unknown speaker {role!r} in field 'from' (expected human, gpt or system)"
                 )
             role = aliases[role.lower()]
+        elif role not in CHAT_ROLES:
+            raise DataError(
+                f"{at}: unknown role {role!r} in field 'role' (accepted roles: {', '.join(CHAT_ROLES)})"
+            )
         messages.append({"role": role, "content": content})
     return messages
 

@@ -23,7 +23,7 @@ from app.sft import checkpointing
 from app.sft.config import SFTConfig
 from app.sft.data import PaddedCollator, TokenizedDataset, resolve_template
 from app.sft.loss import evaluation_totals
-from app.sft.modeling import load_model, load_tokenizer, quiet_peft_deprecations
+from app.sft.modeling import load_model, load_tokenizer, quiet_peft_deprecations, refuse_pickled_weights
 from app.sft.templates import Message
 
 RUN_CONFIG_FILE = "config.yaml"
@@ -56,6 +56,8 @@ def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel |
     gives its LoRA adapter on that base model, or its fully fine-tuned weights."""
     path = Path(path)
     device = "cuda" if torch.cuda.is_available() else None
+    if path.is_dir():
+        refuse_pickled_weights(path)
     if path.is_file():
         model = load_model(config, device=device)
     elif (path / "adapter_config.json").is_file():

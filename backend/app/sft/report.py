@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -44,8 +47,8 @@ def _best(steps: list[int], values: list[float]) -> tuple[int, float] | None:
     return min(zip(steps, values, strict=True), key=lambda point: point[1], default=None)
 
 
-def _plot(records: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Draw the 2x2 panels (loss, validation loss, learning rate, throughput) into the PNG at `path`."""
+def _plot(records: Sequence[dict[str, Any]], title: str) -> bytes:
+    """Draw the 2x2 panels (loss, validation loss, learning rate, throughput); returns the PNG bytes."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -88,7 +91,22 @@ def _plot(records: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
     for ax in (lr_ax, speed_ax):
         ax.set_xlabel("step (optimizer steps)")
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary sibling renamed into place: a failure (a full disk) leaves the previous
+    file, never half of a new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _finish(ax: Any, title: str, ylabel: str, has_data: bool, empty_message: str) -> None:
@@ -212,7 +230,8 @@ def render_report(output_dir: str | Path, *, title: str | None = None) -> tuple[
     run_summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
 
     png_path, html_path = output_dir / PLOT_FILE, output_dir / REPORT_FILE
-    _plot(records, png_path, title)
-    page = _html(title, png_path.read_bytes(), _summary_rows(records, run_summary), output_dir, run_summary)
-    html_path.write_text(page, encoding="utf-8")
+    png = _plot(records, title)
+    page = _html(title, png, _summary_rows(records, run_summary), output_dir, run_summary)
+    _write_atomic(png_path, png)
+    _write_atomic(html_path, page.encode("utf-8"))
     return png_path, html_path

@@ -24,7 +24,7 @@ step reached on is the new schedule's value there, as if the run had been config
 SAFE_FIELDS = (
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "output_dir", "checkpoint_dir",
     "wandb_project", "wandb_entity", "wandb_run_name", "run_name", "report_to", "disable_progress_bar",
-    "eval_batch_size", "dataloader_num_workers", "save_merged_model",
+    "eval_batch_size", "dataloader_num_workers", "save_merged_model", "overwrite_output_dir",
 )
 """Fields whose change on resume is expected and only noted at info level."""
 

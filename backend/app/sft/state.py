@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,3 +54,25 @@ class TrainerState:
         if unknown:
             raise ValueError(f"trainer state has unknown fields: {', '.join(unknown)}")
         return cls(**data)
+
+    @classmethod
+    def type_problem(cls, data: dict[str, Any]) -> str | None:
+        """`field: must be ..., got ...` for the first field of `data` whose value has the wrong type, else None."""
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            hint = hints.get(name)
+            if hint is None:
+                continue
+            allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            allowed = tuple(typing.get_origin(kind) or kind for kind in allowed)
+            ok = any(
+                value is None if kind is type(None)
+                else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+                else isinstance(value, int) and not isinstance(value, bool) if kind is int
+                else isinstance(value, kind)
+                for kind in allowed
+            )
+            if not ok:
+                expected = " or ".join("null" if kind is type(None) else kind.__name__ for kind in allowed)
+                return f"field {name!r} must be {expected}, got {value!r}"
+        return None

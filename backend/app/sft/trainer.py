@@ -69,6 +69,7 @@ from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, count_label_tokens
 from app.sft.metrics_log import MetricsLog
 from app.sft.modeling import apply_lora, load_model, load_tokenizer, merge_lora, save_final_model
 from app.sft.report import render_report
+from app.sft.run_dir import run_folder
 from app.sft.signals import StopSignals
 from app.sft.state import TrainerState
 
@@ -322,13 +323,20 @@ class SFTTrainer(TrainerAPI):
     # --- the loop ------------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *,
-              continue_after_stop: bool = False) -> dict[str, Any]:
+              continue_after_stop: bool = False, overwrite: bool | None = None) -> dict[str, Any]:
         """Run training (from a checkpoint if asked) and return a summary of the run.
 
         A resumed run that a callback or early stopping ended stays ended unless `continue_after_stop` is set;
         one that reached its last step only completes what it had not written yet (final weights, summary,
-        report).
+        report). The run holds `output_dir`'s lock throughout, and a new run refuses a folder that already holds
+        one unless `overwrite` (default: `config.overwrite_output_dir`) deletes that run's files (see `run_dir`).
         """
+        overwrite = self.config.overwrite_output_dir if overwrite is None else overwrite
+        with run_folder(self.config, resuming=bool(resume_from_checkpoint), overwrite=overwrite,
+                        accelerator=self.accelerator):
+            return self._train(resume_from_checkpoint, continue_after_stop)
+
+    def _train(self, resume_from_checkpoint: str | bool | None, continue_after_stop: bool) -> dict[str, Any]:
         self._add_default_callbacks()
         self._choose_monitor()
         if resume_from_checkpoint:
@@ -545,6 +553,9 @@ class SFTTrainer(TrainerAPI):
 
         if self.val_dataloader is not None and missing(ValidationCallback):
             self.add_callback(ValidationCallback(eval_steps=cfg.eval_steps))
+        if cfg.early_stopping_patience is not None and self.val_dataloader is None and missing(ValidationCallback):
+            logger.warning("early_stopping_patience is set but there is no validation data (eval_dataset_name or "
+                           "validation_split), so early stopping will never trigger")
         if cfg.early_stopping_patience is not None and missing(EarlyStoppingCallback):
             self.add_callback(EarlyStoppingCallback(patience=cfg.early_stopping_patience,
                                                     min_delta=cfg.early_stopping_min_delta,
@@ -662,6 +673,7 @@ class SFTTrainer(TrainerAPI):
             self._metric_steps.update(dict.fromkeys(values, step))
         self.callback_handler.load_state_dict(callback_states)
         checkpointing.load_rng_state(path, self.process_index)
+        checkpointing.check_manifest(path)  # after the loaders, whose messages say more about what they refuse
         self._stop_requested = None
         logger.info("Resumed from %s at step %d (epoch %d, batch %d)", path, self.state.global_step,
                     self.state.epoch, self.state.batch_in_epoch)
@@ -680,6 +692,7 @@ class SFTTrainer(TrainerAPI):
             logger.info("Continuing a run that %s stopped at step %d", stopped_by, state.global_step)
         if state.global_step >= state.max_steps:
             logger.warning("The run already reached its last step (%d); nothing to train.", state.global_step)
+            state.stop_reason = state.stop_reason or ("max_steps" if self.config.max_steps else "completed")
             return True
         state.stop_reason = None
         return False
@@ -714,8 +727,9 @@ class SFTTrainer(TrainerAPI):
         checkpointing.write_json(self.output_dir / SUMMARY_FILE, summary)
         try:
             render_report(self.output_dir)
-        except ImportError as exc:
-            logger.warning("No training report: %s", exc)
+        except Exception as exc:
+            logger.warning("No training report: %s (the training itself succeeded; `sft report %s` retries)",
+                           exc, self.output_dir)
 
     def _summary(self, runtime_s: float) -> dict[str, Any]:
         state = self.state

@@ -21,6 +21,8 @@ class WandBCallback(SFTCallback):
         project, run_name, entity: where the run goes and what it is called (None: W&B's defaults).
         config: the run's config; None logs `trainer.config` when the trainer has one.
         log_model: also upload each saved checkpoint as a W&B artifact of type `model`.
+        init_timeout: seconds `wandb.init` may take to reach the W&B server; when it cannot, one warning says
+            "W&B unreachable" and the run is logged offline instead (W&B's own default waits 90 s).
 
     `wandb` is imported only when training starts. When it is missing or `wandb.init` fails, one warning is
     logged, `run` stays None and training goes on; later logging errors also only warn (once). With no W&B
@@ -41,8 +43,10 @@ class WandBCallback(SFTCallback):
         config: dict[str, Any] | None = None,
         log_model: bool = False,
         entity: str | None = None,
+        init_timeout: float = 15.0,
     ) -> None:
         self.project = project
+        self.init_timeout = init_timeout
         self.run_name = run_name
         self.config = config
         self.log_model = log_model
@@ -60,31 +64,28 @@ class WandBCallback(SFTCallback):
         except ImportError:
             self._warn_once("import", "wandb is not installed (pip install wandb): W&B logging is off")
             return
-        settings: dict[str, Any] = {}
-        offline = not os.environ.get("WANDB_MODE") and not _has_wandb_credentials()
-        if offline:
-            settings["mode"] = "offline"
+        no_credentials = not os.environ.get("WANDB_MODE") and not _has_wandb_credentials()
+        mode = "offline" if no_credentials else None
         config = self.config if self.config is not None else _config_dict(api.config)
+        arguments = dict(project=self.project, name=self.run_name, config=config, entity=self.entity,
+                         resume="allow", id=self.run_id)
+        why_offline = "No W&B credentials found"
         try:
-            self.run = wandb.init(
-                project=self.project,
-                name=self.run_name,
-                config=config,
-                entity=self.entity,
-                resume="allow",
-                id=self.run_id,
-                **settings,
-            )
+            try:
+                self.run = wandb.init(**arguments, mode=mode, settings=wandb.Settings(init_timeout=self.init_timeout))
+            except wandb.errors.CommError as error:  # the server did not answer in time: go on offline
+                if mode == "offline" or os.environ.get("WANDB_MODE") == "offline":
+                    raise
+                mode, why_offline = "offline", f"W&B unreachable ({str(error).splitlines()[0]}), logging offline"
+                self.run = wandb.init(**arguments, mode=mode)
         except Exception as error:  # any failure of the tracker must not stop training
             self._warn_once("init", f"wandb.init failed ({error!r}): W&B logging is off")
             self.run = None
             return
         self.run_id = self.run.id
-        if offline:
-            logger.warning(
-                "No W&B credentials found: the run is saved offline. Upload it later with `wandb sync %s`",
-                self.run.settings.sync_dir,
-            )
+        if mode == "offline":
+            logger.warning("%s: the run is saved offline. Upload it later with `wandb sync %s`", why_offline,
+                           self.run.settings.sync_dir)
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         api = trainer_api(trainer)
