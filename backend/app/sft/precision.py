@@ -16,6 +16,7 @@ supports it, else fp32, without measuring.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -221,11 +222,13 @@ def default_cache_path() -> Path:
 
 
 def machine_key(products: Iterable[Product]) -> dict[str, Any]:
-    """What a measurement depends on: the processor, the torch build and threads, and the products timed."""
+    """What a measurement depends on: the processor (name and flags), the torch build and threads, and the
+    products timed."""
     import torch
 
     return {
         "processor": processor_name(),
+        "cpu_flags": _cpu_flags_digest(),  # virtual machines often show one model name for different CPUs
         "machine": platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -235,12 +238,23 @@ def machine_key(products: Iterable[Product]) -> dict[str, Any]:
 
 def processor_name() -> str:
     """The processor's model name (`/proc/cpuinfo` on Linux, else `platform`)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+def _cpu_flags_digest() -> str:
+    """A short hash of the processor's feature flags (`/proc/cpuinfo`), or "" where there are none."""
+    flags = _cpuinfo_field("flags", "Features")
+    return hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16] if flags else ""
+
+
+def _cpuinfo_field(*names: str) -> str | None:
+    """The first non-empty value of one of `names` in `/proc/cpuinfo`, or None (not Linux, unreadable)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
             name, _, value = line.partition(":")
-            if name.strip() == "model name" and value.strip():
+            if name.strip() in names and value.strip():
                 return value.strip()
-    return platform.processor() or platform.machine() or "unknown"
+    return None
 
 
 def cached_rates(path: Path, key: Mapping[str, Any], precisions: Iterable[str]) -> dict[str, float] | None:
