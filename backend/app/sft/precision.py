@@ -202,6 +202,11 @@ def choose_mixed_precision(
     path = cache_path if cache_path is not None else default_cache_path()
     key = machine_key(products)
     rates, source = cached_rates(path, key, ("fp32", "bf16")), "cached"
+    if rates is None and _launched_processes() > 1:  # measuring on each could disagree (and share the cores)
+        return PrecisionChoice(
+            None, "rule", "several processes were launched and this machine has no cached measurement yet "
+            "(a one-process run measures and caches it)"
+        )
     if rates is None:
         seconds = PROBE_SECONDS if seconds is None else seconds
         rates, source = measure_rates(products, ("fp32", "bf16"), seconds), "measured"
@@ -209,6 +214,14 @@ def choose_mixed_precision(
     best = max(rates, key=lambda name: rates[name])
     reason = f"{best} multiplies the model's matrices faster on this machine"
     return PrecisionChoice(None if best == "fp32" else best, source, reason, dict(rates))  # type: ignore[arg-type]
+
+
+def _launched_processes() -> int:
+    """Processes of this run as torchrun / accelerate launch set them (`WORLD_SIZE`), 1 otherwise."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 # --- the cache ---------------------------------------------------------------------------------------------------

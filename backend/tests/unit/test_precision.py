@@ -162,6 +162,15 @@ def test_another_machines_measurement_is_kept_but_not_used(cache: Path) -> None:
     assert processors == ["Some Other CPU", processor_name()]
 
 
+def test_several_processes_never_measure_but_share_the_cached_choice(cache: Path, monkeypatch) -> None:
+    config, model_config = auto_config(), LlamaConfig(**SMALL_LM)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    first = resolve(config, cuda=False, bf16_supported=True, model_config=model_config)
+    assert first.mixed_precision is None and first.precision_choice.source == "rule" and not cache.exists()
+    write_rates(config, model_config, {"fp32": 100.0, "bf16": 300.0})  # what a one-process run measured
+    assert resolve(config, cuda=False, bf16_supported=True, model_config=model_config).mixed_precision == "bf16"
+
+
 def test_an_unwritable_cache_only_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
