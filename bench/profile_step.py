@@ -13,7 +13,7 @@ of the step in matrix products (the output layer and LoRA's small products apart
 dropout, other model ops, the optimizer and data handling (self CPU time of the profiled ops, by op and by the
 profiler range they ran in).
 
-    .venv/bin/python bench/profile_step.py                      # both workloads, 1 warm-up + 2 profiled steps
+    .venv/bin/python bench/profile_step.py                      # both workloads: 1 timed + 1 profiled step
     .venv/bin/python bench/profile_step.py demo --set lora_dropout=0 --set packing=true
     .venv/bin/python bench/profile_step.py full --precision bf16 --threads 2
 """
@@ -21,6 +21,7 @@ profiler range they ran in).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -43,23 +44,29 @@ DROPOUT_OPS = ("dropout", "bernoulli")
 
 
 class _Profile(SFTCallback):
-    """Starts a `torch.profiler` run after `warmup` steps and records `steps` steps; keeps every step's time."""
+    """Times every step (wall and this process's CPU time), then profiles the `profiled` steps that follow
+    `unprofiled` ones with `torch.profiler`."""
 
-    def __init__(self, warmup: int, steps: int) -> None:
-        self.warmup, self.steps = warmup, steps
+    def __init__(self, unprofiled: int, profiled: int) -> None:
+        self.unprofiled, self.profiled = unprofiled, profiled
         self.profiler: Any = None
-        self.step_times: list[float] = []
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
+        self._clocks = (time.perf_counter(), time.process_time())
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
-        self.step_times.append(metrics["step_time_s"])
-        if step == self.warmup:
+        now = (time.perf_counter(), time.process_time())
+        self.wall.append(now[0] - self._clocks[0])
+        self.cpu.append(now[1] - self._clocks[1])
+        if step == self.unprofiled:
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                    record_shapes=True)
             self.profiler.__enter__()
-            self.started = time.perf_counter()
-        elif step == self.warmup + self.steps and self.profiler is not None:
-            self.wall = time.perf_counter() - self.started
+        elif step == self.unprofiled + self.profiled and self.profiler is not None:
             self.profiler.__exit__(None, None, None)
+        self._clocks = (time.perf_counter(), time.process_time())
 
 
 def demo_trainer(overrides: list[str], output_dir: str, max_steps: int) -> SFTTrainer:
@@ -137,38 +144,43 @@ def category(event: Any, lora_rank: int | None, vocab: int) -> str:
     return "other model ops (norms, activations, rope, adds, casts, autograd)"
 
 
-def profile(name: str, trainer: SFTTrainer, warmup: int, steps: int) -> None:
+def profile(name: str, trainer: SFTTrainer, warmup: int, timed: int, profiled: int) -> None:
+    """Count a step's FLOPs (also the warm-up of every kernel), measure the rates, train `warmup` + `timed`
+    unprofiled and `profiled` profiled steps, print the numbers and the breakdown."""
     cfg = trainer.config
     model_config = trainer.accelerator.unwrap_model(trainer.model).config
+    precision = cfg.mixed_precision or "fp32"
     _note(f"{name}: counting the FLOPs of one step")
     flops = step_flops(trainer)
-    tokens = max(1, min(cfg.batch_size * cfg.max_seq_length, 1024))
+    products = model_products(model_config, max(1, min(cfg.batch_size * cfg.max_seq_length, 1024)))
     _note(f"{name}: measuring the matrix-product rates")
-    rates = measure_rates(model_products(model_config, tokens), ("fp32", "bf16"), seconds=2.0)
-    _note(f"{name}: training {warmup} + {steps} profiled steps")
-    precision = cfg.mixed_precision or "fp32"
-    recorder = _Profile(warmup, steps)
+    wall_rates = measure_rates(products, ("fp32", "bf16"), seconds=2.0)
+    cpu_rates = measure_rates(products, (precision,), seconds=1.0, clock=time.process_time)
+    _note(f"{name}: training {warmup} + {timed} timed + {profiled} profiled steps")
+    recorder = _Profile(warmup + timed, profiled)
     trainer.add_callback(recorder)
     trainer.train()
     _note(f"{name}: trained; summarising the profile")
-    timed = recorder.step_times[warmup:warmup + steps]
-    step_s = statistics.median(timed)
-    bound_s = flops / (rates[precision] * 1e9)
+    wall = statistics.median(recorder.wall[warmup:warmup + timed])
+    cpu = statistics.median(recorder.cpu[warmup:warmup + timed])
+    bound_wall, bound_cpu = flops / (wall_rates[precision] * 1e9), flops / (cpu_rates[precision] * 1e9)
     print(f"\n## {name}: {precision}, {torch.get_num_threads()} threads, batch {cfg.batch_size}, "
-          f"lora {cfg.use_lora} (r {cfg.lora_r}, dropout {cfg.lora_dropout}), packing {cfg.packing}")
-    print(f"step FLOPs {flops / 1e12:.3f} TFLOP; rate of the model's products: fp32 {rates['fp32']:.0f}, "
-          f"bf16 {rates['bf16']:.0f} GFLOP/s")
-    print(f"step {step_s:.2f} s (median of {len(timed)}: {', '.join(f'{t:.2f}' for t in timed)}); "
-          f"matrix-product bound {bound_s:.2f} s at {precision}: step / bound = {step_s / bound_s:.2f}x")
+          f"lora {cfg.use_lora} (r {cfg.lora_r}, dropout {cfg.lora_dropout}), packing {cfg.packing}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"step FLOPs {flops / 1e12:.3f} TFLOP; rate of the model's products (wall): fp32 {wall_rates['fp32']:.0f}, "
+          f"bf16 {wall_rates['bf16']:.0f} GFLOP/s")
+    print(f"step (median of {timed} unprofiled): {wall:.2f} s wall, {cpu:.2f} CPU-s; matrix-product bound at "
+          f"{precision}: {bound_wall:.2f} s wall, {bound_cpu:.2f} CPU-s; step / bound = {wall / bound_wall:.2f}x "
+          f"(wall), {cpu / bound_cpu:.2f}x (CPU time)")
     totals: dict[str, float] = defaultdict(float)
     vocab = int(model_config.vocab_size)
     rank = cfg.lora_r if cfg.use_lora else None
     for event in recorder.profiler.events():
         totals[category(event, rank, vocab)] += event.self_cpu_time_total / 1e6
-    profiled = sum(totals.values())
-    print(f"\n| where ({steps} profiled steps, {recorder.wall:.2f} s wall) | s/step | share |\n|---|---|---|")
+    whole = sum(totals.values())
+    print(f"\n| where ({profiled} profiled step(s), self time of the ops) | s/step | share |\n|---|---|---|")
     for key, seconds in sorted(totals.items(), key=lambda item: -item[1]):
-        print(f"| {key} | {seconds / steps:.3f} | {100 * seconds / profiled:.1f}% |")
+        print(f"| {key} | {seconds / profiled:.3f} | {100 * seconds / whole:.1f}% |")
 
 
 def _note(message: str) -> None:
@@ -178,8 +190,10 @@ def _note(message: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workloads", nargs="*", choices=["demo", "full"], default=["demo", "full"])
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    parser.add_argument("--steps", type=int, default=2, help="profiled steps (default 2)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="untimed steps first (default 0: counting the FLOPs already ran every kernel once)")
+    parser.add_argument("--timed", type=int, default=1, help="timed steps without the profiler (default 1)")
+    parser.add_argument("--profiled", type=int, default=1, help="profiled steps (default 1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="SFTConfig override, for both workloads (e.g. lora_dropout=0, packing=true)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None,
@@ -195,13 +209,13 @@ def main() -> None:
     precision = [] if args.precision is None else [f"mixed_precision={args.precision.replace('fp32', 'null')}"]
     for name in args.workloads:
         with tempfile.TemporaryDirectory() as out:
-            total = args.warmup + args.steps
+            total = args.warmup + args.timed + args.profiled
             if name == "demo":
                 trainer = demo_trainer([*args.overrides, *precision], out, total)
             else:
                 overrides = [*args.overrides, *(precision or ["mixed_precision=null"])]
                 trainer = full_trainer(overrides, out, total, args.all_tokens)
-            profile(name, trainer, args.warmup, args.steps)
+            profile(name, trainer, args.warmup, args.timed, args.profiled)
 
 
 if __name__ == "__main__":

@@ -125,13 +125,17 @@ def model_products(model_config: Any, tokens: int) -> list[Product]:
 
 
 def measure_rates(
-    products: Iterable[Product], precisions: Iterable[str] = ("fp32", "bf16"), seconds: float = PROBE_SECONDS
+    products: Iterable[Product],
+    precisions: Iterable[str] = ("fp32", "bf16"),
+    seconds: float = PROBE_SECONDS,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """GFLOP/s of a forward pass's products in each precision (fp32 inputs and weights, bf16 through CPU
     autocast as in training), timing the precisions alternately, the fastest of repeated calls per product.
 
     Products are timed largest share of the work first; once `seconds` are spent (a slow, emulated precision)
-    the rest are left out, for every precision alike."""
+    the rest are left out, for every precision alike. `clock` times the calls (`time.process_time`: FLOPs per
+    CPU-second of this process, which other processes on a shared machine disturb less than wall time)."""
     import torch
 
     products = sorted(products, key=lambda product: product.count * product.flops, reverse=True)
@@ -144,14 +148,14 @@ def measure_rates(
         x = torch.randn(product.tokens, product.in_features, generator=generator)
         w = torch.randn(product.out_features, product.in_features, generator=generator)
         for precision in precisions:
-            spent[precision] += product.count * _time_product(x, w, precision, slot)
+            spent[precision] += product.count * _time_product(x, w, precision, slot, clock)
         work += product.count * product.flops
         if time.perf_counter() - started > seconds:
             break
     return {precision: round(work / seconds_spent / 1e9, 1) for precision, seconds_spent in spent.items()}
 
 
-def _time_product(x: Any, w: Any, precision: str, seconds: float) -> float:
+def _time_product(x: Any, w: Any, precision: str, seconds: float, clock: Callable[[], float]) -> float:
     """The fastest of repeated `x @ w.T` calls, repeating for about `seconds` (one call if that takes longer)."""
     import torch
     import torch.nn.functional as F
@@ -163,9 +167,9 @@ def _time_product(x: Any, w: Any, precision: str, seconds: float) -> float:
     best, started, repeats = math.inf, time.perf_counter(), 0
     with torch.no_grad(), autocast:
         while repeats == 0 or (repeats < _MAX_REPEATS and time.perf_counter() - started < seconds):
-            call = time.perf_counter()
+            call = clock()
             F.linear(x, w)
-            best = min(best, time.perf_counter() - call)
+            best = min(best, clock() - call)
             repeats += 1
     return best
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def test_measure_rates_times_each_precision_and_keeps_the_random_state() -> None
     rates = measure_rates(model_products(LlamaConfig(**SMALL_LM), tokens=64), ("fp32", "bf16"), seconds=0.05)
     assert set(rates) == {"fp32", "bf16"} and all(rate > 0 for rate in rates.values())
     assert torch.equal(torch.get_rng_state(), state)
+    per_cpu_second = measure_rates(model_products(LlamaConfig(**SMALL_LM), tokens=64), ("fp32",), 0.05,
+                                   clock=time.process_time)
+    assert list(per_cpu_second) == ["fp32"] and per_cpu_second["fp32"] > 0
 
 
 def test_auto_on_a_cpu_with_bf16_measures_once_then_reads_the_cache(cache: Path) -> None:
