@@ -230,8 +230,14 @@ class SFTConfig(BaseModel):
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python values (YAML/JSON-safe), nested `distributed` included."""
-        return self.model_dump(mode="json")
+        """Plain Python values (YAML/JSON-safe), nested `distributed` included.
+
+        A `mixed_precision` that `auto` chose (`precision_choice`) is written as `auto`, so a saved config asks for
+        the same rule wherever it runs; the choice itself is in `training_summary.json`."""
+        data = self.model_dump(mode="json")
+        if self._precision_choice is not None and self._precision_choice.source != "config":
+            data["mixed_precision"] = "auto"
+        return data
 
     def to_yaml(self, path: str | Path) -> Path:
         """Write the config as YAML that `from_yaml` reads back to an equal config."""

@@ -201,6 +201,14 @@ def test_explicit_settings_are_honoured_as_before(cache: Path, setting, machine,
     assert not cache.exists()
 
 
+def test_a_saved_config_keeps_auto(cache: Path, tmp_path: Path) -> None:
+    config = auto_config()
+    resolved = resolve(config, cuda=False, bf16_supported=False)
+    assert resolved.mixed_precision is None and resolved.to_dict() == config.to_dict()
+    assert SFTConfig.from_yaml(resolved.to_yaml(tmp_path / "config.yaml")) == config
+    assert resolve(auto_config(mixed_precision=None)).to_dict()["mixed_precision"] is None
+
+
 def test_the_choice_is_in_the_training_summary_and_the_report(cache: Path, tmp_path: Path, tiny_llama,
                                                                tiny_tokenizer) -> None:
     config = SFTConfig(base_model="tiny", output_dir=str(tmp_path / "out"), max_steps=1, batch_size=2,
