@@ -9,6 +9,7 @@ against the baselines, peak RSS and final loss.
 
     python bench/cpu_compare.py                # 3 repetitions, 3 warm-up + 20 timed steps
     python bench/cpu_compare.py --quick        # smoke run: 1 repetition, 1 warm-up + 2 timed steps
+    python bench/cpu_compare.py --all-tokens   # loss on every token for every contender (the same work)
 """
 
 from __future__ import annotations
@@ -126,9 +127,11 @@ def train(
         )
 
 
-def child(name: str, work: Path, warmup: int, steps: int, lora: bool, bf16: bool) -> None:
-    """Train one contender on the cached work and print its result line."""
+def child(name: str, work: Path, warmup: int, steps: int, lora: bool, bf16: bool, all_tokens: bool) -> None:
+    """Train one contender on the cached work and print its result line; `all_tokens`: loss on every token."""
     rows = load_work(work)
+    if all_tokens:  # the same work for everyone: no contender can skip the output layer at unlabelled positions
+        rows = [{"input_ids": row["input_ids"], "labels": list(row["input_ids"])} for row in rows]
     tokenizer = load_tokenizer()
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(llama_config(len(tokenizer)))
@@ -217,6 +220,11 @@ def main() -> None:
         action="store_true",
         help="bf16 mixed precision (autocast) for every contender instead of fp32; needs a CPU with native bf16",
     )
+    parser.add_argument(
+        "--all-tokens",
+        action="store_true",
+        help="loss on every token (labels = input ids) for every contender, instead of assistant turns only",
+    )
     parser.add_argument("--only", nargs="+", choices=CONTENDERS, help="run these contenders only")
     parser.add_argument(
         "--work",
@@ -231,7 +239,7 @@ def main() -> None:
     if args.warmup < 1:
         parser.error("--warmup must be at least 1")
     if args.run:
-        child(args.run, args.work, args.warmup, args.steps, args.lora, args.bf16)
+        child(args.run, args.work, args.warmup, args.steps, args.lora, args.bf16, args.all_tokens)
         return
 
     if not args.work.exists():
@@ -243,7 +251,8 @@ def main() -> None:
         f"torch {torch.__version__} ({torch.get_num_threads()} threads, {os.cpu_count()} cores), "
         f"transformers {transformers.__version__}, trl {trl.__version__}; {args.reps} reps x "
         f"({args.warmup} warm-up + {args.steps} timed steps), batch {BATCH_SIZE}, "
-        f"{'LoRA' if args.lora else 'full fine-tuning'}, {'bf16 autocast' if args.bf16 else 'fp32'}",
+        f"{'LoRA' if args.lora else 'full fine-tuning'}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+        f"loss on {'every token' if args.all_tokens else 'assistant turns'}",
         flush=True,
     )
     names = args.only or CONTENDERS
@@ -251,6 +260,7 @@ def main() -> None:
     child_args = ["--work", str(args.work), "--warmup", str(args.warmup), "--steps", str(args.steps)]
     child_args += ["--lora"] if args.lora else []
     child_args += ["--bf16"] if args.bf16 else []
+    child_args += ["--all-tokens"] if args.all_tokens else []
     for rep in range(args.reps):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:  # alternate the order across repetitions

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from app.sft.precision import PrecisionChoice
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -112,8 +118,9 @@ class SFTConfig(BaseModel):
     )
     """`adamw` is torch's AdamW (fused on CUDA); `adamw_torch` is accepted as another name for it."""
     scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
-    mixed_precision: Literal["fp16", "bf16"] | None = None
-    """None (also accepted: "no"): full fp32."""
+    mixed_precision: Literal["auto", "fp16", "bf16"] | None = "auto"
+    """`auto`: the faster of fp32 and bf16 on this machine, measured once (see `app.sft.precision`); None (also
+    accepted: "no", "fp32"): full fp32."""
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     dataloader_num_workers: int = Field(0, ge=0)
@@ -152,6 +159,8 @@ class SFTConfig(BaseModel):
     False: such a run is refused with a message offering resume, a new folder or this option."""
 
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    _precision_choice: Any = PrivateAttr(default=None)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -237,8 +246,14 @@ class SFTConfig(BaseModel):
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python values (YAML/JSON-safe), nested `distributed` included."""
-        return self.model_dump(mode="json")
+        """Plain Python values (YAML/JSON-safe), nested `distributed` included.
+
+        A `mixed_precision` that `auto` chose (`precision_choice`) is written as `auto`, so a saved config asks for
+        the same rule wherever it runs; the choice itself is in `training_summary.json`."""
+        data = self.model_dump(mode="json")
+        if self._precision_choice is not None and self._precision_choice.source != "config":
+            data["mixed_precision"] = "auto"
+        return data
 
     def to_yaml(self, path: str | Path) -> Path:
         """Write the config as YAML that `from_yaml` reads back to an equal config."""
@@ -289,20 +304,35 @@ class SFTConfig(BaseModel):
         keys = list(mine) + [key for key in theirs if key not in mine]
         return {key: (mine.get(key), theirs.get(key)) for key in keys if mine.get(key) != theirs.get(key)}
 
+    @property
+    def precision_choice(self) -> PrecisionChoice:
+        """How `mixed_precision` was chosen: by `resolve_for_hardware` for `auto` (with the measured rates) or a
+        fallback, else as set in the config."""
+        from app.sft.precision import PrecisionChoice
+
+        if self._precision_choice is not None:
+            return self._precision_choice
+        return PrecisionChoice(self.mixed_precision, "config", "set in the config")  # type: ignore[arg-type]
+
     def resolve_for_hardware(
         self,
         *,
         cuda: bool | None = None,
         bf16_supported: bool | None = None,
         bitsandbytes: bool | None = None,
+        model_config: Any | None = None,
     ) -> SFTConfig:
         """A copy whose settings this machine can run, with one `ConfigWarning` per setting changed.
 
         Each argument left as None is detected (torch for CUDA and bf16, an import for bitsandbytes).
-        Falls back: bf16 without bf16 support and fp16 without CUDA to fp32; 8-bit/paged optimizers without
-        bitsandbytes and CUDA, and the fused AdamW without CUDA, to `adamw`. Raises `ConfigError` for QLoRA
-        without CUDA and bitsandbytes: 4-bit training cannot be emulated.
+        `mixed_precision: auto` becomes the faster precision of this machine (`precision.choose_mixed_precision`,
+        which times `model_config`'s products; None: the base model's config, if it is available locally), said in
+        one log line and recorded in `precision_choice`. Falls back: bf16 without bf16 support and fp16 without
+        CUDA to fp32; 8-bit/paged optimizers without bitsandbytes and CUDA, and the fused AdamW without CUDA, to
+        `adamw`. Raises `ConfigError` for QLoRA without CUDA and bitsandbytes: 4-bit training cannot be emulated.
         """
+        from app.sft.precision import PrecisionChoice, choose_mixed_precision
+
         cuda = _cuda_available() if cuda is None else cuda
         changes: dict[str, Any] = {}
 
@@ -318,13 +348,25 @@ class SFTConfig(BaseModel):
                     f"use_qlora: QLoRA needs {' and '.join(missing)} (4-bit weights cannot be emulated "
                     "here); set use_qlora: false to train plain LoRA"
                 )
-        if self.mixed_precision == "bf16":
+        precision = None  # recorded only when mixed_precision changes (so a config that needs no change is equal)
+        if self.mixed_precision == "auto":
+            precision = choose_mixed_precision(
+                cuda=cuda,
+                bf16_supported=_bf16_supported(cuda) if bf16_supported is None else bf16_supported,
+                model_config=model_config if model_config is not None else lambda: _local_model_config(self),
+                tokens=self.batch_size * self.max_seq_length,
+            )
+            changes["mixed_precision"] = precision.mixed_precision
+            logger.info("%s", precision.describe())
+        elif self.mixed_precision == "bf16":
             supported = _bf16_supported(cuda) if bf16_supported is None else bf16_supported
             if not supported:
                 changes["mixed_precision"] = None
+                precision = PrecisionChoice(None, "config", "bf16 was set but is not supported here")
                 _warn("mixed_precision 'bf16' is not supported on this machine; training in fp32 instead")
         elif self.mixed_precision == "fp16" and not cuda:
             changes["mixed_precision"] = None
+            precision = PrecisionChoice(None, "config", "fp16 was set but needs a CUDA GPU")
             _warn("mixed_precision 'fp16' needs a CUDA GPU; training in fp32 instead")
         if self.optimizer_type in _BITSANDBYTES_OPTIMIZERS and not (cuda and has_bitsandbytes()):
             changes["optimizer_type"] = "adamw"
@@ -332,7 +374,10 @@ class SFTConfig(BaseModel):
         elif self.optimizer_type == "adamw_fused" and not cuda:
             changes["optimizer_type"] = "adamw"
             _warn("optimizer_type 'adamw_fused' needs a CUDA GPU; using 'adamw' instead")
-        return self.model_copy(update=changes, deep=True)
+        resolved = self.model_copy(update=changes, deep=True)
+        if precision is not None:
+            resolved._precision_choice = precision
+        return resolved
 
 
 def _invalid(problems: list[str], source: str | None) -> ConfigError:
@@ -400,6 +445,18 @@ def _bf16_supported(cuda: bool) -> bool:
         return torch.cuda.is_bf16_supported()
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def _local_model_config(config: SFTConfig) -> Any | None:
+    """The base model's transformers config when it is on this machine (a directory, a GGUF file, the Hub
+    cache), else None; never downloads."""
+    try:
+        from app.sft.modeling import base_model_config
+
+        return base_model_config(config, local_files_only=True)
+    except Exception as error:  # any unreadable model: auto then trains in fp32 and says why
+        logger.info("mixed_precision auto: cannot read the shapes of %s (%s)", config.base_model, error)
+        return None
 
 
 def _bitsandbytes_importable() -> bool:

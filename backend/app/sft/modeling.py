@@ -28,7 +28,14 @@ from urllib.parse import urlsplit
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.pytorch_utils import Conv1D
 
 from app.sft.config import ConfigError
@@ -143,8 +150,12 @@ def gguf_cache_dir(gguf_path: str | os.PathLike[str]) -> Path:
     path = Path(gguf_path)
     stat = path.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    root = Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "llm-playground").expanduser()
-    return root / "gguf" / f"{path.stem}-{key}"
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
+def cache_root() -> Path:
+    """The library's user cache folder: `$LLM_PLAYGROUND_CACHE`, default `~/.cache/llm-playground`."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "llm-playground").expanduser()
 
 
 def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
@@ -295,6 +306,14 @@ def resolve_dtype(config: SFTConfig, device: torch.device | str | None = None) -
     if uses_lora and on_cuda and config.mixed_precision in _HALF_DTYPES:
         return _HALF_DTYPES[config.mixed_precision]
     return torch.float32
+
+
+def base_model_config(config: SFTConfig, *, local_files_only: bool = False) -> PretrainedConfig:
+    """The base model's `transformers` config (its shapes) without loading weights; a GGUF file is converted
+    (once, as `load_model` would). `local_files_only`: a Hub id is read from the local Hub cache only."""
+    return AutoConfig.from_pretrained(
+        model_path(config.base_model), trust_remote_code=config.trust_remote_code, local_files_only=local_files_only
+    )
 
 
 def load_model(config: SFTConfig, *, device: torch.device | str | None = None) -> PreTrainedModel:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from app.sft.metrics_log import read_metrics
+from app.sft.precision import PrecisionChoice
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -169,7 +170,16 @@ def _summary_rows(records: Sequence[dict[str, Any]], run_summary: dict[str, Any]
         ("Trained tokens", _fmt(run_summary.get("train_tokens"))),
         ("Mean throughput (tokens/s)", _fmt(sum(speed) / len(speed) if speed else None)),
         ("Runtime", _duration(run_summary.get("runtime_s", max(elapsed, default=None)))),
+        ("Precision", _precision(run_summary.get("mixed_precision"))),
     ]
+
+
+def _precision(record: Any) -> str:
+    """The summary's `mixed_precision` record in one line, e.g. `mixed_precision auto: fp32 (measured: ...)`."""
+    try:
+        return PrecisionChoice.from_dict(record).describe()
+    except (TypeError, ValueError, KeyError):
+        return "—"
 
 
 def _table(rows: Sequence[tuple[str, str]]) -> str:

@@ -110,7 +110,7 @@ class SFTTrainer(TrainerAPI):
     ) -> None:
         if not isinstance(config, SFTConfig):
             raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
-        self.config = config.resolve_for_hardware()
+        self.config = config.resolve_for_hardware(model_config=getattr(model, "config", None))
         self.accelerator: Accelerator = make_accelerator(self.config)
         set_seed(self.config.seed)
         self.output_dir = Path(self.config.output_dir)
@@ -749,6 +749,7 @@ class SFTTrainer(TrainerAPI):
             "train_tokens": state.train_tokens,
             "runtime_s": round(runtime_s, 3),
             "stop_reason": state.stop_reason,
+            "mixed_precision": self.config.precision_choice.to_dict(),
             "output_dir": str(self.output_dir),
         }
 

@@ -19,7 +19,7 @@ def test_defaults_match_what_hf_and_trl_users_expect() -> None:
     config = SFTConfig(base_model="tiny")
     assert (config.use_lora, config.lora_r, config.lora_alpha, config.learning_rate) == (True, 8, 16, 2e-4)
     assert (config.dataset_format, config.validation_split, config.train_on_inputs) == ("alpaca", 0.1, False)
-    assert config.report_to == [] and config.mixed_precision is None and config.distributed.strategy == "auto"
+    assert config.report_to == [] and config.mixed_precision == "auto" and config.distributed.strategy == "auto"
     assert config.resolved_checkpoint_dir == str(Path("outputs/sft") / "checkpoints")
     assert SFTConfig(base_model="tiny", checkpoint_dir="/ckpt").resolved_checkpoint_dir == "/ckpt"
 
@@ -252,7 +252,7 @@ def test_fp16_needs_cuda() -> None:
 
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
 def test_bitsandbytes_optimizers_fall_back_to_adamw(optimizer: str) -> None:
-    config = SFTConfig(base_model="m", optimizer_type=optimizer)
+    config = SFTConfig(base_model="m", optimizer_type=optimizer, mixed_precision=None)
     resolved, messages = resolve(config, cuda=True, bitsandbytes=False)
     assert resolved.optimizer_type == "adamw"
     assert messages == [f"optimizer_type {optimizer!r} needs bitsandbytes and a CUDA GPU; using 'adamw'"]
@@ -275,7 +275,7 @@ def test_fused_adamw_needs_cuda_and_each_fallback_warns_once() -> None:
     ],
 )
 def test_qlora_cannot_be_emulated(machine: dict[str, bool], missing: str) -> None:
-    config = SFTConfig(base_model="m", use_qlora=True)
+    config = SFTConfig(base_model="m", use_qlora=True, mixed_precision=None)
     with pytest.raises(ConfigError, match=f"use_qlora: QLoRA needs {missing} "):
         config.resolve_for_hardware(**machine)
     assert resolve(config, cuda=True, bitsandbytes=True) == (config, [])
