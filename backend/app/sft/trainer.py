@@ -46,6 +46,7 @@ from transformers import get_scheduler
 
 from app.sft import checkpointing
 from app.sft.attention import register_document_attention
+from app.sft.audit import run_audit
 from app.sft.callbacks import (
     CheckpointCallback,
     EarlyStoppingCallback,
@@ -300,6 +301,7 @@ class SFTTrainer:
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any]:
         """Run training (from a checkpoint if asked) and return a summary of the run."""
         self._add_default_callbacks()
+        audit = run_audit(self.train_data, self.val_data, self.config, self.tokenizer, warn=self.is_main_process)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
             if self._already_finished():
@@ -326,6 +328,7 @@ class SFTTrainer:
             if self.metrics_log is not None:
                 self.metrics_log.close()
         summary = self._summary(time.perf_counter() - started)
+        summary["audit"] = audit.to_dict() if audit is not None else None
         if self.is_main_process and self.state.stop_reason != "signal":
             _write_json(self.output_dir / "training_summary.json", summary)
             self._render_report()
@@ -665,7 +668,8 @@ class SFTTrainer:
         full_state = self.accelerator.get_state_dict(self.model) if self._is_sharded() else None
         if self.is_main_process:
             model = self._unwrapped_model()
-            save_final_model(model, self.tokenizer, self.output_dir, state_dict=full_state)
+            save_final_model(model, self.tokenizer, self.output_dir, state_dict=full_state,
+                             template=resolve_template(self.config, self.tokenizer))
             self.config.to_yaml(self.output_dir / "config.yaml")
             if self.config.save_merged_model and hasattr(model, "peft_config"):
                 merge_lora(self.output_dir, self.output_dir / "merged")

@@ -48,6 +48,7 @@ def write_config(directory: Path, model_dir: Path, **overrides) -> Path:
         "save_steps": 4,
         "output_dir": str(directory / "run"),
         "seed": 0,
+        "audit_max_duplicate_share": 1.0,  # validates on training rows on purpose (memorisation)
     }
     settings.update(overrides)
     path = directory / "config.yaml"
