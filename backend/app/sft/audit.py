@@ -15,6 +15,7 @@ did, so the saved tokenizer chats in the trained format (`modeling.save_final_mo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import warnings
@@ -28,6 +29,8 @@ from transformers import PreTrainedTokenizerBase
 from app.sft.config import SFTConfig
 from app.sft.data import IGNORE_INDEX, DataError, DataFacts, TokenizedDataset, epoch_batches, tokenize_example
 from app.sft.templates import PromptTemplate, TemplateError
+
+logger = logging.getLogger(__name__)
 
 FIRST_ROWS = 5
 """How many row numbers a check's message names."""
@@ -61,6 +64,7 @@ class AuditReport:
 
     mode: str
     seconds: float
+    """How long the audit took (not in `to_dict()`)."""
     max_seq_length: int
     splits: dict[str, dict[str, Any]]
     """"train" (and "validation"): rows read, dropped and why, truncated, tokens and trained tokens per epoch."""
@@ -80,7 +84,10 @@ class AuditReport:
         return [check for check in self.checks if not check.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": not self.failed}
+        """Everything but the time taken (so that every process of a distributed run reports the same)."""
+        data = asdict(self)
+        del data["seconds"]
+        return {**data, "passed": not self.failed}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -412,6 +419,9 @@ def run_audit(
     if config.audit == "off" and enforce:
         return None
     report = audit_data(train, val, config, tokenizer)
+    if warn:
+        logger.info("Data audit: %d of %d checks passed in %.2f s", len(report.checks) - len(report.failed),
+                    len(report.checks), report.seconds)
     if enforce:
         enforce_audit(report, warn=warn)
     return report

@@ -223,8 +223,8 @@ def _data_section(audit: dict[str, Any]) -> list[str]:
         examples.append(f"<h3>Training row {example['row']}{note}</h3><pre class=\"example\">{text}</pre>")
     return [
         "<h2>Data</h2>",
-        f'<p class="note">Audited in {audit["seconds"]:.2f} s (audit: {html.escape(audit["mode"])}). '
-        "Trained tokens are <span class=\"trained\">highlighted</span>.</p>",
+        f'<p class="note">The data audit (audit: {html.escape(audit["mode"])}) of the tokenized training data, '
+        "before the first step. Trained tokens are <span class=\"trained\">highlighted</span>.</p>",
         _length_histogram(audit["histogram"], audit["max_seq_length"]),
         _table(rows),
         f"<table>{checks}</table>",
