@@ -27,7 +27,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from app.sft.config import SFTConfig
-from app.sft.data import IGNORE_INDEX, DataError, DataFacts, TokenizedDataset, epoch_batches, tokenize_example
+from app.sft.data import IGNORE_INDEX, DataError, DataFacts, TokenizedDataset, epoch_batches
 from app.sft.templates import PromptTemplate, TemplateError
 
 logger = logging.getLogger(__name__)
@@ -486,43 +486,50 @@ def chat_template_for(template: PromptTemplate | None, tokenizer: PreTrainedToke
     )
 
 
-def _leading_specials(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Jinja for the special tokens the tokenizer puts before a text (a BOS), which a chat template must write."""
+def _leading_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts before a text (a BOS)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    lead = full[: full.index(plain[0])] if plain and plain[0] in full else []
-    tokens = tokenizer.convert_ids_to_tokens(lead)
+    return full[: full.index(plain[0])] if plain and plain[0] in full else []
+
+
+def _leading_specials(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Jinja for the special tokens the tokenizer puts before a text (a BOS), which a chat template must write."""
+    tokens = tokenizer.convert_ids_to_tokens(_leading_ids(tokenizer))
     return "".join("{{- bos_token -}}" if token == tokenizer.bos_token else f"{{{{- {json.dumps(token)} -}}}}"
                    for token in tokens)
 
 
 def _parity_problem(template: PromptTemplate, tokenizer: PreTrainedTokenizerBase, jinja: str) -> str | None:
-    """Why `jinja` does not reproduce the training prompt prefix of some probe (None: it does for every one)."""
+    """Why `jinja` does not reproduce the training prompt of some probe (None: it does for every one).
+
+    The training prompt is the rendered text before the last reply, tokenized as training tokenizes (with the
+    special tokens the tokenizer adds in front): the trained prompt prefix token for token, except where a token
+    spans prompt and reply (which the audit's `prompt_reply_boundary` check reports).
+    """
     import jinja2
 
+    lead = _leading_ids(tokenizer) if template.add_special_tokens else []
     for probe in _PROBES:
-        dataset_format = "chat" if "messages" in probe else "alpaca"
+        messages = probe["messages"] if "messages" in probe else [
+            {"role": "user", "content": probe["instruction"], "input": probe["input"]},
+            {"role": "assistant", "content": probe["output"]}]
         try:
-            example = tokenize_example(probe, tokenizer, dataset_format=dataset_format, template=template,
-                                       max_seq_length=1 << 30)
-        except (DataError, TemplateError, jinja2.TemplateError):
+            segments = template.render(messages, tokenizer)
+        except (ValueError, KeyError, jinja2.TemplateError):  # TemplateError is a ValueError
             continue  # a conversation this template does not render
-        if example is None:
+        replies = [i for i, (_, trained) in enumerate(segments) if trained]
+        if not replies:
             continue
-        labels = example["labels"]
-        starts = [i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX]
-        if not starts:
-            continue
-        trained_prefix = example["input_ids"][: starts[-1]]
-        messages = probe["messages"][:-1] if "messages" in probe else [
-            {"role": "user", "content": probe["instruction"], "input": probe["input"]}]
+        prompt = "".join(text for text, _ in segments[: replies[-1]])
+        trained_prefix = lead + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         try:
-            text = tokenizer.apply_chat_template(template.chat_messages(messages), chat_template=jinja,
+            text = tokenizer.apply_chat_template(template.chat_messages(messages[:-1]), chat_template=jinja,
                                                  add_generation_prompt=True, tokenize=False)
         except (jinja2.TemplateError, TemplateError, ValueError) as error:
-            return f"the chat template fails on {messages!r}: {error}"
+            return f"the chat template fails on {messages[:-1]!r}: {error}"
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids != trained_prefix:
-            return (f"for {messages!r} the chat template gives {tokenizer.decode(ids)!r}, training had "
+            return (f"for {messages[:-1]!r} the chat template gives {tokenizer.decode(ids)!r}, training had "
                     f"{tokenizer.decode(trained_prefix)!r}")
     return None
