@@ -417,6 +417,9 @@ class DataFacts:
     """The row starts with two BOS tokens."""
     boundary: dict[int, BoundaryToken]
     """Rows (0-based) with a token spanning trained and untrained text: the first such token."""
+    templated: bool = False
+    """Some row was rendered by a prompt template (not pre-tokenized, not plain text): the saved tokenizer's chat
+    template must then match that template."""
 
     @classmethod
     def of_examples(
@@ -500,6 +503,7 @@ class _Outcome:
     untrained_end: bool = False
     double_bos: bool = False
     boundary: BoundaryToken | None = None
+    templated: bool = False  # rendered by a prompt template
 
 
 def tokenize_dataset(
@@ -578,6 +582,7 @@ def _facts(outcomes: list[_Outcome], source: str, max_seq_length: int) -> DataFa
         untrained_end=column("untrained_end", bool),
         double_bos=column("double_bos", bool),
         boundary={row: outcome.boundary for row, outcome in enumerate(outcomes) if outcome.boundary is not None},
+        templated=any(outcome.templated for outcome in outcomes),
     )
 
 
@@ -703,6 +708,7 @@ def _tokenize_rows(
                 outcome = _finish(
                     ids, ids_array, labels, max_seq_length, markers, rendered=True, trimmed=trimmed, boundary=boundary
                 )
+                outcome.templated = template is not None
             yield outcome
 
 
@@ -812,7 +818,8 @@ def _encode(
             continue
         bounds = np.cumsum([0] + [len(text) for text, _ in segments])
         trained = np.array([flag for _, flag in segments] + [False], dtype=bool)  # + a guard for no segments
-        spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        spans = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
+        spans = spans.reshape(-1, 2)
         last_char = spans[:, 1] - 1
         segment = np.searchsorted(bounds, last_char, side="right") - 1  # -1 for tokens without text (a BOS)
         is_trained = (last_char >= 0) & trained[segment.clip(0, len(trained) - 1)]
@@ -833,33 +840,32 @@ def _boundary_token(
 ) -> BoundaryToken | None:
     """The first token whose characters are partly in trained and partly in untrained segments, if any.
 
-    A token's characters are its offsets, extended back over whitespace its offsets leave out (byte-level BPE
-    with `trim_offsets` reports ` Paris` as `Paris`) when the token, decoded alone, holds that whitespace.
+    Such a token is where the labels change (trained from untrained or back): its neighbour on the other side
+    lies wholly in text of the other kind. Only those positions are looked at. A token's characters are its
+    offsets, extended back over whitespace its offsets leave out (byte-level BPE with `trim_offsets` reports
+    ` Paris` as `Paris`) when the token, decoded alone, holds that whitespace.
     """
-    last = len(trained) - 1
-    starts, ends = spans[:, 0], spans[:, 1]
-    has_text = ends > starts
-    first_segment = (np.searchsorted(bounds, starts, side="right") - 1).clip(0, last)
-    end_segment = (np.searchsorted(bounds, ends - 1, side="right") - 1).clip(0, last)
-    mixed = np.flatnonzero(has_text & (trained[first_segment] != trained[end_segment]))
-    # whitespace before a token that no token's offsets cover, in a segment of the other kind
-    previous_end = np.concatenate(([0], np.maximum.accumulate(ends)[:-1]))
-    before_segment = (np.searchsorted(bounds, starts - 1, side="right") - 1).clip(0, last)
-    gaps = np.flatnonzero(has_text & (starts > previous_end) & (trained[before_segment] != trained[first_segment]))
-    found: tuple[int, int] | None = (int(mixed[0]), int(starts[mixed[0]])) if len(mixed) else None
-    for position in gaps:
-        if found is not None and position >= found[0]:
-            break
-        start, end = int(starts[position]), int(ends[position])
-        piece = markers.piece(ids[position])
-        extra = len(piece) - (end - start)
-        if extra > 0 and piece.endswith(text[start:end]) and text[start - extra : start] == piece[:extra]:
-            found = (int(position), start - extra)
-            break
-    if found is None:
+    changes = np.flatnonzero(is_trained[1:] != is_trained[:-1]) + 1
+    if not len(changes):
         return None
-    position, start = found
-    return BoundaryToken(position, ids[position], text[start : int(ends[position])], bool(is_trained[position]))
+    starts, ends = spans[changes, 0], spans[changes, 1]
+    # segment indices run from -1 to len(segments): both ends land on `trained`'s untrained guard entry
+    first_segment = np.searchsorted(bounds, starts, side="right") - 1
+    end_segment = np.searchsorted(bounds, ends - 1, side="right") - 1
+    before_segment = np.searchsorted(bounds, starts - 1, side="right") - 1
+    has_text = ends > starts
+    mixed = has_text & (trained[first_segment] != trained[end_segment])
+    gap = has_text & (starts > spans[changes - 1, 1]) & (trained[before_segment] != trained[first_segment])
+    for index in np.flatnonzero(mixed | gap):
+        position, start, end = int(changes[index]), int(starts[index]), int(ends[index])
+        if not mixed[index]:  # whitespace before the token, outside every token's offsets: is it the token's?
+            piece = markers.piece(ids[position])
+            extra = len(piece) - (end - start)
+            if not (extra > 0 and piece.endswith(text[start:end]) and text[start - extra : start] == piece[:extra]):
+                continue
+            start -= extra
+        return BoundaryToken(position, ids[position], text[start:end], bool(is_trained[position]))
+    return None
 
 
 def _finish(
@@ -882,7 +888,9 @@ def _finish(
     is_trained = labels != IGNORE_INDEX
     response = int(is_trained[1:].sum())
     kept = int(is_trained[1:max_seq_length].sum())
-    is_end = np.isin(ids_array, markers.end_ids)
+    is_end = np.zeros(len(ids), dtype=bool)
+    for end_id in markers.end_ids:  # one or two ids: faster than np.isin
+        is_end |= ids_array == end_id
     untrained_end = bool((is_trained[:-1] & ~is_trained[1:] & is_end[1:]).any()) or (
         rendered and response > 0 and not bool((is_trained & is_end).any())
     )

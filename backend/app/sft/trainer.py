@@ -669,7 +669,8 @@ class SFTTrainer:
         if self.is_main_process:
             model = self._unwrapped_model()
             save_final_model(model, self.tokenizer, self.output_dir, state_dict=full_state,
-                             template=resolve_template(self.config, self.tokenizer))
+                             template=resolve_template(self.config, self.tokenizer) if self.train_data.facts.templated
+                             else None)
             self.config.to_yaml(self.output_dir / "config.yaml")
             if self.config.save_merged_model and hasattr(model, "peft_config"):
                 merge_lora(self.output_dir, self.output_dir / "merged")

@@ -326,6 +326,20 @@ def test_validate_prints_the_audit_table_and_json_and_fails_on_a_failed_check(
     assert "validation_leakage: 16 of 16 validation rows" in captured.err
     assert main(["validate", str(copied), "--set", "audit=warn"]) == 0
     assert "FAIL validation_leakage" in capsys.readouterr().out
+    assert main(["train", str(copied)]) == 2  # one message, no traceback, nothing written
+    err = capsys.readouterr().err
+    assert "sft train: error: data audit: 1 check failed (nothing was trained)" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretokenized_training_keeps_the_tokenizers_own_chat_template(tmp_path: Path) -> None:
+    tokenizer = build_tiny_tokenizer()
+    rows = [{"input_ids": example["input_ids"], "labels": example["labels"]}
+            for example in tokenize_dataset(ROWS, tokenizer, template=default_registry.get("chatml"))]
+    config = SFTConfig(base_model="unused", output_dir=str(tmp_path / "out"), max_steps=1, batch_size=4,
+                       validation_split=0.0, disable_progress_bar=True, use_lora=False)  # dataset_format: alpaca
+    SFTTrainer(config, model=tiny_llama(), tokenizer=tokenizer, train_dataset=rows).train()
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == tokenizer.chat_template
 
 
 def test_preview_marks_truncation(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
