@@ -26,11 +26,12 @@ from transformers import (
 )
 
 from app.sft import checkpointing
+from app.sft.audit import chat_template_for
 from app.sft.config import SFTConfig
 from app.sft.data import PaddedCollator, TokenizedDataset, resolve_template
 from app.sft.loss import evaluation_totals
 from app.sft.modeling import ensure_pad_token, load_model, load_tokenizer, quiet_peft_deprecations
-from app.sft.templates import Message
+from app.sft.templates import Message, PromptTemplate, TemplateError
 
 RUN_CONFIG_FILE = "config.yaml"
 """The config a finished run writes into its output directory."""
@@ -74,6 +75,17 @@ def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel |
     return model.eval()
 
 
+def _renders_as_trained(template: PromptTemplate | None, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's chat template is the one saving would write for `template` (a run saved before
+    chat templates were matched to training keeps its prompts from the template object)."""
+    if template is None or not tokenizer.chat_template:
+        return False
+    try:
+        return chat_template_for(template, tokenizer) == tokenizer.chat_template
+    except TemplateError:
+        return False
+
+
 def load_saved_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer a run saved next to its model (with the chat template it trained with), ready to pad."""
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -112,7 +124,7 @@ class Generator:
         self.config = config
         self.template = resolve_template(config, tokenizer)
         """None for `completion` data: the prompt is plain text that the model continues."""
-        self.use_chat_template = use_chat_template and self.template is not None and bool(tokenizer.chat_template)
+        self.use_chat_template = use_chat_template and _renders_as_trained(self.template, tokenizer)
         """Prompts come from the tokenizer's chat template (the one training saved, which renders them as the
         training template did), not from the template object."""
 

@@ -365,3 +365,14 @@ def test_report_has_a_data_section(tmp_path: Path) -> None:
     assert "Trained tokens lost to truncation" in data and "FAILED" in data
     assert data.count('<pre class="example">') == 2 and '<span class="trained">' in data
     assert "(truncated to max_seq_length)" in data
+
+
+def test_a_run_saved_without_a_matching_chat_template_keeps_its_prompts_from_the_template() -> None:
+    """A tokenizer whose chat template is ChatML, from a run that trained with alpaca (saved before parity)."""
+    tokenizer = build_tiny_tokenizer()
+    config = SFTConfig(base_model="m", dataset_format="alpaca")
+    generator = Generator(tiny_llama(), tokenizer, config, use_chat_template=True)
+    assert not generator.use_chat_template
+    assert generator.prompt_text("hello").endswith("### Response:\n")
+    tokenizer.chat_template = chat_template_for(AlpacaTemplate(), tokenizer)
+    assert Generator(tiny_llama(), tokenizer, config, use_chat_template=True).use_chat_template
