@@ -25,8 +25,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
-
 from app.sft.checkpointing import CheckpointError
 from app.sft.config import ConfigError, SFTConfig
 from app.sft.data import (
@@ -51,6 +49,7 @@ USAGE_ERRORS = (ConfigError, DataError, CheckpointError, TemplateError, FileNotF
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 _MARK_START, _MARK_END = "[[", "]]"
 _COLOR_START, _COLOR_END = "\033[1;32m", "\033[0m"
+_CUT_MARK = "[cut]"
 _TARGET_HELP = "a run's output_dir, one of its checkpoints, or a config file (its base model)"
 
 
@@ -121,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --resume: train on even though early stopping or a callback ended the run",
     )
 
-    validate = command("validate", _validate, "check a config and its data without loading model weights")
+    validate = command("validate", _validate, "check a config and audit its data without loading model weights")
     validate.add_argument("config", metavar="CONFIG", help="YAML config file")
+    validate.add_argument("--json", action="store_true", help="print only the data audit, as JSON (for machines)")
     _add_overrides(validate)
 
     preview = command("preview", _preview, "show formatted training examples, trained tokens marked")
@@ -205,11 +205,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from app.sft.audit import enforce_audit, run_audit
+
     config = _load_config(args.config, args.overrides)
     config.resolve_for_hardware()  # warns about settings this machine would change, refuses impossible ones
     tokenizer = load_tokenizer(config)
     template = resolve_template(config, tokenizer)
     train, val = build_datasets(config, tokenizer)
+    audit = run_audit(train, val, config, tokenizer, enforce=False)  # shown first, then enforced
+    if args.json:
+        print(audit.to_json())
+        enforce_audit(audit)
+        return 0
     template_name = template.name if template is not None else "none (plain text)"
     print(f"Config {args.config}: OK ({config.dataset_format} data, template {template_name}, "
           f"max_seq_length {config.max_seq_length})")
@@ -231,35 +238,50 @@ def _validate(args: argparse.Namespace) -> int:
     per_epoch = math.ceil(micro_batches / config.gradient_accumulation_steps)
     total = f"{config.max_steps} (max_steps)" if config.max_steps else f"{per_epoch * config.num_epochs}"
     print(f"Optimizer steps: {per_epoch} per epoch on one process; this run: {total}")
+    print(audit.format_table())
+    enforce_audit(audit)  # audit: error -> exit 2 naming the failed checks; warn -> one warning
     return 0
 
 
 def _preview(args: argparse.Namespace) -> int:
+    from app.sft.audit import label_spans
+
     config = _load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config)
     template = resolve_template(config, tokenizer)
     rows = load_rows(config.dataset_name, config.dataset_split)
     color = sys.stdout.isatty()
     marked = f"{_COLOR_START}like this{_COLOR_END}" if color else f"{_MARK_START}like this{_MARK_END}"
-    print(f"Trained tokens (the ones the loss is computed on) are marked {marked}.")
+    print(f"Trained tokens (the ones the loss is computed on) are marked {marked}; a row longer than "
+          f"max_seq_length ({config.max_seq_length}) ends with a {_CUT_MARK} line.")
+    limit = config.max_seq_length
     for index in range(min(args.num_examples, len(rows))):
-        example = tokenize_example(
+        whole = tokenize_example(  # untruncated, to show what max_seq_length cuts
             rows[index],
             tokenizer,
             dataset_format=config.dataset_format,
             template=template,
-            max_seq_length=config.max_seq_length,
+            max_seq_length=1 << 62,
             train_on_inputs=config.train_on_inputs,
             text_field=config.dataset_text_field,
         )
+        ids, labels = (whole["input_ids"], whole["labels"]) if whole is not None else ([], [])
+        cut_tokens = max(len(ids) - limit, 0)
+        cut_trained = sum(label != IGNORE_INDEX for label in labels[limit:])
+        cut = (f"; truncated: max_seq_length cuts {cut_tokens} more tokens, {cut_trained} of them trained"
+               if cut_tokens else "")
         print(f"\n--- {config.dataset_name} row {index + 1}", end="")
-        if example is None:
-            print(": dropped (nothing to train on within max_seq_length) ---")
+        trained = sum(label != IGNORE_INDEX for label in labels[1:limit])
+        if not trained:
+            reason = "its response is cut away by max_seq_length" if cut_trained else "nothing to train on"
+            print(f": dropped ({reason}{cut}) ---")
             continue
-        trained = sum(label != IGNORE_INDEX for label in example["labels"])
-        print(f": {len(example['input_ids'])} tokens, {trained} trained ---")
-        spans = _label_spans(tokenizer, example["input_ids"], example["labels"])
+        print(f": {min(len(ids), limit)} tokens, {trained} trained{cut} ---")
+        spans = label_spans(tokenizer, ids[:limit], labels[:limit])
         print("".join(_mark(text, color) if is_trained else text for text, is_trained in spans))
+        if cut_tokens:
+            print(f"{_CUT_MARK} truncated here by max_seq_length={limit}: {cut_tokens} tokens "
+                  f"({cut_trained} trained) are not seen in training")
     return 0
 
 
@@ -364,21 +386,6 @@ def _drop_oldest_turns(generator: Generator, history: list[Message], budget: int
     first = 1 if history[0]["role"] == "system" else 0
     while len(history) - first > 1 and generator.prompt_length(history) > budget:
         del history[first : first + 2]
-
-
-def _label_spans(
-    tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]
-) -> list[tuple[str, bool]]:
-    """The decoded text as (text, trained) spans. Each span is the difference between decoding a prefix and a
-    longer one, so tokenizers that decode words differently at the start of a text still read correctly."""
-    flags = [label != IGNORE_INDEX for label in labels]
-    ends = [i for i in range(1, len(ids)) if flags[i] != flags[i - 1]] + [len(ids)]
-    spans, done, start = [], "", 0
-    for end in ends:
-        text = tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        spans.append((text[len(done) :], flags[start]))
-        done, start = text, end
-    return spans
 
 
 def _mark(text: str, color: bool) -> str:

@@ -90,6 +90,15 @@ class SFTConfig(BaseModel):
     packing: bool = False
     """Padding-free packing: several examples per row, attention kept within each example."""
 
+    # Data audit (app.sft.audit, docs/audit.md): checks of the tokenized data before the first step
+    audit: Literal["error", "warn", "off"] = "error"
+    """A failed check stops the run before training (`error`), or is one warning (`warn`); `off` skips the audit
+    in `train()`."""
+    audit_max_truncated_share: float = Field(0.05, ge=0.0, le=1.0)
+    """The largest share of trained tokens that truncation to `max_seq_length` may cut away."""
+    audit_max_duplicate_share: float = Field(0.01, ge=0.0, le=1.0)
+    """The largest share of validation rows that may be exact copies of training rows."""
+
     # Adapters
     use_lora: bool = True
     use_qlora: bool = False

@@ -387,11 +387,78 @@ def resolve_template(config: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> P
 # ---------------------------------------------------------------------------------------------- tokenizing
 
 
+@dataclass
+class BoundaryToken:
+    """A token whose characters are partly trained text and partly untrained text (a prompt/response seam).
+
+    The mask cannot be right for it: trained, it teaches a prompt character; untrained, it skips a reply
+    character. Typical cause: a template marker without a trailing newline or space that the tokenizer joins to
+    the first word of the reply.
+    """
+
+    position: int
+    """The token's index in the example."""
+    token_id: int
+    text: str
+    """The characters of the rendered text the token covers."""
+    trained: bool
+    """How the mask labelled it."""
+
+
+@dataclass
+class DataFacts:
+    """What tokenization saw of every source row (dropped ones too), for the data audit (`app.sft.audit`).
+
+    Arrays have one entry per source row, in order. Lengths are counted before truncation to
+    `max_seq_length`; trained tokens, like the loss, leave out each row's first position.
+    """
+
+    source: str
+    max_seq_length: int
+    length: np.ndarray
+    """Tokens of the whole rendered row (0 for a conversation with no assistant reply)."""
+    response: np.ndarray
+    """Trained tokens of the whole row."""
+    trained: np.ndarray
+    """Trained tokens kept within `max_seq_length`."""
+    dropped: list[str]
+    """"" (kept), "no_reply" (no assistant reply) or "nothing_to_train" (no trained token left)."""
+    untrained_end: np.ndarray
+    """The token that ends a reply (EOS / end of turn) carries no label, or no reply ends with one."""
+    double_bos: np.ndarray
+    """The row starts with two BOS tokens."""
+    boundary: dict[int, BoundaryToken]
+    """Rows (0-based) with a token spanning trained and untrained text: the first such token."""
+    templated: bool = False
+    """Some row was rendered by a prompt template (not pre-tokenized, not plain text): the saved tokenizer's chat
+    template must then match that template."""
+
+    @classmethod
+    def of_examples(
+        cls, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], source: str = "dataset"
+    ) -> DataFacts:
+        """Facts of already tokenized examples (nothing known about truncation or templates)."""
+        trained = np.array([sum(label != IGNORE_INDEX for label in row[1:]) for row in labels], dtype=np.int64)
+        count = len(input_ids)
+        return cls(
+            source=source,
+            max_seq_length=max((len(ids) for ids in input_ids), default=0),
+            length=np.array([len(ids) for ids in input_ids], dtype=np.int64),
+            response=trained,
+            trained=trained.copy(),
+            dropped=[""] * count,
+            untrained_end=np.zeros(count, dtype=bool),
+            double_bos=np.zeros(count, dtype=bool),
+            boundary={},
+        )
+
+
 class TokenizedDataset(TorchDataset):
     """Tokenized examples, `{"input_ids": [...], "labels": [...]}`, with their lengths and data stats.
 
     `num_dropped`/`num_truncated` count the examples of the source data that were dropped (nothing left to
-    train on) or truncated when it was tokenized; subsets made with `select` keep the source's counts.
+    train on) or truncated when it was tokenized; subsets made with `select` keep the source's counts, and
+    its `facts` (per source row, see `DataFacts`); `rows` gives each example's source row (0-based).
     """
 
     def __init__(
@@ -401,6 +468,8 @@ class TokenizedDataset(TorchDataset):
         *,
         num_dropped: int = 0,
         num_truncated: int = 0,
+        facts: DataFacts | None = None,
+        rows: list[int] | None = None,
     ) -> None:
         if len(input_ids) != len(labels):
             raise ValueError(f"{len(input_ids)} input_ids lists but {len(labels)} labels lists")
@@ -409,6 +478,8 @@ class TokenizedDataset(TorchDataset):
         self.lengths: list[int] = [len(ids) for ids in input_ids]
         self.num_dropped = num_dropped
         self.num_truncated = num_truncated
+        self.facts = facts if facts is not None else DataFacts.of_examples(input_ids, labels)
+        self.rows = rows if rows is not None else list(range(len(input_ids)))
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -424,18 +495,27 @@ class TokenizedDataset(TorchDataset):
             [self.labels[i] for i in picked],
             num_dropped=self.num_dropped,
             num_truncated=self.num_truncated,
+            facts=self.facts,
+            rows=[self.rows[i] for i in picked],
         )
 
 
 @dataclass
 class _Outcome:
-    """What became of one row: its tokens, or why it was dropped."""
+    """What became of one row: its tokens, or why it was dropped, and what the audit needs to know of it."""
 
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
     dropped: str = ""  # "", "no_reply" (a conversation without assistant turn) or "nothing_to_train"
     trimmed: bool = False  # leading assistant messages were left out
+    length: int = 0  # tokens before truncation
+    response: int = 0  # trained tokens before truncation (first position left out)
+    trained: int = 0  # trained tokens kept
+    untrained_end: bool = False
+    double_bos: bool = False
+    boundary: BoundaryToken | None = None
+    templated: bool = False  # rendered by a prompt template
 
 
 def tokenize_dataset(
@@ -459,7 +539,9 @@ def tokenize_dataset(
     """
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
+    rows: list[int] = []
     counts: Counter[str] = Counter()
+    outcomes: list[_Outcome] = []
     for outcome in _tokenize_rows(
         _iter_rows(dataset),
         tokenizer,
@@ -480,13 +562,40 @@ def tokenize_dataset(
         else:
             input_ids.append(outcome.input_ids)
             labels.append(outcome.labels)
+            rows.append(len(outcomes))
+        outcomes.append(outcome)
     summary = _summary(counts, max_seq_length)
     if not input_ids:
         raise DataError(f"{source}: no usable examples" + (f"; {summary}" if summary else " (no rows)"))
     if summary:
         warnings.warn(f"{source}: {summary}", DataWarning, stacklevel=2)
     dropped = counts["no_reply"] + counts["nothing_to_train"]
-    return TokenizedDataset(input_ids, labels, num_dropped=dropped, num_truncated=counts["truncated"])
+    return TokenizedDataset(
+        input_ids,
+        labels,
+        num_dropped=dropped,
+        num_truncated=counts["truncated"],
+        facts=_facts(outcomes, source, max_seq_length),
+        rows=rows,
+    )
+
+
+def _facts(outcomes: list[_Outcome], source: str, max_seq_length: int) -> DataFacts:
+    def column(name: str, dtype: type) -> np.ndarray:
+        return np.fromiter((getattr(outcome, name) for outcome in outcomes), dtype=dtype, count=len(outcomes))
+
+    return DataFacts(
+        source=source,
+        max_seq_length=max_seq_length,
+        length=column("length", np.int64),
+        response=column("response", np.int64),
+        trained=column("trained", np.int64),
+        dropped=[outcome.dropped for outcome in outcomes],
+        untrained_end=column("untrained_end", bool),
+        double_bos=column("double_bos", bool),
+        boundary={row: outcome.boundary for row, outcome in enumerate(outcomes) if outcome.boundary is not None},
+        templated=any(outcome.templated for outcome in outcomes),
+    )
 
 
 def tokenize_example(
@@ -576,6 +685,7 @@ def _tokenize_rows(
     if template is None:
         template = default_template(dataset_format, tokenizer)
     add_special_tokens = template.add_special_tokens if template is not None else True
+    markers = _Markers.of(tokenizer)
     for chunk in _chunks(enumerate(rows), _ENCODE_CHUNK):
         outcomes: list[_Outcome | None] = []  # None: waits for the chunk's tokenizer call
         rendered: list[list[Segment]] = []
@@ -584,7 +694,7 @@ def _tokenize_rows(
             if not isinstance(row, Mapping):
                 raise DataError(f"{where(index)}: expected a mapping of fields, got {type(row).__name__}")
             if row.get("input_ids") is not None:
-                outcomes.append(_pretokenized(row, where(index), max_seq_length))
+                outcomes.append(_pretokenized(row, where(index), max_seq_length, markers))
                 continue
             segments, trimmed = _render(row, tokenizer, dataset_format, template, text_field, where(index))
             if segments is None:
@@ -599,25 +709,59 @@ def _tokenize_rows(
                 rendered,
                 add_special_tokens=add_special_tokens,
                 train_on_inputs=train_on_inputs,
-                max_seq_length=max_seq_length,
+                markers=markers,
             ),
             trimmed_flags,
             strict=True,
         )
         for outcome in outcomes:
             if outcome is None:
-                (ids, labels), trimmed = next(encoded)
-                outcome = _finish(ids, labels, max_seq_length, trimmed=trimmed)
+                (ids, ids_array, labels, boundary), trimmed = next(encoded)
+                outcome = _finish(
+                    ids, ids_array, labels, max_seq_length, markers, rendered=True, trimmed=trimmed, boundary=boundary
+                )
+                outcome.templated = template is not None
             yield outcome
 
 
-def _pretokenized(row: Mapping[str, Any], where: str, max_seq_length: int) -> _Outcome:
+END_OF_TURN_TOKENS = (
+    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "</s>",
+)
+"""Special tokens that end an assistant turn (besides the tokenizer's EOS), when the tokenizer has them."""
+
+
+@dataclass
+class _Markers:
+    """What tokenization needs to know of the tokenizer for the audit's facts, looked up once."""
+
+    tokenizer: PreTrainedTokenizerBase
+    end_ids: np.ndarray
+    bos_id: int | None
+    pieces: dict[int, str]
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> _Markers:
+        added = tokenizer.get_added_vocab() if tokenizer is not None else {}
+        ids = [added[name] for name in END_OF_TURN_TOKENS if name in added]
+        eos = getattr(tokenizer, "eos_token_id", None)
+        ids += [eos] if isinstance(eos, int) else []
+        return cls(tokenizer, np.array(sorted(set(ids)), dtype=np.int64), getattr(tokenizer, "bos_token_id", None), {})
+
+    def piece(self, token_id: int) -> str:
+        """The token decoded alone (cached): its text with any leading space that offsets may leave out."""
+        if token_id not in self.pieces:
+            self.pieces[token_id] = self.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+        return self.pieces[token_id]
+
+
+def _pretokenized(row: Mapping[str, Any], where: str, max_seq_length: int, markers: _Markers) -> _Outcome:
     """A row that already has `input_ids` (and maybe `labels`; default: every token trained)."""
     ids = _token_list(row, "input_ids", where)
     labels = _token_list(row, "labels", where) if row.get("labels") is not None else list(ids)
     if len(labels) != len(ids):
         raise DataError(f"{where}: field 'labels' has {len(labels)} entries but 'input_ids' has {len(ids)}")
-    return _finish(ids, labels, max_seq_length)
+    ids_array = np.asarray(ids, dtype=np.int64)
+    return _finish(ids, ids_array, np.asarray(labels, dtype=np.int64), max_seq_length, markers, rendered=False)
 
 
 def _token_list(row: Mapping[str, Any], name: str, where: str) -> list[int]:
@@ -660,11 +804,12 @@ def _encode(
     *,
     add_special_tokens: bool,
     train_on_inputs: bool,
-    max_seq_length: int,
-) -> list[tuple[list[int], list[int]]]:
+    markers: _Markers,
+) -> list[tuple[list[int], np.ndarray, np.ndarray, BoundaryToken | None]]:
     """Tokenize each example's joined text; a token is trained when its last character is trained.
 
-    Returns every token id, and labels for the first `max_seq_length` tokens (the rest are cut off anyway).
+    Returns every token id (as a list and an array), the labels of every token, and the first token that spans
+    trained and untrained text (None when there is none).
     """
     if not rendered:
         return []
@@ -676,27 +821,104 @@ def _encode(
     texts = ["".join(text for text, _ in segments) for segments in rendered]
     encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     examples = []
-    for segments, ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True):
-        kept = np.asarray(ids[:max_seq_length], dtype=np.int64)
+    for text, segments, ids, offsets in zip(
+        texts, rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True
+    ):
+        ids_array = np.asarray(ids, dtype=np.int64)
         if train_on_inputs:
-            examples.append((ids, kept.tolist()))
+            examples.append((ids, ids_array, ids_array, None))
             continue
         bounds = np.cumsum([0] + [len(text) for text, _ in segments])
         trained = np.array([flag for _, flag in segments] + [False], dtype=bool)  # + a guard for no segments
-        last_char = np.asarray(offsets[:max_seq_length], dtype=np.int64).reshape(-1, 2)[:, 1] - 1
+        spans = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
+        spans = spans.reshape(-1, 2)
+        last_char = spans[:, 1] - 1
         segment = np.searchsorted(bounds, last_char, side="right") - 1  # -1 for tokens without text (a BOS)
         is_trained = (last_char >= 0) & trained[segment.clip(0, len(trained) - 1)]
-        examples.append((ids, np.where(is_trained, kept, IGNORE_INDEX).tolist()))
+        labels = np.where(is_trained, ids_array, IGNORE_INDEX)
+        boundary = _boundary_token(text, ids, spans, bounds, trained, is_trained, markers)
+        examples.append((ids, ids_array, labels, boundary))
     return examples
 
 
-def _finish(ids: list[int], labels: list[int], max_seq_length: int, *, trimmed: bool = False) -> _Outcome:
-    """Truncate to `max_seq_length`; drop when no token after the first is trained (the first never is)."""
-    truncated = len(ids) > max_seq_length
-    ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-    if all(label == IGNORE_INDEX for label in labels[1:]):
-        return _Outcome([], [], truncated=truncated, dropped="nothing_to_train", trimmed=trimmed)
-    return _Outcome(ids, labels, truncated=truncated, trimmed=trimmed)
+def _boundary_token(
+    text: str,
+    ids: list[int],
+    spans: np.ndarray,
+    bounds: np.ndarray,
+    trained: np.ndarray,
+    is_trained: np.ndarray,
+    markers: _Markers,
+) -> BoundaryToken | None:
+    """The first token whose characters are partly in trained and partly in untrained segments, if any.
+
+    Such a token is where the labels change (trained from untrained or back): its neighbour on the other side
+    lies wholly in text of the other kind. Only those positions are looked at. A token's characters are its
+    offsets, extended back over whitespace its offsets leave out (byte-level BPE with `trim_offsets` reports
+    ` Paris` as `Paris`) when the token, decoded alone, holds that whitespace.
+    """
+    changes = np.flatnonzero(is_trained[1:] != is_trained[:-1]) + 1
+    if not len(changes):
+        return None
+    starts, ends = spans[changes, 0], spans[changes, 1]
+    # segment indices run from -1 to len(segments): both ends land on `trained`'s untrained guard entry
+    first_segment = np.searchsorted(bounds, starts, side="right") - 1
+    end_segment = np.searchsorted(bounds, ends - 1, side="right") - 1
+    before_segment = np.searchsorted(bounds, starts - 1, side="right") - 1
+    has_text = ends > starts
+    mixed = has_text & (trained[first_segment] != trained[end_segment])
+    gap = has_text & (starts > spans[changes - 1, 1]) & (trained[before_segment] != trained[first_segment])
+    for index in np.flatnonzero(mixed | gap):
+        position, start, end = int(changes[index]), int(starts[index]), int(ends[index])
+        if not mixed[index]:  # whitespace before the token, outside every token's offsets: is it the token's?
+            piece = markers.piece(ids[position])
+            extra = len(piece) - (end - start)
+            if not (extra > 0 and piece.endswith(text[start:end]) and text[start - extra : start] == piece[:extra]):
+                continue
+            start -= extra
+        return BoundaryToken(position, ids[position], text[start:end], bool(is_trained[position]))
+    return None
+
+
+def _finish(
+    ids: list[int],
+    ids_array: np.ndarray,
+    labels: np.ndarray,
+    max_seq_length: int,
+    markers: _Markers,
+    *,
+    rendered: bool,
+    trimmed: bool = False,
+    boundary: BoundaryToken | None = None,
+) -> _Outcome:
+    """Truncate to `max_seq_length`; drop when no token after the first is trained (the first never is).
+
+    Also records what the audit checks: lengths and trained tokens before and after truncation, whether a
+    reply's end-of-turn token is left untrained (or, for rendered rows, no trained token ends a turn), and
+    whether the row starts with two BOS tokens.
+    """
+    is_trained = labels != IGNORE_INDEX
+    response = int(is_trained[1:].sum())
+    kept = int(is_trained[1:max_seq_length].sum())
+    is_end = np.zeros(len(ids), dtype=bool)
+    for end_id in markers.end_ids:  # one or two ids: faster than np.isin
+        is_end |= ids_array == end_id
+    untrained_end = bool((is_trained[:-1] & ~is_trained[1:] & is_end[1:]).any()) or (
+        rendered and response > 0 and not bool((is_trained & is_end).any())
+    )
+    facts = {
+        "truncated": len(ids) > max_seq_length,
+        "trimmed": trimmed,
+        "length": len(ids),
+        "response": response,
+        "trained": kept,
+        "untrained_end": untrained_end,
+        "double_bos": markers.bos_id is not None and len(ids) > 1 and ids[0] == ids[1] == markers.bos_id,
+        "boundary": boundary,
+    }
+    if kept == 0:
+        return _Outcome([], [], dropped="nothing_to_train", **facts)
+    return _Outcome(ids[:max_seq_length], labels[:max_seq_length].tolist(), **facts)
 
 
 def _summary(counts: Counter[str], max_seq_length: int) -> str:

@@ -17,14 +17,27 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from app.sft import checkpointing
+from app.sft.audit import chat_template_for
 from app.sft.config import SFTConfig
 from app.sft.data import PaddedCollator, TokenizedDataset, resolve_template
 from app.sft.loss import evaluation_totals
-from app.sft.modeling import load_model, load_tokenizer, quiet_peft_deprecations, refuse_pickled_weights
-from app.sft.templates import Message
+from app.sft.modeling import (
+    ensure_pad_token,
+    load_model,
+    load_tokenizer,
+    quiet_peft_deprecations,
+    refuse_pickled_weights,
+)
+from app.sft.templates import Message, PromptTemplate, TemplateError
 
 RUN_CONFIG_FILE = "config.yaml"
 """The config a finished run writes into its output directory."""
@@ -70,6 +83,25 @@ def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel |
     return model.eval()
 
 
+def _renders_as_trained(template: PromptTemplate | None, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's chat template is the one saving would write for `template` (a run saved before
+    chat templates were matched to training keeps its prompts from the template object)."""
+    if template is None or not tokenizer.chat_template:
+        return False
+    try:
+        return chat_template_for(template, tokenizer) == tokenizer.chat_template
+    except TemplateError:
+        return False
+
+
+def load_saved_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a run saved next to its model (with the chat template it trained with), ready to pad."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def evaluate_loss(
     model: torch.nn.Module, data: TokenizedDataset, *, pad_token_id: int, batch_size: int = 8
 ) -> tuple[float, int]:
@@ -88,20 +120,33 @@ class Generator:
     """Writes replies with `model`, formatting prompts with the template `config` trains with."""
 
     def __init__(
-        self, model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, config: SFTConfig
+        self,
+        model: PreTrainedModel | PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: SFTConfig,
+        *,
+        use_chat_template: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.template = resolve_template(config, tokenizer)
         """None for `completion` data: the prompt is plain text that the model continues."""
+        self.use_chat_template = use_chat_template and _renders_as_trained(self.template, tokenizer)
+        """Prompts come from the tokenizer's chat template (the one training saved, which renders them as the
+        training template did), not from the template object."""
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> Generator:
-        """A generator for a run directory, a checkpoint or a config file (its base model)."""
+        """A generator for a run directory, a checkpoint or a config file (its base model).
+
+        A run directory's own tokenizer is used, with the chat template saved with the model.
+        """
         config = load_run_config(path, overrides)
         model = load_trained_model(path, config)
-        return cls(model, load_tokenizer(config), config)
+        saved = Path(path).is_dir() and (Path(path) / "tokenizer_config.json").is_file()
+        tokenizer = load_saved_tokenizer(path) if saved else load_tokenizer(config)
+        return cls(model, tokenizer, config, use_chat_template=saved)
 
     @property
     def is_chat(self) -> bool:
@@ -119,6 +164,10 @@ class Generator:
             return conversation
         if isinstance(conversation, str):
             conversation = [{"role": "user", "content": conversation}]
+        if self.use_chat_template:
+            return self.tokenizer.apply_chat_template(
+                self.template.chat_messages(conversation), add_generation_prompt=True, tokenize=False
+            )
         return self.template.generation_prompt(conversation, self.tokenizer)
 
     def prompt_length(self, conversation: Sequence[Message] | str) -> int:
@@ -154,8 +203,10 @@ class Generator:
         return self.tokenizer.decode(reply, skip_special_tokens=True).strip()
 
     def _encode(self, text: str) -> dict[str, torch.Tensor]:
-        # Tokenized as in training: templates that write their own special tokens get none added.
+        # Tokenized as in training: templates that write their own special tokens get none added, and a chat
+        # template's text holds every special token already.
         add_special = self.template.add_special_tokens if self.template is not None else True
+        add_special = add_special and not self.use_chat_template
         return self.tokenizer(text, add_special_tokens=add_special, return_tensors="pt")
 
     def _stop_ids(self) -> list[int]:

@@ -42,6 +42,7 @@ from app.sft.config import ConfigError
 
 if TYPE_CHECKING:
     from app.sft.config import SFTConfig
+    from app.sft.templates import PromptTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -430,37 +431,65 @@ def save_final_model(
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | os.PathLike[str],
     state_dict: dict[str, torch.Tensor] | None = None,
+    template: PromptTemplate | None = None,
 ) -> str:
     """Save the trained result and its tokenizer to `out_dir` (safetensors) and return the path.
 
     A `PeftModel` saves only its adapter (`adapter_model.safetensors` + `adapter_config.json`), which
     peft loads on top of the base model; any other model saves all its weights. Pass the unwrapped
     model (for example `accelerator.unwrap_model(model)`) and, for a sharded (FSDP) model, the full
-    `state_dict` gathered from every process.
+    `state_dict` gathered from every process. With the prompt `template` the run trained with, the saved
+    tokenizer's chat template renders prompts exactly as training did (`audit.chat_template_for`); one that
+    cannot raises `TemplateError` before anything is written.
     """
+    chat_template = _parity_chat_template(template, tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, state_dict=state_dict)
-    tokenizer.save_pretrained(out)
+    _save_tokenizer(tokenizer, out, chat_template)
     return str(out)
+
+
+def _parity_chat_template(template: PromptTemplate | None, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    if template is None:
+        return None
+    from app.sft.audit import chat_template_for  # the audit needs the data pipeline; saving usually does not
+
+    return chat_template_for(template, tokenizer)
+
+
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path, chat_template: str | None) -> None:
+    """`tokenizer.save_pretrained(out)`, with `chat_template` (when given) in place of its own."""
+    if chat_template is None or chat_template == tokenizer.chat_template:
+        tokenizer.save_pretrained(out)
+        return
+    own = tokenizer.chat_template
+    tokenizer.chat_template = chat_template
+    try:
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.chat_template = own
 
 
 def merge_lora(
     adapter_dir_or_model: str | os.PathLike[str] | PeftModel,
     out_dir: str | os.PathLike[str],
     base_model: str | None = None,
+    template: PromptTemplate | None = None,
 ) -> str:
     """Merge a LoRA adapter into its base model and save a standalone model + tokenizer in `out_dir`.
 
     The result loads with `AutoModelForCausalLM.from_pretrained(out_dir)`, no peft needed. The base
     comes from `base_model` or the adapter's `adapter_config.json` (`base_model_name_or_path`; for a
     GGUF base that is its cached HF directory, so merging works offline). A `PeftModel` passed in is
-    left untouched: its adapter is saved to a temporary directory and merged from there.
+    left untouched: its adapter is saved to a temporary directory and merged from there. The tokenizer is the
+    adapter directory's (its chat template is the one training saved), else the base model's; with `template`,
+    its chat template is made to render prompts as that training template did (see `save_final_model`).
     """
     if isinstance(adapter_dir_or_model, PeftModel):
         with tempfile.TemporaryDirectory(prefix="lora-adapter-") as tmp:
             adapter_dir_or_model.save_pretrained(tmp)
-            return merge_lora(tmp, out_dir, base_model)
+            return merge_lora(tmp, out_dir, base_model, template)
 
     adapter_dir = Path(adapter_dir_or_model)
     refuse_pickled_weights(adapter_dir)
@@ -484,9 +513,10 @@ def merge_lora(
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     else:
         tokenizer = load_tokenizer(base_model)
+    chat_template = _parity_chat_template(template, tokenizer)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_tokenizer(tokenizer, out, chat_template)
     return str(out)

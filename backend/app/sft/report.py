@@ -195,6 +195,9 @@ th, td { border: 1px solid #ddd; padding: 0.3rem 0.8rem; text-align: left; }
 th { background: #f5f5f5; font-weight: 600; }
 pre { background: #f5f5f5; padding: 1rem; overflow-x: auto; }
 .note { color: #666; }
+.trained { color: #080; font-weight: bold; }
+.fail { color: #b00; font-weight: bold; }
+pre.example { white-space: pre-wrap; }
 """
 
 
@@ -216,12 +219,80 @@ def _html(
     if config_path.is_file():
         config_text = config_path.read_text(encoding="utf-8")
         sections += ["<h2>Configuration (config.yaml)</h2>", f"<pre>{html.escape(config_text)}</pre>"]
+    audit = run_summary.get("audit")
+    if audit:
+        sections += _data_section(audit)
     if run_summary:
-        summary_text = html.escape(json.dumps(run_summary, indent=2))
+        shown = {key: value for key, value in run_summary.items() if key != "audit"}
+        summary_text = html.escape(json.dumps(shown, indent=2))
         sections += ["<h2>Training summary (training_summary.json)</h2>", f"<pre>{summary_text}</pre>"]
     body = "\n".join(sections)
     head = f'<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>'
     return f'<!DOCTYPE html>\n<html lang="en">\n<head>\n{head}\n</head>\n<body>\n{body}\n</body>\n</html>\n'
+
+
+def _data_section(audit: dict[str, Any]) -> list[str]:
+    """The data audit: a length histogram with the `max_seq_length` line, truncation and batching figures, the
+    checks, and two training examples with their trained tokens highlighted (as `sft preview` colours them)."""
+    cut, batching, train = audit["truncation"], audit["batching"], audit["splits"]["train"]
+    rows = [
+        ("Rows read / examples", f"{train['rows_read']:,} / {train['examples']:,}"),
+        ("Rows dropped", ", ".join(f"{k.replace('_', ' ')}: {v:,}" for k, v in train["dropped"].items())),
+        ("Rows truncated", f"{cut['rows']:,} ({cut['rows_share']:.1%})"),
+        ("Trained tokens lost to truncation",
+         f"{cut['trained_tokens_lost']:,} ({cut['trained_tokens_lost_share']:.1%})"),
+        ("Rows whose whole response is cut away", f"{cut['rows_response_cut_away']:,}"),
+        ("Trained tokens per epoch",
+         f"{train['trained_tokens']:,} of {train['tokens']:,} ({train['trained_share']:.1%})"),
+        ("Padding share" if not batching["packing"] else "Fill rate (packed)",
+         f"{batching['fill_rate' if batching['packing'] else 'padding_share']:.1%}"),
+        ("Validation rows also in the training data", f"{audit['leakage']['duplicate_validation_rows']:,}"),
+    ]
+    checks = "".join(
+        f"<tr><th>{html.escape(c['name'])}</th><td class=\"{'' if c['passed'] else 'fail'}\">"
+        f"{'ok' if c['passed'] else 'FAILED'}</td><td>{html.escape(c['message'])}</td></tr>"
+        for c in audit["checks"]
+    )
+    examples = []
+    for example in audit.get("examples", []):
+        text = "".join(f'<span class="trained">{html.escape(t)}</span>' if trained else html.escape(t)
+                       for t, trained in example["spans"])
+        note = " (truncated to max_seq_length)" if example["truncated"] else ""
+        examples.append(f"<h3>Training row {example['row']}{note}</h3><pre class=\"example\">{text}</pre>")
+    return [
+        "<h2>Data</h2>",
+        f'<p class="note">The data audit (audit: {html.escape(audit["mode"])}) of the tokenized training data, '
+        "before the first step. Trained tokens are <span class=\"trained\">highlighted</span>.</p>",
+        _length_histogram(audit["histogram"], audit["max_seq_length"]),
+        _table(rows),
+        f"<table>{checks}</table>",
+        *examples,
+    ]
+
+
+def _length_histogram(histogram: dict[str, list[int]], max_seq_length: int, width: int = 720,
+                      height: int = 220) -> str:
+    """An inline SVG bar chart of the training rows' token lengths, with a red line at `max_seq_length`."""
+    edges, counts = histogram["edges"], histogram["counts"]
+    if not counts or edges[-1] <= edges[0]:
+        return ""
+    top, span, plot = max(max(counts), 1), edges[-1] - edges[0], height - 30
+    bar = width / len(counts)
+    bars = "".join(
+        f'<rect x="{i * bar:.1f}" y="{plot - plot * c / top:.1f}" width="{bar - 1:.1f}" '
+        f'height="{plot * c / top:.1f}" fill="#4477aa"><title>{edges[i]}-{edges[i + 1]} tokens: {c} rows</title>'
+        "</rect>"
+        for i, c in enumerate(counts)
+    )
+    x = (max_seq_length - edges[0]) / span * width
+    return (
+        f'<svg class="lengths" width="{width}" height="{height}" role="img" '
+        f'aria-label="Token lengths of the training rows, with max_seq_length">{bars}'
+        f'<line class="max-seq-length" x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{plot}" stroke="#c00" '
+        f'stroke-width="2"/><text x="{min(x + 4, width - 150):.1f}" y="14" fill="#c00">max_seq_length '
+        f'{max_seq_length}</text><text x="0" y="{height - 8}">{edges[0]}</text>'
+        f'<text x="{width - 60}" y="{height - 8}">{edges[-1]} tokens</text></svg>'
+    )
 
 
 def render_report(output_dir: str | Path, *, title: str | None = None) -> tuple[Path, Path]:

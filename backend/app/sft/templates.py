@@ -15,6 +15,7 @@ own with `default_registry.register(name, template)`.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -70,8 +71,30 @@ class PromptTemplate(ABC):
         )
         return "".join(text for text, _ in segments[:last_trainable])
 
+    def chat_template(self, tokenizer: PreTrainedTokenizerBase) -> str | None:
+        """A Jinja chat template that renders conversations as this template does (saved with the tokenizer, so
+        chat after training uses the trained format), or None when it cannot be written as one.
+
+        It writes no special token the tokenizer itself adds (`add_special_tokens`); `audit.chat_template_for`
+        adds those and checks the result token for token.
+        """
+        return None
+
+    def chat_messages(self, messages: Sequence[Message]) -> list[dict[str, Any]]:
+        """The messages as `chat_template()` expects them (`apply_chat_template`'s conversation)."""
+        return [dict(message) for message in messages]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def _literal(text: str) -> str:
+    """A Jinja string literal of `text`."""
+    return json.dumps(text)
+
+
+_JINJA_TEXT = "message['content'] ~ (('\\n\\n' ~ message['input']) if message['input'] else '')"
+"""Jinja for `message_text(message)`: the content, and an alpaca `input` after a blank line."""
 
 
 class AlpacaTemplate(PromptTemplate):
@@ -119,6 +142,32 @@ class AlpacaTemplate(PromptTemplate):
                 )
         return _merge(segments)
 
+    def chat_template(self, tokenizer: PreTrainedTokenizerBase) -> str | None:
+        return (
+            "{%- set ns = namespace(has_input=false) -%}"
+            "{%- for message in messages -%}{%- if message['input'] -%}{%- set ns.has_input = true -%}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{{- messages[0]['content'] -}}{%- set turns = messages[1:] -%}"
+            f"{{%- else -%}}{{{{- {_literal(self.PREAMBLE_WITH_INPUT)} if ns.has_input else "
+            f"{_literal(self.PREAMBLE)} -}}}}"
+            "{%- set turns = messages -%}{%- endif -%}"
+            "{{- '\\n\\n' -}}"
+            "{%- for message in turns -%}"
+            "{%- if message['role'] == 'user' -%}"
+            "{{- '### Instruction:\\n' ~ message['content'] ~ '\\n\\n' -}}"
+            "{%- if message['input'] -%}{{- '### Input:\\n' ~ message['input'] ~ '\\n\\n' -}}{%- endif -%}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            "{{- '### Response:\\n' ~ message['content'] ~ (eos_token or '') -}}"
+            "{%- if not loop.last or add_generation_prompt -%}{{- '\\n\\n' -}}{%- endif -%}"
+            "{%- else -%}"
+            "{{- raise_exception('alpaca template: unsupported role ' ~ message['role'] ~ "
+            "' (system only as the first message)') -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '### Response:\\n' -}}{%- endif -%}"
+        )
+
 
 class ChatMLTemplate(PromptTemplate):
     """`<|im_start|>role\\ncontent<|im_end|>\\n` turns (Qwen, SmolLM, ...); trains on `content<|im_end|>`."""
@@ -134,6 +183,14 @@ class ChatMLTemplate(PromptTemplate):
             else:
                 segments.append((f"{header}{message_text(message)}<|im_end|>\n", False))
         return _merge(segments)
+
+    def chat_template(self, tokenizer: PreTrainedTokenizerBase) -> str | None:
+        return (
+            "{%- for message in messages -%}"
+            f"{{{{- '<|im_start|>' ~ message['role'] ~ '\\n' ~ {_JINJA_TEXT} ~ '<|im_end|>\\n' -}}}}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+        )
 
 
 class Llama2Template(PromptTemplate):
@@ -165,6 +222,27 @@ class Llama2Template(PromptTemplate):
                 content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
             segments.append((f"{bos}[INST] {content} [/INST]", False))
         return _merge(segments)
+
+    def chat_template(self, tokenizer: PreTrainedTokenizerBase) -> str | None:
+        return (
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = messages[0]['content'] | trim -%}{%- set turns = messages[1:] -%}"
+            "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
+            "{%- for message in turns -%}"
+            "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+            "{{- raise_exception('llama2 template: roles must alternate user/assistant after an optional system "
+            "message') -}}"
+            "{%- endif -%}"
+            f"{{%- set content = ({_JINJA_TEXT}) | trim -%}}"
+            "{%- if message['role'] == 'assistant' -%}{{- ' ' ~ content ~ ' ' ~ (eos_token or '') -}}"
+            "{%- else -%}"
+            "{%- if loop.first and system -%}"
+            "{%- set content = '<<SYS>>\\n' ~ system ~ '\\n<</SYS>>\\n\\n' ~ content -%}"
+            "{%- endif -%}"
+            "{{- (bos_token or '') ~ '[INST] ' ~ content ~ ' [/INST]' -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+        )
 
 
 class TokenizerChatTemplate(PromptTemplate):
@@ -216,6 +294,12 @@ class TokenizerChatTemplate(PromptTemplate):
     def generation_prompt(self, messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -> str:
         chat = [{"role": message["role"], "content": message_text(message)} for message in messages]
         return self._apply(tokenizer, chat, add_generation_prompt=True)
+
+    def chat_template(self, tokenizer: PreTrainedTokenizerBase) -> str | None:
+        return getattr(tokenizer, "chat_template", None)
+
+    def chat_messages(self, messages: Sequence[Message]) -> list[dict[str, Any]]:
+        return [{"role": message["role"], "content": message_text(message)} for message in messages]
 
     @staticmethod
     def _apply(

@@ -46,6 +46,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from app.sft import checkpointing, optim, resume
 from app.sft.attention import register_document_attention
+from app.sft.audit import run_audit
 from app.sft.callbacks import (
     CheckpointCallback,
     EarlyStoppingCallback,
@@ -63,6 +64,7 @@ from app.sft.data import (
     build_datasets,
     epoch_batches,
     prepare_dataset,
+    resolve_template,
 )
 from app.sft.distributed import make_accelerator
 from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, count_label_tokens
@@ -339,6 +341,7 @@ class SFTTrainer(TrainerAPI):
     def _train(self, resume_from_checkpoint: str | bool | None, continue_after_stop: bool) -> dict[str, Any]:
         self._add_default_callbacks()
         self._choose_monitor()
+        audit = run_audit(self.train_data, self.val_data, self.config, self.tokenizer, warn=self.is_main_process)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
             if self._nothing_left_to_train(continue_after_stop):
@@ -362,6 +365,7 @@ class SFTTrainer(TrainerAPI):
             if self.metrics_log is not None:
                 self.metrics_log.close()
         summary = self._summary(time.perf_counter() - started)
+        summary["audit"] = audit.to_dict() if audit is not None else None
         if self.state.stop_reason == "signal":
             logger.warning("Training stopped by %s at step %d; checkpoint saved. Resume with "
                            "train(resume_from_checkpoint='latest') or `sft train CONFIG --resume`.",
@@ -714,7 +718,8 @@ class SFTTrainer(TrainerAPI):
         full_state = self.accelerator.get_state_dict(self.model) if self._is_sharded() else None
         if self.is_main_process:
             model = self._unwrapped_model()
-            save_final_model(model, self.tokenizer, self.output_dir, state_dict=full_state)
+            template = resolve_template(self.config, self.tokenizer) if self.train_data.facts.templated else None
+            save_final_model(model, self.tokenizer, self.output_dir, state_dict=full_state, template=template)
             self.config.to_yaml(self.output_dir / "config.yaml")
             if self.config.save_merged_model and hasattr(model, "peft_config"):
                 merge_lora(self.output_dir, self.output_dir / "merged")

@@ -48,6 +48,7 @@ def write_config(directory: Path, model_dir: Path, **overrides) -> Path:
         "save_steps": 4,
         "output_dir": str(directory / "run"),
         "seed": 0,
+        "audit_max_duplicate_share": 1.0,  # validates on training rows on purpose (memorisation)
     }
     settings.update(overrides)
     path = directory / "config.yaml"
@@ -119,7 +120,8 @@ def test_validate_counts_examples_without_loading_weights(tmp_path, tiny_model_d
         {"instruction": "add", "input": long_input, "output": "ten"},  # no room left for the answer: dropped
         {"instruction": "say", "output": " ".join(["hello world"] * 20)},  # answer cut short: truncated
     ]
-    config = write_config(tmp_path, model_dir, max_seq_length=48, validation_split=0.0, eval_dataset_name=None)
+    config = write_config(tmp_path, model_dir, max_seq_length=48, validation_split=0.0, eval_dataset_name=None,
+                          audit="warn")  # a reply cut away entirely fails the audit's truncation check
     write_jsonl(tmp_path / "train.jsonl", rows)
 
     assert main(["validate", str(config)]) == 0

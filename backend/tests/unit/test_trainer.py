@@ -75,6 +75,7 @@ def make_config(tmp_path: Path, model_dir: Path, **overrides) -> SFTConfig:
         disable_progress_bar=True,
         seed=0,
         use_lora=False,
+        audit_max_duplicate_share=1.0,  # the synthetic task repeats rows; test_audit.py tests the leakage check
     )
     settings.update(overrides)
     return SFTConfig(**settings)
