@@ -33,11 +33,14 @@ RUN_CONFIG_FILE = "config.yaml"
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfig:
     """The config of a run directory (`config.yaml`), a checkpoint (`sft_config.json`) or a YAML config file.
 
-    `overrides` are `key=value` settings as for `sft train --set`. A path that is none of these raises
-    `FileNotFoundError` naming it.
+    A `.gguf` file (such as one `sft export` wrote) gets a config with the file as its base model, prompted with
+    the chat template in the file (plain text when it has none). `overrides` are `key=value` settings as for
+    `sft train --set`. A path that is none of these raises `FileNotFoundError` naming it.
     """
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        config = SFTConfig(base_model=str(path), dataset_format="chat" if _gguf_has_chat_template(path) else "completion")
+    elif path.is_file():
         config = SFTConfig.from_yaml(path)
     elif (path / RUN_CONFIG_FILE).is_file():
         config = SFTConfig.from_yaml(path / RUN_CONFIG_FILE)
@@ -49,6 +52,12 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfi
             f"(with {checkpointing.CONFIG_FILE})"
         )
     return config.with_overrides(list(overrides)) if overrides else config
+
+
+def _gguf_has_chat_template(path: Path) -> bool:
+    import gguf
+
+    return gguf.GGUFReader(path).get_field(gguf.Keys.Tokenizer.CHAT_TEMPLATE) is not None
 
 
 def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel | PeftModel:

@@ -70,6 +70,12 @@ class PromptTemplate(ABC):
         )
         return "".join(text for text, _ in segments[:last_trainable])
 
+    def jinja_chat_template(self, tokenizer: PreTrainedTokenizerBase) -> str | None:
+        """This template as a Jinja chat template (as `tokenizer.chat_template` holds one) that renders a
+        conversation to the same text, and with `add_generation_prompt` to `generation_prompt`'s text; what an
+        exported model file carries so llama.cpp and Ollama format prompts as in training. None: not known."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -119,6 +125,40 @@ class AlpacaTemplate(PromptTemplate):
                 )
         return _merge(segments)
 
+    def jinja_chat_template(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        return (
+            "{%- set ns = namespace(has_input=false) -%}"
+            "{%- for m in messages -%}{%- if m['input'] is defined and m['input'] -%}"
+            "{%- set ns.has_input = true -%}{%- endif -%}{%- endfor -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{{- messages[0]['content'] + '\\n\\n' -}}{%- set turns = messages[1:] -%}"
+            "{%- else -%}"
+            "{%- if ns.has_input -%}{{- " + repr(self.PREAMBLE_WITH_INPUT) + " -}}"
+            "{%- else -%}{{- " + repr(self.PREAMBLE) + " -}}{%- endif -%}"
+            "{{- '\\n\\n' -}}{%- set turns = messages -%}"
+            "{%- endif -%}"
+            "{%- for m in turns -%}"
+            "{%- if m['role'] == 'user' -%}"
+            "{{- '### Instruction:\\n' + m['content'] + '\\n\\n' -}}"
+            "{%- if m['input'] is defined and m['input'] -%}{{- '### Input:\\n' + m['input'] + '\\n\\n' -}}{%- endif -%}"
+            "{%- elif m['role'] == 'assistant' -%}"
+            "{{- '### Response:\\n' + m['content'] + (eos_token or '') -}}"
+            "{%- if not loop.last -%}{{- '\\n\\n' -}}{%- endif -%}"
+            "{%- else -%}"
+            "{{- raise_exception('alpaca template: unsupported role ' + m['role']) -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '### Response:\\n' -}}{%- endif -%}"
+        )
+
+    def ollama_template(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        """The single-turn prompt in Ollama's Go template syntax (`.System`, `.Prompt`, `.Response`)."""
+        eos = tokenizer.eos_token or ""
+        return (
+            f"{{{{ if .System }}}}{{{{ .System }}}}{{{{ else }}}}{self.PREAMBLE}{{{{ end }}}}\n\n"
+            f"### Instruction:\n{{{{ .Prompt }}}}\n\n### Response:\n{{{{ .Response }}}}{eos}"
+        )
+
 
 class ChatMLTemplate(PromptTemplate):
     """`<|im_start|>role\\ncontent<|im_end|>\\n` turns (Qwen, SmolLM, ...); trains on `content<|im_end|>`."""
@@ -134,6 +174,16 @@ class ChatMLTemplate(PromptTemplate):
             else:
                 segments.append((f"{header}{message_text(message)}<|im_end|>\n", False))
         return _merge(segments)
+
+    def jinja_chat_template(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        return (
+            "{%- for m in messages -%}"
+            "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] -}}"
+            "{%- if m['input'] is defined and m['input'] -%}{{- '\\n\\n' + m['input'] -}}{%- endif -%}"
+            "{{- '<|im_end|>\\n' -}}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+        )
 
 
 class Llama2Template(PromptTemplate):
@@ -165,6 +215,28 @@ class Llama2Template(PromptTemplate):
                 content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
             segments.append((f"{bos}[INST] {content} [/INST]", False))
         return _merge(segments)
+
+    def jinja_chat_template(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        return (
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = messages[0]['content'] | trim -%}{%- set turns = messages[1:] -%}"
+            "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
+            "{%- for m in turns -%}"
+            "{%- if m['role'] not in ['user', 'assistant'] or (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+            "{{- raise_exception('llama2 template: roles must alternate user/assistant') -}}"
+            "{%- endif -%}"
+            "{%- set content = m['content'] -%}"
+            "{%- if m['input'] is defined and m['input'] -%}{%- set content = content + '\\n\\n' + m['input'] -%}"
+            "{%- endif -%}"
+            "{%- set content = content | trim -%}"
+            "{%- if m['role'] == 'assistant' -%}{{- ' ' + content + ' ' + (eos_token or '') -}}"
+            "{%- else -%}"
+            "{%- if loop.first and system -%}"
+            "{%- set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content -%}{%- endif -%}"
+            "{{- (bos_token or '') + '[INST] ' + content + ' [/INST]' -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+        )
 
 
 class TokenizerChatTemplate(PromptTemplate):
@@ -216,6 +288,10 @@ class TokenizerChatTemplate(PromptTemplate):
     def generation_prompt(self, messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -> str:
         chat = [{"role": message["role"], "content": message_text(message)} for message in messages]
         return self._apply(tokenizer, chat, add_generation_prompt=True)
+
+    def jinja_chat_template(self, tokenizer: PreTrainedTokenizerBase) -> str | None:
+        template = getattr(tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
 
     @staticmethod
     def _apply(
