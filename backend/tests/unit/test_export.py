@@ -94,9 +94,13 @@ def bpe_tokenizer(split: str | None = None) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def tiny_model(arch: str, tokenizer, tie: bool = False, seed: int = 0):
-    """A tiny random model of `arch`, then fitted for a moment to `CORPUS` so that, like a real model on its
-    domain, its next-token choices there are clear rather than near-ties between random logits."""
+def tiny_model(arch: str, tokenizer, tie: bool = False, confident: bool = False):
+    """A tiny random model of `arch`.
+
+    With `confident`, its output layer is set to pick, after each token, one other token by a clear margin (a
+    random bigram chain): a random model's next-token choices are near-ties that any rounding flips, while a
+    trained model's are mostly clear, and it is those that quantization must not change.
+    """
     config_class, model_class = ARCHITECTURES[arch]
     config = config_class(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -104,24 +108,22 @@ def tiny_model(arch: str, tokenizer, tie: bool = False, seed: int = 0):
         eos_token_id=2, pad_token_id=2,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_class(config)
-    batch = tokenizer(sorted(set(CORPUS)), padding=True, return_tensors="pt")
-    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        model(**batch, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
+        torch.manual_seed(0)
+        model = model_class(config).eval()
+        if confident:
+            with torch.no_grad():
+                embeddings = model.get_input_embeddings().weight.normal_(0.0, 0.3)
+                model.get_output_embeddings().weight[torch.randperm(config.vocab_size)] = embeddings
+    return model
 
 
-def make_run(root: Path, arch: str = "llama", *, tie: bool = False, tokenizer=None, **settings) -> Path:
+def make_run(root: Path, arch: str = "llama", *, tie: bool = False, confident: bool = False, tokenizer=None,
+             **settings) -> Path:
     """A finished LoRA run on a tiny random base: `root/base` (the base model) and `root/run` (adapter with
     random weights, tokenizer, config.yaml), as `SFTTrainer` leaves them."""
     tokenizer = tokenizer or bpe_tokenizer(QWEN2_SPLIT if arch == "qwen2" else None)
     base = root / "base"
-    tiny_model(arch, tokenizer, tie).save_pretrained(base)
+    tiny_model(arch, tokenizer, tie, confident).save_pretrained(base)
     tokenizer.save_pretrained(base)
     config = SFTConfig(base_model=str(base), dataset_format="chat", lora_r=4, lora_alpha=8, lora_dropout=0.0,
                        **settings)
@@ -173,6 +175,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="module")
+def confident_runs(tmp_path_factory) -> dict[str, Path]:
+    return {arch: make_run(tmp_path_factory.mktemp(f"{arch}-confident"), arch, confident=True)
+            for arch in ("llama", "qwen2")}
+
+
 # --- parity ----------------------------------------------------------------------------------------
 
 
@@ -212,21 +220,27 @@ def test_half_precision_file_gives_logits_within_1e_2(runs, arch, dtype, tmp_pat
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_q8_0_file_answers_like_the_merged_model(runs, arch, tmp_path):
+def test_q8_0_file_gives_logits_within_2e_2(runs, arch, tmp_path):
     merged, generator = merged_model(runs[arch])
     path = export_to(runs[arch], tmp_path, "q8_0")
     assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors} == {"Q8_0", "F32"}
     model, tokenizer = read_back(path)
+    assert 0 < relative_error(batch_logits(merged, generator.tokenizer), batch_logits(model, tokenizer)) < 2e-2
 
-    text = " ".join(CORPUS[:4]) * 2
-    ids = torch.tensor([tokenizer(text).input_ids])
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_q8_0_file_answers_like_the_merged_model(confident_runs, arch, tmp_path):
+    merged, generator = merged_model(confident_runs[arch])
+    model, tokenizer = read_back(export_to(confident_runs[arch], tmp_path, "q8_0"))
+
+    ids = torch.tensor([tokenizer(" ".join(CORPUS[:4])).input_ids])
     with torch.no_grad():
         expected, actual = merged(ids).logits.argmax(-1), model(ids).logits.argmax(-1)
     assert (expected == actual).float().mean().item() >= 0.99
 
     gguf_generator = Generator(model, tokenizer, generator.config)
     for prompt in PROMPTS:
-        assert gguf_generator.generate(prompt, max_new_tokens=12) == generator.generate(prompt, max_new_tokens=12)
+        assert gguf_generator.generate(prompt, max_new_tokens=16) == generator.generate(prompt, max_new_tokens=16)
 
 
 # --- tokenizer and chat template ---------------------------------------------------------------------
