@@ -39,7 +39,8 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfi
     """
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        config = SFTConfig(base_model=str(path), dataset_format="chat" if _gguf_has_chat_template(path) else "completion")
+        data_format = "chat" if _gguf_has_chat_template(path) else "completion"
+        config = SFTConfig(base_model=str(path), dataset_format=data_format)
     elif path.is_file():
         config = SFTConfig.from_yaml(path)
     elif (path / RUN_CONFIG_FILE).is_file():

@@ -7,6 +7,7 @@ back with `from_pretrained(..., gguf_file=...)`.
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import signal
@@ -47,6 +48,10 @@ SMOL_CHAT_TEMPLATE = (  # SmolLM2's own: ChatML with a default system message
 )
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -139,7 +144,9 @@ def make_run(root: Path, arch: str = "llama", *, tie: bool = False, confident: b
     return run
 
 
+@functools.cache
 def merged_model(run: Path):
+    """The run's model with its adapter merged (shared by the tests: treat as read-only), and its generator."""
     generator = Generator.load(run)
     return generator.model.merge_and_unload().eval(), generator
 
@@ -206,7 +213,8 @@ def test_llama_query_and_key_rows_are_in_llama_cpps_rotary_order(runs, tmp_path)
     q = merged.model.layers[0].self_attn.q_proj.weight.detach()
     head_dim = q.shape[0] // 4
     first_head = stored["blk.0.attn_q.weight"][:head_dim]
-    assert torch.equal(first_head[0::2], q[: head_dim // 2]) and torch.equal(first_head[1::2], q[head_dim // 2 : head_dim])
+    assert torch.equal(first_head[0::2], q[: head_dim // 2])
+    assert torch.equal(first_head[1::2], q[head_dim // 2 : head_dim])
     assert not torch.equal(stored["blk.0.attn_q.weight"], q)
 
 
@@ -246,10 +254,14 @@ def test_q8_0_file_answers_like_the_merged_model(confident_runs, arch, tmp_path)
 # --- tokenizer and chat template ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tokenizer_read_back_encodes_text_to_the_same_ids(runs, arch, tmp_path):
-    _, generator = merged_model(runs[arch])
-    path = export_to(runs[arch], tmp_path, "f32")
+@pytest.mark.parametrize(
+    ("arch", "split", "pre"),
+    [("llama", None, "gpt-2"), ("llama", LLAMA3_SPLIT, "llama-bpe"), ("qwen2", QWEN2_SPLIT, "qwen2")],
+)
+def test_tokenizer_read_back_encodes_text_to_the_same_ids(runs, arch, split, pre, tmp_path):
+    run = runs[arch] if split in (None, QWEN2_SPLIT) else make_run(tmp_path, arch, tokenizer=bpe_tokenizer(split))
+    _, generator = merged_model(run)
+    path = export_to(run, tmp_path, "f32")
     _, tokenizer = read_back(path)
     for text in TEXTS:
         for special in (True, False):
@@ -258,7 +270,7 @@ def test_tokenizer_read_back_encodes_text_to_the_same_ids(runs, arch, tmp_path):
     for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
         assert getattr(tokenizer, name) == getattr(generator.tokenizer, name)
     fields = gguf.GGUFReader(path).fields
-    assert fields["tokenizer.ggml.pre"].contents() == ("qwen2" if arch == "qwen2" else "gpt-2")
+    assert fields["tokenizer.ggml.pre"].contents() == pre
     assert fields["tokenizer.ggml.add_bos_token"].contents() is False
     types = fields["tokenizer.ggml.token_type"].contents()
     assert types[:3] == [gguf.TokenType.CONTROL] * 3 and set(types[3:]) == {gguf.TokenType.NORMAL}
@@ -387,7 +399,8 @@ def test_a_full_disk_leaves_no_partial_file(runs, tmp_path):
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
-        with pytest.raises(ExportError, match=rf"writing {out} failed: .*\(is the disk full\?\); no partial file") as error:
+        message = rf"writing {out} failed: .*\(is the disk full\?\); no partial file"
+        with pytest.raises(ExportError, match=message) as error:
             export_gguf(runs["llama"], out, dtype="f32")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
