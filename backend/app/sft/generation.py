@@ -23,7 +23,7 @@ from app.sft import checkpointing
 from app.sft.config import SFTConfig
 from app.sft.data import PaddedCollator, TokenizedDataset, resolve_template
 from app.sft.loss import evaluation_totals
-from app.sft.modeling import load_model, load_tokenizer, quiet_peft_deprecations
+from app.sft.modeling import load_model, load_tokenizer, quiet_peft_deprecations, read_gguf
 from app.sft.templates import Message
 
 RUN_CONFIG_FILE = "config.yaml"
@@ -62,11 +62,14 @@ def _gguf_has_chat_template(path: Path) -> bool:
 
 
 def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel | PeftModel:
-    """The model of `path`, in eval mode: a config file gives its base model; a run directory or checkpoint
-    gives its LoRA adapter on that base model, or its fully fine-tuned weights."""
+    """The model of `path`, in eval mode: a `.gguf` file its weights (read directly, not cached); a config file
+    its base model; a run directory or checkpoint its LoRA adapter on that base model, or its fully fine-tuned
+    weights."""
     path = Path(path)
     device = "cuda" if torch.cuda.is_available() else None
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        model = read_gguf(path)[0].to(device or "cpu")
+    elif path.is_file():
         model = load_model(config, device=device)
     elif (path / "adapter_config.json").is_file():
         with quiet_peft_deprecations():

@@ -169,15 +169,8 @@ def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     target = gguf_cache_dir(path)
     if target.is_dir():
         return target
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"Loading {path} needs the 'gguf' package: pip install gguf")
     logger.info("Converting %s to Hugging Face format in %s (once)", path, target)
-    with _gguf_alone(path) as (folder, name):
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # The weights are now plain float tensors; without this, save_pretrained refuses the model.
-    model.hf_quantizer = None
-    del model.config.quantization_config
+    model, tokenizer = read_gguf(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -190,6 +183,21 @@ def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def read_gguf(gguf_path: str | os.PathLike[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (de-quantized to float32 weights) and tokenizer of a GGUF file, read directly, without the
+    cache: for a file to run rather than to train on, such as one `sft export` wrote."""
+    path = Path(gguf_path).resolve()
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"Loading {path} needs the 'gguf' package: pip install gguf")
+    with _gguf_alone(path) as (folder, name):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The weights are now plain float tensors; without this, save_pretrained refuses the model.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    return model, tokenizer
 
 
 def model_path(base_model: str) -> str:
