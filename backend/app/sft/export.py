@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,7 +75,11 @@ _QWEN2_SPLIT = (
 _SPLIT_PRE_TOKENIZERS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 """The text-splitting regex of a byte-level BPE tokenizer -> llama.cpp's name for that pre-tokenizer."""
 
-SUPPORTED_TOKENIZERS = "byte-level BPE with the GPT-2, SmolLM, Llama-3 or Qwen2 pre-tokenizer"
+SUPPORTED_TOKENIZERS = (
+    "byte-level BPE with the GPT-2, SmolLM, Llama-3 or Qwen2 pre-tokenizer, or SentencePiece-style BPE with byte "
+    "fallback (Llama 2, Mistral)"
+)
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 MODELFILE = "Modelfile"
 """The Ollama Modelfile written beside the GGUF file (`ollama create NAME -f Modelfile`)."""
@@ -89,7 +94,7 @@ class ExportedTokenizer:
     """The `tokenizer.*` metadata of a GGUF file (llama.cpp's names and layout)."""
 
     model: str
-    pre: str
+    pre: str | None
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
@@ -97,6 +102,7 @@ class ExportedTokenizer:
     add_bos: bool
     add_eos: bool
     add_space_prefix: bool
+    scores: list[float] | None = None
 
 
 def export_gguf(
@@ -297,22 +303,30 @@ def write_gguf(
 def export_tokenizer(
     tokenizer: PreTrainedTokenizerBase, vocab_size: int, base_model: str | None = None
 ) -> ExportedTokenizer:
-    """The GGUF tokenizer metadata of a fast byte-level BPE tokenizer (SmolLM2, Llama 3, Qwen2, GPT-2 kind).
+    """The GGUF tokenizer metadata of a fast BPE tokenizer: byte-level (SmolLM2, Llama 3, Qwen2, GPT-2:
+    llama.cpp's `gpt2` model) or SentencePiece-style with byte fallback (Llama 2, Mistral: its `llama` model).
 
     Token types follow llama.cpp's converter: added special tokens (and `<|...|>` ones) are CONTROL, other added
-    tokens USER_DEFINED, ids the vocabulary does not fill `[PADn]` UNUSED. add-BOS/EOS is what the tokenizer
-    does when asked for special tokens. `base_model` lets a GGUF base's pre-tokenizer name be kept when the
-    vocabulary is the file's own (transformers rebuilds some pre-tokenizers, such as SmolLM's, as GPT-2's).
+    tokens USER_DEFINED, ids the vocabulary does not fill `[PADn]` UNUSED; for SentencePiece also `<0xNN>` BYTE
+    and the unk token UNKNOWN. llama.cpp merges SentencePiece pieces by score, so each token made by a merge
+    scores minus its merge's rank (the merges are written too, for readers that use them). add-BOS/EOS is what
+    the tokenizer does when asked for special tokens. `base_model` lets a GGUF base's pre-tokenizer name be kept
+    when the vocabulary is the file's own (transformers rebuilds some, such as SmolLM's, as GPT-2's).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model_spec = spec.get("model") or {}
-    if model_spec.get("type") != "BPE" or model_spec.get("byte_fallback"):
+    if model_spec.get("type") != "BPE":
         raise ExportError(
             f"tokenizer {tokenizer.name_or_path!r}: a {model_spec.get('type', type(tokenizer).__name__)} tokenizer "
             f"cannot be exported yet; supported: {SUPPORTED_TOKENIZERS}"
         )
-    pre, add_prefix_space = _byte_level_pre_tokenizer(spec.get("pre_tokenizer"), tokenizer)
+    sentencepiece = bool(model_spec.get("byte_fallback"))
+    if sentencepiece:
+        kind, pre, add_prefix_space = "llama", None, _sentencepiece_prefix_space(spec, tokenizer)
+    else:
+        kind = "gpt2"
+        pre, add_prefix_space = _byte_level_pre_tokenizer(spec.get("pre_tokenizer"), tokenizer)
 
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
@@ -328,14 +342,27 @@ def export_tokenizer(
         if token is None:
             tokens.append(f"[PAD{index}]")
             types.append(gguf.TokenType.UNUSED)
+        elif sentencepiece and token == tokenizer.unk_token:
+            tokens.append(token)
+            types.append(gguf.TokenType.UNKNOWN)
         elif index in added:
             tokens.append(token)
             special = added[index].special or (token.startswith("<|") and token.endswith("|>"))
             types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        elif sentencepiece and _BYTE_TOKEN.fullmatch(token):
+            tokens.append(token)
+            types.append(gguf.TokenType.BYTE)
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model_spec.get("merges", [])]
+    scores = None
+    if sentencepiece:
+        rank = {merge.replace(" ", ""): -float(index) for index, merge in reversed(list(enumerate(merges)))}
+        scores = [
+            rank.get(token, 0.0) if token_type == gguf.TokenType.NORMAL else 0.0
+            for token, token_type in zip(tokens, types, strict=True)
+        ]
 
     special_ids = {
         name: token_id
@@ -349,9 +376,24 @@ def export_tokenizer(
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     add_bos = tokenizer.bos_token_id is not None and len(probe) > len(plain) and probe[0] == tokenizer.bos_token_id
     add_eos = tokenizer.eos_token_id is not None and len(probe) > len(plain) and probe[-1] == tokenizer.eos_token_id
-    pre = _gguf_base_pre(base_model, tokens) or pre
-    return ExportedTokenizer("gpt2", pre, tokens, [int(t) for t in types], merges, special_ids, add_bos, add_eos,
-                             add_prefix_space)
+    pre = (_gguf_base_pre(base_model, tokens) or pre) if not sentencepiece else None
+    return ExportedTokenizer(kind, pre, tokens, [int(t) for t in types], merges, special_ids, add_bos, add_eos,
+                             add_prefix_space, scores)
+
+
+def _sentencepiece_prefix_space(spec: dict, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" before the text: its Metaspace pre-tokenizer's prepend
+    scheme, or a Prepend normalizer (older tokenizer.json files)."""
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581":
+        return pre.get("prepend_scheme", "always") != "never"
+    normalizers = (spec.get("normalizer") or {}).get("normalizers") or [spec.get("normalizer") or {}]
+    if any(step.get("type") == "Replace" for step in normalizers) and not pre:
+        return any(step.get("type") == "Prepend" for step in normalizers)
+    raise ExportError(
+        f"tokenizer {tokenizer.name_or_path!r}: a byte-fallback BPE tokenizer without SentencePiece's \u2581 "
+        f"spaces cannot be exported; supported: {SUPPORTED_TOKENIZERS}"
+    )
 
 
 def _byte_level_pre_tokenizer(spec: dict | None, tokenizer: PreTrainedTokenizerBase) -> tuple[str, bool]:
@@ -394,8 +436,11 @@ def _gguf_base_pre(base_model: str | None, tokens: list[str]) -> str | None:
 
 def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer: ExportedTokenizer, chat_template: str | None) -> None:
     writer.add_tokenizer_model(tokenizer.model)
-    writer.add_tokenizer_pre(tokenizer.pre)
+    if tokenizer.pre is not None:
+        writer.add_tokenizer_pre(tokenizer.pre)
     writer.add_token_list(tokenizer.tokens)
+    if tokenizer.scores is not None:
+        writer.add_token_scores(tokenizer.scores)
     writer.add_token_types(tokenizer.token_types)
     writer.add_token_merges(tokenizer.merges)
     adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,

@@ -8,6 +8,7 @@ back with `from_pretrained(..., gguf_file=...)`.
 from __future__ import annotations
 
 import functools
+import json
 import importlib.util
 import os
 import resource
@@ -25,6 +26,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaTokenizer,
     MistralConfig,
     MistralForCausalLM,
     PreTrainedTokenizerFast,
@@ -98,6 +100,22 @@ def bpe_tokenizer(split: str | None = None) -> PreTrainedTokenizerFast:
     )
     wrapped.chat_template = SMOL_CHAT_TEMPLATE
     return wrapped
+
+
+def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama-2-style tokenizer: BPE over "▁"-marked words with byte fallback (`<0x00>`..`<0xFF>`), trained on
+    `CORPUS`, built as transformers' `LlamaTokenizer` (what a Llama 2 or Mistral checkpoint loads as)."""
+    trainer_tokenizer = Tokenizer(models.BPE())
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False)
+    trainer_tokenizer.train_from_iterator(CORPUS, trainer)
+    learned = json.loads(trainer_tokenizer.to_str())["model"]
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256))]
+    pieces += sorted(learned["vocab"], key=learned["vocab"].get)
+    tokenizer = LlamaTokenizer(vocab={piece: i for i, piece in enumerate(pieces)},
+                               merges=[tuple(merge) for merge in learned["merges"]])
+    tokenizer.chat_template = SMOL_CHAT_TEMPLATE.replace("<|im_start|>", "<s>").replace("<|im_end|>", "</s>")
+    return tokenizer
 
 
 def tiny_model(arch: str, tokenizer, tie: bool = False, confident: bool = False):
@@ -217,6 +235,27 @@ def test_llama_query_and_key_rows_are_in_llama_cpps_rotary_order(runs, tmp_path)
     assert torch.equal(first_head[0::2], q[: head_dim // 2])
     assert torch.equal(first_head[1::2], q[head_dim // 2 : head_dim])
     assert not torch.equal(stored["blk.0.attn_q.weight"], q)
+
+
+def test_sentencepiece_llama_file_gives_the_merged_models_logits_and_tokens(tmp_path):
+    """Llama 2 / Mistral shape: a SentencePiece-style tokenizer is written as llama.cpp's `llama` vocabulary."""
+    run = make_run(tmp_path, "llama", tokenizer=sentencepiece_tokenizer())
+    merged, generator = merged_model(run)
+    path = export_to(run, tmp_path, "f32")
+    model, tokenizer = read_back(path)
+    assert relative_error(batch_logits(merged, generator.tokenizer), batch_logits(model, tokenizer)) < 1e-4
+    for text in [*TEXTS, " leading space", "two  spaces"]:
+        assert tokenizer(text).input_ids == generator.tokenizer(text).input_ids, text
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.pre" not in fields
+    adds_bos = generator.tokenizer("hello").input_ids[0] == generator.tokenizer.bos_token_id
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is adds_bos
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    types, scores = fields["tokenizer.ggml.token_type"].contents(), fields["tokenizer.ggml.scores"].contents()
+    assert types[:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    assert set(types[3:259]) == {gguf.TokenType.BYTE} and set(types[259:]) == {gguf.TokenType.NORMAL}
+    first_merge = "".join(fields["tokenizer.ggml.merges"].contents()[0].split(" "))
+    assert scores[fields["tokenizer.ggml.tokens"].contents().index(first_merge)] == 0.0 > min(scores)
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
