@@ -362,7 +362,8 @@ def test_modelfile_names_the_file_stop_tokens_and_the_default_system_message(run
 # --- the command line and chatting with the file ------------------------------------------------------
 
 
-def test_sft_export_then_generate_with_the_file_gives_the_runs_answer(runs, capsys):
+def test_sft_export_then_generate_with_the_file_gives_the_runs_answer(runs, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_PLAYGROUND_CACHE", str(tmp_path / "cache"))
     run = runs["llama"]
     assert main(["export", str(run), "--dtype", "f32", "--force"]) == 0
     printed = capsys.readouterr().out
@@ -373,6 +374,13 @@ def test_sft_export_then_generate_with_the_file_gives_the_runs_answer(runs, caps
         assert main(["generate", str(target), "--prompt", "hello world", "--max-new-tokens", "8"]) == 0
     from_run, from_file = capsys.readouterr().out.splitlines()
     assert from_file == from_run
+    assert not (tmp_path / "cache").exists()  # a file to run is read directly, not converted into the cache
+
+
+def test_cli_output_in_a_missing_folder_is_one_line_and_exit_2(runs, tmp_path, capsys):
+    assert main(["export", str(runs["llama"]), "--out", str(tmp_path / "nowhere" / "model.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sft export: error: output folder {tmp_path / 'nowhere'} does not exist\n"
 
 
 def test_cli_bad_dtype_is_one_line_listing_the_valid_ones(runs, capsys):
