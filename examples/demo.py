@@ -88,7 +88,28 @@ def main(argv: list[str] | None = None) -> int:
           f"2025.'):\n  .venv/bin/sft chat {out}")
     print(f"Or ask it once:\n  .venv/bin/sft generate {out} --prompt '{prompts[0][0]['content']}' "
           "--input 'Ada Lovelace lands in London on 10 December 2025.'")
+    export_for_llama_cpp(out, generator, [user for user, _ in prompts])
     return 0
+
+
+def export_for_llama_cpp(run_dir: Path, trained, prompts: list) -> None:
+    """Export the run to one GGUF file (q8_0) for llama.cpp and Ollama, check that the file answers the held-out
+    prompts as the trained model does, and say how to run it."""
+    from app.sft.export import export_gguf
+    from app.sft.generation import Generator
+
+    print("\nExporting to GGUF (q8_0) for llama.cpp and Ollama ...", flush=True)
+    path = export_gguf(run_dir, run_dir / "model.gguf", dtype="q8_0", force=True)
+    exported = Generator.load(path)
+    same = sum(
+        exported.generate([user], max_new_tokens=MAX_NEW_TOKENS) == trained.generate([user], max_new_tokens=MAX_NEW_TOKENS)
+        for user in prompts
+    )
+    print(f"  {path} ({path.stat().st_size / 1e6:.0f} MB) answers {same} of {len(prompts)} held-out prompts "
+          "exactly as the trained model does.")
+    print(f"  llama.cpp: llama-cli -m {path} -cnv        (or llama-server -m {path})")
+    print(f"  Ollama:    ollama create sft-demo -f {run_dir / 'Modelfile'} && ollama run sft-demo")
+    print(f"  here:      .venv/bin/sft chat {path}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     sft train CONFIG [--set key=value ...] [--resume [CHECKPOINT] | --overwrite]
     sft validate CONFIG          sft preview CONFIG [-n 3]          sft eval RUN_DIR_OR_CONFIG
     sft generate RUN_DIR --prompt "..."     sft chat RUN_DIR     sft merge RUN_DIR [--out DIR]
-    sft report RUN_DIR
+    sft report RUN_DIR           sft export RUN_DIR [--dtype q8_0] [--out FILE] [--force]
 
 Also `python -m app.sft`. Exit codes: 0 success, 2 a usage, config or data error (one message on stderr, no
 traceback), 1 a runtime failure, 130 interrupted. Works unchanged under `accelerate launch` and `torchrun`:
@@ -150,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = command("report", _report, "re-render a run's report.html and loss.png from metrics.jsonl")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
+
+    export = command("export", _export, "write a run as one GGUF file (llama.cpp, Ollama) and an Ollama Modelfile")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (or a checkpoint, or a model folder)")
+    export.add_argument("--format", choices=["gguf"], default="gguf", help="file format (gguf)")
+    export.add_argument("--dtype", default="q8_0", help="weight type: f32, f16, bf16 or q8_0 (default q8_0)")
+    export.add_argument("--out", metavar="FILE", help="the .gguf file to write (default: RUN_DIR/model.gguf)")
+    export.add_argument("--force", action="store_true", help="replace an existing file and Modelfile")
     return parser
 
 
@@ -355,6 +362,15 @@ def _merge(args: argparse.Namespace) -> int:
     base_model = load_run_config(run_dir).base_model  # so a GGUF base is found (and converted) again
     out = merge_lora(run_dir, args.out or run_dir / "merged", base_model=base_model)
     print(f"Merged model written to {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from app.sft.export import export_gguf
+
+    out = export_gguf(args.run_dir, args.out, dtype=args.dtype, force=args.force)
+    print(f"Wrote {out} ({args.dtype}, {out.stat().st_size / 1e6:.1f} MB) and {out.parent / 'Modelfile'}")
+    print(f"Run it: llama-cli -m {out} -cnv | ollama create my-model -f {out.parent / 'Modelfile'} | sft chat {out}")
     return 0
 
 

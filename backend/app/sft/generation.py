@@ -35,6 +35,7 @@ from app.sft.modeling import (
     load_model,
     load_tokenizer,
     quiet_peft_deprecations,
+    read_gguf,
     refuse_pickled_weights,
 )
 from app.sft.templates import Message, PromptTemplate, TemplateError
@@ -46,11 +47,15 @@ RUN_CONFIG_FILE = "config.yaml"
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfig:
     """The config of a run directory (`config.yaml`), a checkpoint (`sft_config.json`) or a YAML config file.
 
-    `overrides` are `key=value` settings as for `sft train --set`. A path that is none of these raises
-    `FileNotFoundError` naming it.
+    A `.gguf` file (such as one `sft export` wrote) gets a config with the file as its base model, prompted with
+    the chat template in the file (plain text when it has none). `overrides` are `key=value` settings as for
+    `sft train --set`. A path that is none of these raises `FileNotFoundError` naming it.
     """
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        data_format = "chat" if _gguf_has_chat_template(path) else "completion"
+        config = SFTConfig(base_model=str(path), dataset_format=data_format)
+    elif path.is_file():
         config = SFTConfig.from_yaml(path)
     elif (path / RUN_CONFIG_FILE).is_file():
         config = SFTConfig.from_yaml(path / RUN_CONFIG_FILE)
@@ -64,14 +69,23 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfi
     return config.with_overrides(list(overrides)) if overrides else config
 
 
+def _gguf_has_chat_template(path: Path) -> bool:
+    import gguf
+
+    return gguf.GGUFReader(path).get_field(gguf.Keys.Tokenizer.CHAT_TEMPLATE) is not None
+
+
 def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel | PeftModel:
-    """The model of `path`, in eval mode: a config file gives its base model; a run directory or checkpoint
-    gives its LoRA adapter on that base model, or its fully fine-tuned weights."""
+    """The model of `path`, in eval mode: a `.gguf` file its weights (read directly, not cached); a config file
+    its base model; a run directory or checkpoint its LoRA adapter on that base model, or its fully fine-tuned
+    weights."""
     path = Path(path)
     device = "cuda" if torch.cuda.is_available() else None
     if path.is_dir():
         refuse_pickled_weights(path)
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        model = read_gguf(path)[0].to(device or "cpu")
+    elif path.is_file():
         model = load_model(config, device=device)
     elif (path / "adapter_config.json").is_file():
         with quiet_peft_deprecations():

@@ -159,6 +159,25 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "llm-playground").expanduser()
 
 
+_HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+@contextmanager
+def _gguf_alone(path: Path) -> Iterator[tuple[str, str]]:
+    """`(folder, name)` for `from_pretrained(folder, gguf_file=name)` that reads only the GGUF file `path`.
+
+    transformers prefers a `tokenizer.json`/`config.json` found beside a GGUF file over the file's own
+    tokenizer, so a file exported into a run folder (`sft export`) is read through a temporary folder that
+    holds only a link to it.
+    """
+    if not any((path.parent / name).exists() for name in _HF_FILES):
+        yield str(path.parent), path.name
+        return
+    with tempfile.TemporaryDirectory(prefix="gguf-") as tmp:
+        (Path(tmp) / path.name).symlink_to(path)
+        yield tmp, path.name
+
+
 def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     """Return the cached HF-format copy (model + tokenizer) of a GGUF file, converting it on first use.
 
@@ -170,14 +189,8 @@ def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     target = gguf_cache_dir(path)
     if target.is_dir():
         return target
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"Loading {path} needs the 'gguf' package: pip install gguf")
     logger.info("Converting %s to Hugging Face format in %s (once)", path, target)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    # The weights are now plain float tensors; without this, save_pretrained refuses the model.
-    model.hf_quantizer = None
-    del model.config.quantization_config
+    model, tokenizer = read_gguf(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -241,6 +254,21 @@ def refuse_pickled_weights(directory: str | os.PathLike[str]) -> None:
             )
 
 
+def read_gguf(gguf_path: str | os.PathLike[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (de-quantized to float32 weights) and tokenizer of a GGUF file, read directly, without the
+    cache: for a file to run rather than to train on, such as one `sft export` wrote."""
+    path = Path(gguf_path).resolve()
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"Loading {path} needs the 'gguf' package: pip install gguf")
+    with _gguf_alone(path) as (folder, name):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The weights are now plain float tensors; without this, save_pretrained refuses the model.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    return model, tokenizer
+
+
 def model_path(base_model: str) -> str:
     """What to pass to `from_pretrained` for `base_model`: a Hub id or a local HF directory."""
     source = resolve_model_source(base_model)
@@ -262,8 +290,10 @@ def load_tokenizer(
     else:
         base_model, trust_remote_code = config_or_name.base_model, config_or_name.trust_remote_code
     source = resolve_model_source(base_model)
-    if source.kind == "gguf" and not gguf_cache_dir(Path(source.path_or_id) / source.gguf_file).is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(source.path_or_id, gguf_file=source.gguf_file)
+    gguf_path = Path(source.path_or_id) / source.gguf_file if source.kind == "gguf" else None
+    if gguf_path is not None and not gguf_cache_dir(gguf_path).is_dir():
+        with _gguf_alone(gguf_path) as (folder, name):
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     else:
         with _hub_access(base_model) as hub:
             tokenizer = AutoTokenizer.from_pretrained(model_path(base_model), trust_remote_code=trust_remote_code,

@@ -168,6 +168,14 @@ class AlpacaTemplate(PromptTemplate):
             "{%- if add_generation_prompt -%}{{- '### Response:\\n' -}}{%- endif -%}"
         )
 
+    def ollama_template(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        """The single-turn prompt in Ollama's Go template syntax (`.System`, `.Prompt`, `.Response`)."""
+        eos = tokenizer.eos_token or ""
+        return (
+            f"{{{{ if .System }}}}{{{{ .System }}}}{{{{ else }}}}{self.PREAMBLE}{{{{ end }}}}\n\n"
+            f"### Instruction:\n{{{{ .Prompt }}}}\n\n### Response:\n{{{{ .Response }}}}{eos}"
+        )
+
 
 class ChatMLTemplate(PromptTemplate):
     """`<|im_start|>role\\ncontent<|im_end|>\\n` turns (Qwen, SmolLM, ...); trains on `content<|im_end|>`."""
