@@ -1,17 +1,123 @@
-"""The callback base class and the one dispatcher that fires every training event.
+"""The callback base class, the contract a callback may rely on, and the one dispatcher that fires every event.
 
-A callback sees a `trainer` object. The built-in callbacks need only `trainer.model` and `trainer.device`;
-everything else (`is_main_process`, `all_reduce_sum`, `callback_handler`, ...) is optional and read with
-`getattr`, so a hand-written loop can use them too (see docs/ARCHITECTURE.md).
+`TrainerAPI` names everything a callback may use of the trainer it is given. `SFTTrainer` implements all of
+it. A hand-written loop may pass any object with `model` and `device` instead (a stand-in, the way the quick
+reference's own tests drive callbacks): `trainer_api(obj)` wraps it with single-process defaults, so the
+built-in callbacks work against one typed surface either way (see docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
+
 logger = logging.getLogger(__name__)
+
+
+class TrainerAPI:
+    """What a callback may use of the trainer. The defaults describe a single-process hand-written loop.
+
+    Attributes:
+        model, device: the model being trained and where its batches go (every trainer has these two).
+        tokenizer, config, output_dir: the run's tokenizer, `SFTConfig` and output folder (None when unknown).
+        val_dataloader: batches of the run's validation data, or None.
+        eval_batch_size: examples per evaluation batch.
+        global_step, epoch: optimizer steps taken so far (1-based once a step is done) and the 0-based epoch.
+        is_main_process, process_index, num_processes: the process layout (only the main process writes).
+        should_stop: set True to stop after the current step (`request_stop` also says why).
+        metrics: the latest value of every metric the trainer has seen, training and evaluation alike.
+        best_metric, best_step: the one record of the best value of the monitored metric and its step.
+        managed: True when the trainer fires `on_evaluate`, keeps `metrics` and the best record, and writes
+            the checkpoints that `CheckpointCallback` asks for (SFTTrainer). False for a hand-written loop:
+            there CheckpointCallback writes its own files and decisions read the step's `metrics` argument.
+    """
+
+    model: torch.nn.Module
+    device: torch.device | str
+    tokenizer: Any = None
+    config: Any = None
+    output_dir: Any = None
+    val_dataloader: Iterable[Mapping[str, Any]] | None = None
+    eval_batch_size: int = 8
+    global_step: int = 0
+    epoch: int = 0
+    is_main_process: bool = True
+    process_index: int = 0
+    num_processes: int = 1
+    should_stop: bool = False
+    managed: bool = False
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    @property
+    def best_metric(self) -> float | None:
+        return None
+
+    @property
+    def best_step(self) -> int | None:
+        return None
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over all processes (unchanged on one process)."""
+        return tensor
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The configured mixed-precision context (a no-op by default)."""
+        return contextlib.nullcontext()
+
+    def make_eval_dataloader(self, dataset: Any) -> Iterable[Mapping[str, Any]] | None:
+        """Batches of `dataset` (raw or tokenized rows) with the trainer's collation; None if it has none."""
+        return None
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current step, recording `reason` (e.g. "early_stopping")."""
+        self.should_stop = True
+
+    def record_evaluation(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Take in an evaluation's results: the trainer keeps them, updates the best and fires `on_evaluate`."""
+
+
+_STAND_IN_FIELDS = (
+    "tokenizer", "config", "output_dir", "val_dataloader", "eval_batch_size", "global_step", "epoch",
+    "is_main_process", "all_reduce_sum",
+)
+"""The attributes a stand-in trainer may set itself (as instance attributes) to replace TrainerAPI's defaults."""
+
+
+class _StandInTrainer(TrainerAPI):
+    """A TrainerAPI view of an object that only has `model` and `device` (plus any of `_STAND_IN_FIELDS`).
+
+    Only attributes the object holds itself are taken over, so a `unittest.mock.Mock`'s automatic attributes
+    are never mistaken for real ones.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self._trainer = trainer
+        self.model = trainer.model
+        self.device = trainer.device
+        own = getattr(trainer, "__dict__", {})
+        for name in _STAND_IN_FIELDS:
+            if name in own:
+                setattr(self, name, own[name])
+
+    def request_stop(self, reason: str) -> None:
+        self._trainer.should_stop = True
+
+
+def trainer_api(trainer: Any) -> TrainerAPI:
+    """`trainer` itself when it implements TrainerAPI, else a single-process view of its `model` and `device`."""
+    return trainer if isinstance(trainer, TrainerAPI) else _StandInTrainer(trainer)
+
+
+def publish_evaluation(trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
+    """Hand an evaluation's results to the trainer (which fires `on_evaluate`); a no-op for a stand-in."""
+    trainer_api(trainer).record_evaluation(step, dict(metrics))
 
 
 class SFTCallback:
@@ -22,10 +128,14 @@ class SFTCallback:
     - `on_train_begin(trainer)`: once, before the first step (also when resuming).
     - `on_epoch_begin(trainer, epoch)`: at the start of each epoch (0-based).
     - `on_step_end(trainer, step, metrics)`: after each optimizer step; `step` is the global step (1-based)
-      and `metrics` the dict of this step's values (`loss`, `learning_rate`, ...). Callbacks may add keys to
-      it (ValidationCallback adds `val_loss`); later callbacks see them.
-    - `on_save(trainer, step, checkpoint_path)`: after a checkpoint was written.
-    - `on_epoch_end(trainer, epoch, metrics)`: at the end of each epoch.
+      and `metrics` the dict of this step's values (`loss`, `learning_rate`, ...). At a step that evaluated,
+      `metrics` also holds the evaluation's values (`val_loss`, ...).
+    - `on_evaluate(trainer, step, metrics)`: once per evaluation (every `eval_steps` or at an epoch end),
+      with that evaluation's metrics only (`val_loss`, `val_perplexity`, `gen_*`, ...), fired by whatever
+      evaluated, from inside its own `on_step_end`/`on_epoch_end`.
+    - `on_epoch_end(trainer, epoch, metrics)`: at the end of each epoch, after its last `on_step_end`.
+    - `on_save(trainer, step, checkpoint_path)`: after a checkpoint was written, once the step's
+      `on_step_end` (and, at an epoch's last step, `on_epoch_end`) has reached every callback.
     - `on_train_end(trainer, error=None)`: once, last, also when training failed (`error` is the exception).
 
     `order` sets where the callback runs among the others (lower runs first; see `CallbackHandler`).
@@ -56,11 +166,14 @@ class SFTCallback:
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         """Called after each optimizer step with that step's metrics."""
 
-    def on_save(self, trainer: Any, step: int, checkpoint_path: str, **kwargs: Any) -> None:
-        """Called after a checkpoint was written to `checkpoint_path`."""
+    def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        """Called once per evaluation with that evaluation's metrics."""
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         """Called at the end of each epoch with the epoch's metrics."""
+
+    def on_save(self, trainer: Any, step: int, checkpoint_path: str, **kwargs: Any) -> None:
+        """Called after a checkpoint was written to `checkpoint_path`."""
 
     def on_train_end(self, trainer: Any, **kwargs: Any) -> None:
         """Called once when training ends, also after a failure (`kwargs["error"]` is the exception)."""
@@ -72,12 +185,16 @@ class CallbackHandler:
     Order rule: callbacks run sorted by their `order` attribute, lowest first, in the order they were
     added when equal. The built-ins are ValidationCallback (0), EarlyStoppingCallback (10), your own
     callbacks (50 by default), CheckpointCallback (60), loggers such as WandBCallback and
-    TensorBoardCallback (90). So a validation result computed at step N is already in `metrics` when
-    early stopping, checkpointing and logging look at step N, whatever order the callbacks were added in.
+    TensorBoardCallback (90). Decisions do not depend on this order: the trainer keeps the newest value
+    of every metric (`trainer.metrics`), and checkpointing and early stopping read it from there.
+
+    `current` is the callback whose hook is running (None between hooks), so the trainer can tell which
+    callback asked it to stop.
     """
 
     def __init__(self, callbacks: Iterable[SFTCallback] = ()) -> None:
         self.callbacks: list[SFTCallback] = []
+        self.current: SFTCallback | None = None
         for callback in callbacks:
             self.add(callback)
 
@@ -104,8 +221,13 @@ class CallbackHandler:
         """Call `callback.<event>(trainer, **kwargs)` on every callback, in order."""
         if not hasattr(SFTCallback, event) or not event.startswith("on_"):
             raise ValueError(f"unknown callback event {event!r}")
-        for callback in self.callbacks:
-            getattr(callback, event)(trainer, **kwargs)
+        outer = self.current  # an event fired from inside another one's hook (on_evaluate) nests
+        try:
+            for callback in self.callbacks:
+                self.current = callback
+                getattr(callback, event)(trainer, **kwargs)
+        finally:
+            self.current = outer
 
     def _keys(self) -> list[str]:
         """Unique state keys: a repeated `state_key` gets `_1`, `_2`, ... in callback order."""
