@@ -203,31 +203,31 @@ def _builtin(name: str, *, check_package: bool = True) -> Metric:
 
 
 def score_generations(
-    metrics: Sequence[Metric], generations: Sequence[Generation], *, first_index: int = 0
-) -> tuple[list[dict[str, float]], list[str]]:
-    """Every metric's score of every answer, and one warning per metric that raised.
+    metrics: Sequence[Metric], generations: Sequence[Generation], indices: Sequence[int] | None = None
+) -> tuple[list[dict[str, float]], dict[str, str]]:
+    """Every metric's score of every answer, and a warning for each metric that raised, by metric name.
 
-    A metric that raises on a sample scores 0 for that sample; its warning names the metric and the first
-    sample it failed on (`first_index` + position, so a shard reports indices of the whole evaluation set)
-    and how many samples failed, so training goes on.
+    A metric that raises on a sample scores 0 for that sample; its warning names the metric, the first sample
+    it failed on (`indices[position]`, so a shard reports indices of the whole evaluation set) and how many
+    samples failed, so that training goes on.
     """
+    indices = list(range(len(generations))) if indices is None else list(indices)
     scores: list[dict[str, float]] = [{} for _ in generations]
-    warnings: list[str] = []
+    warnings: dict[str, str] = {}
     for metric in metrics:
         failures: list[tuple[int, BaseException]] = []
         for position, generation in enumerate(generations):
             try:
                 value = metric.score(generation)
             except Exception as error:  # a user's metric must not end training
-                failures.append((first_index + position, error))
+                failures.append((indices[position], error))
                 value = 0.0
             scores[position][metric.key] = value
         if failures:
             index, error = failures[0]
-            more = f" (and {len(failures) - 1} more samples)" if len(failures) > 1 else ""
-            warnings.append(
+            more = f" (and on {len(failures) - 1} more)" if len(failures) > 1 else ""
+            warnings[metric.name] = (
                 f"generation metric {metric.name!r} raised on sample {index}{more}: "
-                f"{type(error).__name__}: {error}; scored 0"
+                f"{type(error).__name__}: {error}; that sample scores 0"
             )
     return scores, warnings
-
