@@ -135,9 +135,10 @@ class GenerationEvalCallback(SFTCallback):
 
     # --- evaluation ----------------------------------------------------------------------------------------------
 
-    def evaluate(self, trainer: Any, step: int) -> dict[str, float]:
+    def evaluate(self, trainer: Any, step: int, *, samples_file: str | Path | None = None) -> dict[str, float]:
         """Generate and score the answers now; returns the `gen_*` metrics (also kept in `history`) and, on
-        the main process, writes the samples file of `step`. Does not publish them (`on_step_end` does)."""
+        the main process, writes the samples to `samples_file` (default: `generations/step_<step>.jsonl` in
+        the trainer's output_dir). Does not publish the metrics (`on_step_end` does)."""
         api = trainer_api(trainer)
         prompts = self._selected_prompts(api)
         model = _generating_model(api.model)
@@ -183,7 +184,10 @@ class GenerationEvalCallback(SFTCallback):
         samples = _gather_on_main(samples, world)
         if api.is_main_process:
             self.latest_samples = sorted(samples, key=lambda sample: sample["index"])
-            self._write_samples(api, step)
+            if samples_file is None and api.output_dir is not None:
+                samples_file = Path(api.output_dir) / GENERATIONS_DIR / f"step_{step}.jsonl"
+            if samples_file is not None:
+                self._write_samples(Path(samples_file), step)
         summary = ", ".join(f"{m.key} {results[m.key]:.4f}" for m in self.metrics)
         logger.info("Generation evaluation at step %d: %s (%d prompts, %.1f s)", step, summary, int(count), elapsed)
         return results
@@ -226,16 +230,14 @@ class GenerationEvalCallback(SFTCallback):
                 logger.warning("%s", warning)
         return scores
 
-    def _write_samples(self, api: TrainerAPI, step: int) -> None:
-        if api.output_dir is None:
-            return
-        folder = Path(api.output_dir) / GENERATIONS_DIR
+    def _write_samples(self, path: Path, step: int) -> None:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             text = "".join(json.dumps({"step": step, **sample}) + "\n" for sample in self.latest_samples)
-            (folder / f"step_{step}.jsonl").write_text(text, encoding="utf-8")
+            path.write_text(text, encoding="utf-8")
         except OSError as error:
-            logger.warning("Cannot write the generation samples of step %d (%s); training goes on.", step, error)
+            logger.warning("Cannot write the generation samples of step %d to %s (%s); training goes on.",
+                           step, path, error)
 
     # --- state ---------------------------------------------------------------------------------------------------
 
@@ -247,6 +249,58 @@ class GenerationEvalCallback(SFTCallback):
         selection = state.get("selection")
         self.selection = None if selection is None else [int(i) for i in selection]
         self._prompts = None
+
+
+def evaluate_by_generation(
+    target: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    metrics: Sequence[str] | None = None,
+    num_samples: int | None = None,
+) -> tuple[dict[str, float], Path]:
+    """`sft eval --generate`: the generation metrics of a run directory, a checkpoint or a config (its base
+    model) on the config's validation rows, and the samples file written (`generations/eval_<what>.jsonl` in
+    the run's folder).
+
+    `metrics` default to the config's `generation_eval_metrics` (else exact_match), `num_samples` to its
+    `generation_eval_samples`; `generation_max_new_tokens` and `eval_batch_size` apply as in training.
+    """
+    from app.sft.generation import load_run_config, load_trained_model
+    from app.sft.modeling import load_tokenizer
+
+    target = Path(target)
+    config = load_run_config(target, overrides)
+    rows = generation_eval_rows(config)
+    if not rows:
+        raise ConfigError(
+            "no validation data to generate answers for: set eval_dataset_name, or validation_split > 0 "
+            "(e.g. --set validation_split=0.1)"
+        )
+    callback = GenerationEvalCallback(
+        rows,
+        metrics=list(metrics or config.generation_eval_metrics or ["exact_match"]),
+        max_new_tokens=config.generation_max_new_tokens,
+        num_samples=num_samples if num_samples is not None else config.generation_eval_samples,
+        batch_size=config.eval_batch_size or config.batch_size,
+    )
+    model = load_trained_model(target, config)
+    if target.is_file():
+        run_dir, label = Path(config.output_dir), "base"
+    elif (target / "config.yaml").is_file():
+        run_dir, label = target, "final"
+    else:
+        run_dir, label = Path(config.output_dir), target.name
+    samples_file = run_dir / GENERATIONS_DIR / f"eval_{label}.jsonl"
+    evaluation = _Evaluation(model, load_tokenizer(config), config)
+    return callback.evaluate(evaluation, 0, samples_file=samples_file), samples_file
+
+
+class _Evaluation(TrainerAPI):
+    """The one-process trainer view `evaluate_by_generation` evaluates with (no training, nothing published)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: Any) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.device = next(model.parameters()).device
 
 
 def samples_of(trainer: Any, step: int) -> list[dict[str, Any]]:
