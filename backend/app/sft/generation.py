@@ -300,9 +300,11 @@ def generate_batch(
         if ids:
             input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+    # Every decoding choice is explicit, so the model's own generation defaults (often sampling) never apply.
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False}
     settings = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
-                                use_cache=True, num_beams=1, do_sample=False, **sampling)
+                                use_cache=True, num_beams=1, **sampling)
     was_training = model.training
     model.eval()
     try:
