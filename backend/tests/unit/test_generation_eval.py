@@ -31,6 +31,8 @@ from app.sft.cli import main
 from app.sft.data import IGNORE_INDEX, tokenize_example
 from app.sft.gen_metrics import BUILTIN_METRICS, Generation, resolve_metrics, score_generations
 from app.sft.generation import generate_all, generate_batch, generation_prompts, stop_token_ids
+from app.sft.metrics_log import MetricsLog
+from app.sft.report import render_report
 from app.sft.templates import default_registry
 
 QUESTION = "what is the capital of france ?"
@@ -197,6 +199,22 @@ def test_a_tiny_model_learns_the_fixed_answer_and_the_samples_and_report_show_it
     report = (out / "report.html").read_text()
     assert "Evaluation by generation" in report and "gen_exact_match" in report
     assert "first evaluation (step 2)" in report and "best evaluation (step" in report
+
+
+def test_the_report_shows_generation_curves_and_the_first_and_best_samples(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step, score in [(2, 0.0), (4, 1.0), (6, 0.5)]:
+        log.write("train", step, {"loss": 1.0 / step, "learning_rate": 1e-3, "tokens_per_second": 10.0}, epoch=0.1)
+        log.write("eval", step, {"gen_exact_match": score, "gen_time_s": 0.1}, epoch=0.1)
+        sample = {"step": step, "index": 0, "prompt": "2 + 2?", "reference": "4", "prediction": f"<answer {step}>"}
+        write_jsonl(tmp_path / "generations" / f"step_{step}.jsonl", [sample])
+    log.close()
+    render_report(tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    section = page[page.index("Evaluation by generation"):]
+    assert "first evaluation (step 2)" in section and "best evaluation (step 4, by gen_exact_match)" in section
+    assert "&lt;answer 2&gt;" in section and "&lt;answer 4&gt;" in section and "&lt;answer 6&gt;" not in section
+    assert "gen_time_s" not in section  # speed is not a score
 
 
 class Scripted:
