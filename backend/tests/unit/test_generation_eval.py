@@ -15,7 +15,7 @@ import torch
 import yaml
 from _generation_eval_worker import EVAL_ROWS
 from _generation_eval_worker import evaluate as evaluate_in_one_process
-from helpers import build_tiny_tokenizer, tiny_llama, write_jsonl
+from helpers import build_tiny_tokenizer, read_wandb_runs, tiny_llama, write_jsonl
 from test_trainer import make_config
 
 from app.sft import (
@@ -25,6 +25,7 @@ from app.sft import (
     GenerationEvalCallback,
     SFTConfig,
     SFTTrainer,
+    WandBCallback,
     checkpointing,
 )
 from app.sft.cli import main
@@ -312,6 +313,25 @@ def test_the_config_switches_it_on_without_code(tmp_path):
     assert [m.key for m in callback.metrics] == ["gen_exact_match", "gen_stopped"]
     assert (callback.max_new_tokens, callback.selection) == (6, [0, 1])
     assert [entry["step"] for entry in callback.history] == [4]
+
+
+def test_loggers_record_the_scores_and_the_samples(tmp_path, wandb_offline):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    callback = GenerationEvalCallback(TASK[:2], metrics=["exact_match"], eval_steps=2, max_new_tokens=6)
+    train(tmp_path, [callback, WandBCallback(project="gen")], max_steps=4, report_to=["tensorboard"])
+
+    (run,) = read_wandb_runs(wandb_offline)
+    for step in (2, 4):
+        assert "gen_exact_match" in run.history[step - 1] or "gen_exact_match" in run.history[step]
+        assert any("generations" in run.history[s] for s in (step - 1, step) if s in run.history)
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    events.Reload()
+    texts = events.Tensors("generations/text_summary")
+    assert [event.step for event in texts] == [2, 4]
+    table = texts[-1].tensor_proto.string_val[0].decode()
+    assert f"| 0 | {QUESTION} | {ANSWER} |" in table
+    assert any(tag.endswith("gen_exact_match") for tag in events.Tags()["scalars"])
 
 
 # --- several processes --------------------------------------------------------------------------------------------

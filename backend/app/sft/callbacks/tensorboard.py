@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.sft.callbacks.base import SFTCallback
+from app.sft.callbacks.generation_eval import samples_of
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -100,6 +101,23 @@ class TensorBoardCallback(SFTCallback):
         self._add_scalars(
             metrics, step, lambda name: f"eval/{name[4:]}" if name.startswith("val_") else f"train/{name}"
         )
+
+    def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        """An evaluation by generation also writes its samples as a markdown table (TEXT tab, `generations`)."""
+        samples = samples_of(trainer, step)
+        if self.writer is None or not samples:
+            return
+
+        def cell(text: Any) -> str:
+            return str(text).replace("|", "\\|").replace("\n", " ")
+
+        rows = "\n".join(f"| {s['index']} | {cell(s['prompt'])} | {cell(s['reference'])} | {cell(s['prediction'])} "
+                         f"| {s['stopped']} |" for s in samples)
+        try:
+            self.writer.add_text("generations", "| index | prompt | reference | prediction | stopped |\n"
+                                 f"|---|---|---|---|---|\n{rows}", global_step=step)
+        except Exception as err:
+            self._fail(err)
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         step = int(getattr(trainer, "global_step", epoch))

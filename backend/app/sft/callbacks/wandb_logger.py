@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from app.sft.callbacks.base import SFTCallback
+from app.sft.callbacks.generation_eval import samples_of
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,22 @@ class WandBCallback(SFTCallback):
             {"epoch": epoch, **{f"epoch/{key}": value for key, value in metrics.items()}},
             getattr(trainer, "global_step", None),
         )
+
+    def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        """An evaluation by generation also logs its samples as the `generations` table."""
+        samples = samples_of(trainer, step)
+        if self.run is None or not samples:
+            return
+        try:
+            import wandb
+
+            score_names = list(samples[0]["scores"])
+            columns = ["step", "index", "prompt", "reference", "prediction", "stopped", *score_names]
+            rows = [[step, s["index"], s["prompt"], s["reference"], s["prediction"], s["stopped"],
+                     *(s["scores"].get(name) for name in score_names)] for s in samples]
+            self.run.log({"generations": wandb.Table(columns=columns, data=rows)}, step=step)
+        except Exception as error:
+            self._warn_once("table", f"logging the generation samples to W&B failed ({error}); training goes on")
 
     def on_save(self, trainer: Any, step: int, checkpoint_path: str, **kwargs: Any) -> None:
         if self.run is None or not self.log_model:
