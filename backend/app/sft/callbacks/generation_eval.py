@@ -24,7 +24,16 @@ from app.sft.callbacks.base import SFTCallback, TrainerAPI, publish_evaluation, 
 from app.sft.config import ConfigError
 from app.sft.data import EVAL_SPLITS, load_rows, resolve_template, split_train_val
 from app.sft.gen_metrics import Generation, Metric, MetricFunction, resolve_metrics, score_generations
-from app.sft.generation import GenerationPrompt, generate_batch, generation_prompts, length_batches, stop_token_ids
+from app.sft.generation import (
+    GenerationPrompt,
+    generate_batch,
+    generation_prompts,
+    length_batches,
+    load_run_config,
+    load_trained_model,
+    stop_token_ids,
+)
+from app.sft.modeling import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +117,25 @@ class GenerationEvalCallback(SFTCallback):
         """The samples of the latest evaluation (main process; every process on one process)."""
         self._prompts: list[GenerationPrompt] | None = None
         self._warned: set[str] = set()
+
+    @classmethod
+    def from_config(cls, config: Any, eval_rows: Any = None) -> GenerationEvalCallback:
+        """The callback the config's `generation_eval_*` fields describe, on `eval_rows` (the raw validation
+        rows given to the trainer) or else the config's own validation rows (`generation_eval_rows`)."""
+        rows = eval_rows if eval_rows is not None else generation_eval_rows(config)
+        if rows is None or len(rows) == 0:
+            raise ConfigError(
+                "generation_eval_metrics: no validation rows to answer; set eval_dataset_name or validation_split "
+                "(or give the trainer an eval_dataset)"
+            )
+        return cls(
+            rows,
+            metrics=list(config.generation_eval_metrics),
+            eval_steps=config.generation_eval_steps or config.eval_steps,
+            max_new_tokens=config.generation_max_new_tokens,
+            num_samples=config.generation_eval_samples,
+            batch_size=config.eval_batch_size or config.batch_size,
+        )
 
     # --- events --------------------------------------------------------------------------------------------------
 
@@ -265,24 +293,13 @@ def evaluate_by_generation(
     `metrics` default to the config's `generation_eval_metrics` (else exact_match), `num_samples` to its
     `generation_eval_samples`; `generation_max_new_tokens` and `eval_batch_size` apply as in training.
     """
-    from app.sft.generation import load_run_config, load_trained_model
-    from app.sft.modeling import load_tokenizer
-
     target = Path(target)
     config = load_run_config(target, overrides)
-    rows = generation_eval_rows(config)
-    if not rows:
-        raise ConfigError(
-            "no validation data to generate answers for: set eval_dataset_name, or validation_split > 0 "
-            "(e.g. --set validation_split=0.1)"
-        )
-    callback = GenerationEvalCallback(
-        rows,
-        metrics=list(metrics or config.generation_eval_metrics or ["exact_match"]),
-        max_new_tokens=config.generation_max_new_tokens,
-        num_samples=num_samples if num_samples is not None else config.generation_eval_samples,
-        batch_size=config.eval_batch_size or config.batch_size,
-    )
+    settings: dict[str, Any] = {"generation_eval_metrics": list(metrics or config.generation_eval_metrics
+                                                                or ["exact_match"])}
+    if num_samples is not None:
+        settings["generation_eval_samples"] = num_samples
+    callback = GenerationEvalCallback.from_config(config.model_copy(update=settings))  # checks the names itself
     model = load_trained_model(target, config)
     if target.is_file():
         run_dir, label = Path(config.output_dir), "base"
