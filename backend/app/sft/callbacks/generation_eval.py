@@ -169,6 +169,7 @@ class GenerationEvalCallback(SFTCallback):
         the trainer's output_dir). Does not publish the metrics (`on_step_end` does)."""
         api = trainer_api(trainer)
         prompts = self._selected_prompts(api)
+        rows = self.selection or []  # the row (in eval_dataset) of each prompt
         model = _generating_model(api.model)
         world, rank = api.num_processes, api.process_index
         batches = length_batches([len(p.input_ids) for p in prompts], self.batch_size)
@@ -180,14 +181,14 @@ class GenerationEvalCallback(SFTCallback):
         started = time.perf_counter()
         local: list[tuple[int, GenerationPrompt, Any]] = []
         with _own_random_state(api.device, _seed(api, step), enabled=self.temperature > 0):
-            for batch in mine + [batches[0]] * dummies:
+            for number, batch in enumerate(mine + [batches[0]] * dummies):
                 answers = generate_batch(
                     model, api.tokenizer, [prompts[i].input_ids for i in batch],
                     max_new_tokens=self.max_new_tokens, stop_ids=stop_ids, temperature=self.temperature,
                     autocast=api.autocast, synced_gpus=world > 1,
                 )
-                if len(local) < sum(len(b) for b in mine):
-                    local += [(i, prompts[i], answer) for i, answer in zip(batch, answers, strict=True)]
+                if number < len(mine):  # the answers of a dummy batch only kept the processes in step
+                    local += [(rows[i], prompts[i], answer) for i, answer in zip(batch, answers, strict=True)]
         elapsed = time.perf_counter() - started
 
         generations = [Generation(answer.text, prompt.reference, answer.stopped) for _, prompt, answer in local]
