@@ -2,7 +2,7 @@
 a time through `model.generate`, on the same 64 prompts of the demo task with the demo model (SmolLM2-135M-Instruct,
 CPU), greedy, the same token limit and stop tokens.
 
-    .venv/bin/python bench/generation_speed.py [--reps 2] [--batch-size 16] [--max-new-tokens 48]
+    .venv/bin/python bench/generation_speed.py [--reps 2] [--batch-size 16] [--max-new-tokens 48] [--threads N]
     .venv/bin/python bench/generation_speed.py --demo-run outputs/demo    # also: generation's share of a demo run
 
 The contenders alternate (order rotated every repetition), so load from other processes hits both alike; the
@@ -38,8 +38,11 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice, every core)")
     parser.add_argument("--demo-run", type=Path, help="a finished demo run: report generation's share of its time")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     config = SFTConfig.from_yaml(CONFIG)
     model, tokenizer = load_model_and_tokenizer(config)
