@@ -35,6 +35,7 @@ NUM_PROMPTS = 64
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the demo config (its model and data)")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -44,7 +45,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    config = SFTConfig.from_yaml(CONFIG)
+    config = SFTConfig.from_yaml(args.config)
     model, tokenizer = load_model_and_tokenizer(config)
     model.eval()
     template = resolve_template(config, tokenizer)
