@@ -100,6 +100,11 @@ def write_pointer(checkpoint_dir: str | os.PathLike, name: str, target: str | os
     os.replace(tmp, pointer)
 
 
+def remove_pointer(checkpoint_dir: str | os.PathLike, name: str) -> None:
+    """Remove the pointer file `checkpoint_dir/name` (e.g. `best` once no checkpoint holds the best)."""
+    (Path(checkpoint_dir) / name).unlink(missing_ok=True)
+
+
 def save_weights(model: nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write a model's weights in safetensors: a PEFT adapter or a transformers model via `save_pretrained`,
     any other module as `model.safetensors`."""
@@ -133,8 +138,8 @@ def save_training_state(
     if lr_scheduler is not None:
         torch.save(lr_scheduler.state_dict(), directory / SCHEDULER_FILE)
     if config is not None:
-        _write_json(directory / CONFIG_FILE, config)
-    _write_json(directory / TRAINER_STATE_FILE, {"trainer": trainer_state, "callbacks": callback_states})
+        write_json(directory / CONFIG_FILE, config)
+    write_json(directory / TRAINER_STATE_FILE, {"trainer": trainer_state, "callbacks": callback_states})
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -153,7 +158,7 @@ def capture_rng_state() -> dict[str, Any]:
 
 def write_rng_state(directory: Path, process_index: int, state: dict[str, Any]) -> None:
     """Store one process's random states as `rng_state_<rank>.json` + `.safetensors`."""
-    _write_json(directory / f"rng_state_{process_index}.json", {k: state[k] for k in ("python", "numpy")})
+    write_json(directory / f"rng_state_{process_index}.json", {k: state[k] for k in ("python", "numpy")})
     save_file(state["tensors"], directory / f"rng_state_{process_index}.safetensors")
 
 
@@ -282,9 +287,15 @@ def load_rng_state(path: Path, process_index: int = 0) -> None:
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, allow_nan=True)
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as indented JSON through a temporary sibling, so `path` is never left half written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:

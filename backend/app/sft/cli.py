@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue from a checkpoint directory, or (without a value) from the latest one of the run",
     )
+    train.add_argument(
+        "--continue",
+        dest="continue_after_stop",
+        action="store_true",
+        help="with --resume: train on even though early stopping or a callback ended the run",
+    )
 
     validate = command("validate", _validate, "check a config and its data without loading model weights")
     validate.add_argument("config", metavar="CONFIG", help="YAML config file")
@@ -181,7 +187,7 @@ def _positive_int(text: str) -> int:
 def _train(args: argparse.Namespace) -> int:
     config = _load_config(args.config, args.overrides)
     trainer = SFTTrainer(config)
-    summary = trainer.train(resume_from_checkpoint=args.resume)
+    summary = trainer.train(resume_from_checkpoint=args.resume, continue_after_stop=args.continue_after_stop)
     interrupted = summary["stop_reason"] == "signal"
     if not trainer.is_main_process:
         return 130 if interrupted else 0

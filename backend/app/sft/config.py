@@ -107,9 +107,10 @@ class SFTConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     """None: no gradient clipping."""
-    optimizer_type: Literal[
-        "adamw", "adamw_torch", "adamw_fused", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"
-    ] = "adamw"
+    optimizer_type: Literal["adamw", "adamw_fused", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
+        "adamw"
+    )
+    """`adamw` is torch's AdamW (fused on CUDA); `adamw_torch` is accepted as another name for it."""
     scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
     mixed_precision: Literal["fp16", "bf16"] | None = None
     """None (also accepted: "no"): full fp32."""
@@ -126,6 +127,11 @@ class SFTConfig(BaseModel):
     save_best_only: bool = False
     early_stopping_patience: int | None = Field(None, ge=1)
     early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    best_metric: str = Field("val_loss", min_length=1)
+    """The metric that decides the best checkpoint (and early stopping): `val_loss`, or any metric an
+    evaluation reports (e.g. `gen_exact_match`)."""
+    best_metric_mode: Literal["min", "max"] = "min"
+    """`min` when lower is better (losses), `max` when higher is better (accuracies)."""
 
     # Evaluation by generation (GenerationEvalCallback; docs/generation_eval.md)
     generation_eval_metrics: list[str] = Field(default_factory=list)
@@ -191,6 +197,11 @@ class SFTConfig(BaseModel):
                 return list(_ALL_REPORT_TARGETS)
             return list(dict.fromkeys(item for item in value if item != "none"))
         return value
+
+    @field_validator("optimizer_type", mode="before")
+    @classmethod
+    def _normalise_optimizer_type(cls, value: Any) -> Any:
+        return "adamw" if value == "adamw_torch" else value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset as TorchDataset
 from transformers import PreTrainedTokenizerBase
 
 from app.sft.config import ConfigError, SFTConfig
+from app.sft.loss import IGNORE_INDEX
 from app.sft.templates import (
     Message,
     PromptTemplate,
@@ -45,7 +46,6 @@ from app.sft.templates import (
     default_registry,
 )
 
-IGNORE_INDEX = -100
 """The label of a token the loss ignores."""
 
 EVAL_SPLITS = ("validation", "test")
@@ -883,17 +883,17 @@ class PaddedCollator:
 
 
 class PackedCollator:
-    """Examples -> ONE unpadded row: `input_ids`, `position_ids`, `labels` of shape [1, T], and `seq_lens`.
+    """Examples -> ONE unpadded row: `input_ids`, `position_ids` and `labels` of shape [1, T].
 
     Positions restart at 0 for each example and its first token's label is -100, so no example is trained
-    to predict across a boundary; `seq_lens` (the examples' lengths, in order) lets attention stay within
-    each example. There is no `attention_mask`.
+    to predict across a boundary; the restarts are what keeps attention within each example
+    (`attention.document_causal_sdpa`). There is no `attention_mask`.
     """
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("cannot collate an empty batch")
-        ids, positions, labels, lengths = [], [], [], []
+        ids, positions, labels = [], [], []
         for example in examples:
             example_ids = _ids(example["input_ids"])
             if not example_ids:
@@ -902,10 +902,8 @@ class PackedCollator:
             ids += example_ids
             positions += range(len(example_ids))
             labels += [IGNORE_INDEX, *example_labels[1:]]
-            lengths.append(len(example_ids))
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
-            "seq_lens": torch.tensor(lengths, dtype=torch.long),
         }

@@ -127,19 +127,29 @@ def _duration(seconds: float | None) -> str:
 
 
 def _summary_rows(records: Sequence[dict[str, Any]], run_summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """The headline numbers of the run, as (label, formatted value) rows."""
+    """The headline numbers of the run, as (label, formatted value) rows; the run's summary is the source where
+    it has the number, so the report says what `training_summary.json` and the log say."""
     train_steps, train_loss = _series(records, "train", "loss")
     val_steps, val_loss = _series(records, "eval", "val_loss")
     _, speed = _series(records, "train", "tokens_per_second")
-    best = _best(val_steps, val_loss)
     epochs = [r["epoch"] for r in records if r.get("epoch") is not None]
     elapsed = [r["elapsed_s"] for r in records if r.get("elapsed_s") is not None]
+    best_name = run_summary.get("best_metric_name", "val_loss")
+    if run_summary.get("best_step") is not None:
+        best = f"{_fmt(run_summary.get('best_metric'))} (step {run_summary['best_step']})"
+    else:
+        found = _best(val_steps, val_loss) if best_name == "val_loss" else None
+        best = f"{_fmt(found[1])} (step {found[0]})" if found else "—"
+    last_train = f"{_fmt(train_loss[-1])} (step {train_steps[-1]})" if train_loss else "—"
     return [
-        ("Optimizer steps", _fmt(max((r["step"] for r in records), default=None))),
-        ("Epochs", _fmt(max(epochs, default=None))),
-        ("Final training loss", _fmt(train_loss[-1] if train_loss else None)),
+        ("Optimizer steps", _fmt(run_summary.get("global_step", max((r["step"] for r in records), default=None)))),
+        ("Epochs", _fmt(run_summary.get("epochs", max(epochs, default=None)))),
+        ("Training loss (mean over the run)", _fmt(run_summary.get("train_loss"))),
+        ("Last logged training loss", last_train),
         ("Final validation loss", _fmt(val_loss[-1] if val_loss else None)),
-        ("Best validation loss", f"{_fmt(best[1])} (step {best[0]})" if best else "—"),
+        (f"Best {best_name}", best),
+        ("Best checkpoint", Path(run_summary["best_checkpoint"]).name if run_summary.get("best_checkpoint") else "—"),
+        ("Stopped because", _fmt(run_summary.get("stop_reason"))),
         ("Trained tokens", _fmt(run_summary.get("train_tokens"))),
         ("Mean throughput (tokens/s)", _fmt(sum(speed) / len(speed) if speed else None)),
         ("Runtime", _duration(run_summary.get("runtime_s", max(elapsed, default=None)))),

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-_RETIRED_FIELDS = ("best_checkpoint", "best_checkpoint_metric")
-"""Written by earlier versions (the best checkpoint is now CheckpointCallback's record); ignored on resume."""
+_RETIRED_FIELDS = ("best_checkpoint_metric",)
+"""Written by earlier versions; ignored on resume."""
 
 
 @dataclass
@@ -17,6 +18,11 @@ class TrainerState:
     `epoch` and `batch_in_epoch` give the data position: the next micro-batch to train on is number
     `batch_in_epoch` of epoch `epoch`'s deterministic plan (see `data.epoch_batches`), which is what makes a
     resumed run see exactly the batches an uninterrupted run would have seen.
+
+    `best_metric`, `best_step` and `best_checkpoint` are the run's one record of the best: the best value of
+    the monitored metric, the step of the evaluation that produced it, and the name (inside the checkpoint
+    folder) of the checkpoint written while that evaluation was the newest one (None until one is).
+    `log_history` holds every logged training record and every evaluation (`"type": "train" | "eval"`).
     """
 
     global_step: int = 0
@@ -29,6 +35,7 @@ class TrainerState:
     max_steps: int = 0
     best_metric: float | None = None
     best_step: int | None = None
+    best_checkpoint: str | None = None
     stop_reason: str | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -38,6 +45,8 @@ class TrainerState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainerState:
         data = {key: value for key, value in data.items() if key not in _RETIRED_FIELDS}
+        if data.get("best_checkpoint"):  # earlier versions stored an absolute path: keep its name only
+            data["best_checkpoint"] = Path(str(data["best_checkpoint"])).name
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

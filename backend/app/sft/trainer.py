@@ -13,8 +13,11 @@ Features and the config field that controls each:
   cosine/linear/constant (`scheduler_type`, `warmup_ratio`), gradient accumulation, clipping (`max_grad_norm`);
   `max_steps` overrides `num_epochs`.
 - one step is one optimizer step; its loss is the token-weighted mean over every micro-batch and process.
-- events: `on_train_begin`, `on_epoch_begin`, `on_step_end`, `on_save`, `on_epoch_end`, `on_train_end`
-  (always, also after a failure), fired through one `CallbackHandler` in callback `order`.
+- events: `on_train_begin`, `on_epoch_begin`, `on_step_end`, `on_evaluate`, `on_epoch_end`, `on_save`,
+  `on_train_end` (always, also after a failure), fired through one `CallbackHandler` in callback `order`.
+- metrics and the best: the trainer keeps the newest value of every metric (`metrics`) and the one record of
+  the best (`state.best_metric`, `best_step`, `best_checkpoint`) for the monitored metric (`best_metric`,
+  `best_metric_mode`); CheckpointCallback decides when to save and what to keep, the trainer writes.
 - checkpoints hold the full training state (`checkpointing.py`); `train(resume_from_checkpoint=...)` continues
   exactly where a run stopped; SIGTERM/SIGINT finish the step, save, and stop (a second signal aborts).
 - outputs in `output_dir`: the adapter or full model and the tokenizer, `merged/` (`save_merged_model`),
@@ -24,12 +27,10 @@ Features and the config field that controls each:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from itertools import islice
@@ -42,9 +43,8 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import get_scheduler
 
-from app.sft import checkpointing
+from app.sft import checkpointing, optim, resume
 from app.sft.attention import register_document_attention
 from app.sft.callbacks import (
     CheckpointCallback,
@@ -54,40 +54,30 @@ from app.sft.callbacks import (
     ValidationCallback,
     WandBCallback,
 )
-from app.sft.callbacks.base import CallbackHandler
-from app.sft.config import SFTConfig
+from app.sft.callbacks.base import CallbackHandler, Monitor, TrainerAPI
+from app.sft.config import ConfigError, SFTConfig
 from app.sft.data import (
     PackedCollator,
     PaddedCollator,
     TokenizedDataset,
     build_datasets,
     epoch_batches,
-    resolve_template,
-    tokenize_dataset,
+    prepare_dataset,
 )
 from app.sft.distributed import make_accelerator
 from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, count_label_tokens
 from app.sft.metrics_log import MetricsLog
 from app.sft.modeling import apply_lora, load_model, load_tokenizer, merge_lora, save_final_model
 from app.sft.report import render_report
+from app.sft.signals import StopSignals
 from app.sft.state import TrainerState
 
 logger = logging.getLogger(__name__)
 
-# Config fields a resumed run may not change: they change the model, its trainable shape or what a step means.
-RESUME_LOCKED_FIELDS = (
-    "base_model", "use_lora", "use_qlora", "lora_r", "lora_alpha", "lora_target_modules", "max_seq_length",
-    "dataset_format", "template_name", "train_on_inputs", "packing", "seed",
-)
-# Fields whose change on resume is expected and only noted at info level.
-RESUME_SAFE_FIELDS = (
-    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "output_dir", "checkpoint_dir",
-    "wandb_project", "wandb_entity", "wandb_run_name", "run_name", "report_to", "disable_progress_bar",
-    "eval_batch_size", "dataloader_num_workers", "save_merged_model",
-)
+SUMMARY_FILE = "training_summary.json"
 
 
-class SFTTrainer:
+class SFTTrainer(TrainerAPI):
     """Fine-tunes `config.base_model` on `config.dataset_name` (or on the objects passed in) and drives callbacks.
 
     Args:
@@ -100,10 +90,12 @@ class SFTTrainer:
             config's dataset. With `train_dataset` given, validation data comes from `eval_dataset` only.
 
     At `train()`, a `ValidationCallback` (every `eval_steps`) is added when there is validation data and none
-    was given, a `CheckpointCallback` (`save_steps`, `save_total_limit`, `checkpoint_dir`) unless one was given,
-    an `EarlyStoppingCallback` when `early_stopping_patience` is set, and W&B / TensorBoard loggers from
-    `wandb_project` / `report_to`.
+    was given, a `CheckpointCallback` (`save_steps`, `save_total_limit`, `checkpoint_dir`, monitoring
+    `best_metric`/`best_metric_mode`) unless one was given, an `EarlyStoppingCallback` when
+    `early_stopping_patience` is set, and W&B / TensorBoard loggers from `wandb_project` / `report_to`.
     """
+
+    managed = True
 
     def __init__(
         self,
@@ -124,9 +116,13 @@ class SFTTrainer:
         self.checkpoint_dir = Path(self.config.resolved_checkpoint_dir)
         self.callback_handler = CallbackHandler(callbacks or ())
         self.state = TrainerState()
-        self.should_stop = False
-        self._stop_signal: int | None = None
-        self._last_metrics: dict[str, float] = {}
+        self.monitor, self.monitor_mode = self.config.best_metric, self.config.best_metric_mode
+        self._best = Monitor(self.monitor, self.monitor_mode)
+        self._metrics: dict[str, float] = {}  # newest value of every metric seen
+        self._metric_steps: dict[str, int] = {}  # the step each of those values is from
+        self._step_eval_keys: set[str] = set()  # metrics that evaluations reported during the current step
+        self._stop_requested: str | None = None  # why a callback asked to stop, once one did
+        self._signals = StopSignals()
         self.metrics_log: MetricsLog | None = None  # written by the main process during train()
 
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.config)
@@ -148,25 +144,13 @@ class SFTTrainer:
                 raise ValueError("no training data: set dataset_name in the config or pass train_dataset=")
             self.train_data, self.val_data = build_datasets(cfg, self.tokenizer)
         else:
-            self.train_data = self._tokenize(train_dataset, "train_dataset")
-            self.val_data = self._tokenize(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+            self.train_data = prepare_dataset(train_dataset, cfg, self.tokenizer, source="train_dataset")
+            self.val_data = (prepare_dataset(eval_dataset, cfg, self.tokenizer, source="eval_dataset")
+                             if eval_dataset is not None else None)
         if len(self.train_data) == 0:
             raise ValueError("the training data has no example with a trainable token")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
         self.collate_fn = PackedCollator() if cfg.packing else PaddedCollator(pad_id)
-
-    def _tokenize(self, dataset: Any, source: str) -> TokenizedDataset:
-        cfg = self.config
-        return tokenize_dataset(
-            dataset,
-            self.tokenizer,
-            dataset_format=cfg.dataset_format,
-            template=resolve_template(cfg, self.tokenizer),
-            max_seq_length=cfg.max_seq_length,
-            train_on_inputs=cfg.train_on_inputs,
-            text_field=cfg.dataset_text_field,
-            source=source,
-        )
 
     def _setup_model(self, model: torch.nn.Module | None) -> None:
         """Load the model (unless given), apply LoRA (or unfreeze it for full fine-tuning) and gradient
@@ -183,41 +167,14 @@ class SFTTrainer:
         self.model = model if self.accelerator.is_fsdp2 else self.accelerator.prepare_model(model)
 
     def _setup_optimizer(self) -> None:
-        """AdamW (fused on CUDA) or SGD over trainable parameters, and warmup followed by the chosen schedule."""
-        cfg = self.config
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-        if not decay and not no_decay:
-            raise ValueError("the model has no trainable parameters")
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if cfg.optimizer_type == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
-        elif cfg.optimizer_type in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
-            import bitsandbytes as bnb  # resolve_for_hardware guarantees it is importable
-
-            optimizer_class = {
-                "adamw_8bit": bnb.optim.AdamW8bit,
-                "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-                "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-            }[cfg.optimizer_type]
-            optimizer = optimizer_class(groups, lr=cfg.learning_rate)
-        else:
-            fused = self.accelerator.device.type == "cuda"
-            optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused or None)
+        """The optimizer (`optim.build_optimizer`) and the warmup + decay schedule over the run's steps."""
+        optimizer = optim.build_optimizer(self.model, self.config, self.accelerator.device)
         if self.accelerator.is_fsdp2:  # shards the model and points the optimizer at the shards
             self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         else:
             self.optimizer = self.accelerator.prepare_optimizer(optimizer)
         self.state.max_steps = self._total_steps()
-        schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler_type]
-        self.lr_scheduler = get_scheduler(
-            schedule,
-            self.optimizer,
-            num_warmup_steps=math.ceil(cfg.warmup_ratio * self.state.max_steps),
-            num_training_steps=self.state.max_steps,
-        )
+        self.lr_scheduler = optim.build_scheduler(self.optimizer, self.config, self.state.max_steps)
 
     def _total_steps(self) -> int:
         """Optimizer steps in the run: `max_steps`, or every epoch's micro-batches over the accumulation."""
@@ -226,7 +183,7 @@ class SFTTrainer:
         accumulation = self.config.gradient_accumulation_steps
         return sum(math.ceil(len(self._epoch_plan(e)) / accumulation) for e in range(self.config.num_epochs))
 
-    # --- what callbacks see --------------------------------------------------------------------------------------
+    # --- what callbacks see (TrainerAPI) -------------------------------------------------------------------------
 
     @property
     def device(self) -> torch.device:
@@ -251,6 +208,50 @@ class SFTTrainer:
     @property
     def epoch(self) -> int:
         return self.state.epoch
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The newest value of every metric seen so far (training and evaluation), read-only by convention."""
+        return self._metrics
+
+    def metric_step(self, name: str) -> int | None:
+        """The step of the newest value of metric `name`, or None if it was never reported."""
+        return self._metric_steps.get(name)
+
+    def history(self, name: str) -> list[tuple[int, float]]:
+        """Every recorded `(step, value)` of metric `name`, oldest first (logged steps and evaluations)."""
+        return [(record["step"], record[name]) for record in self.state.log_history if name in record]
+
+    @property
+    def best_metric(self) -> float | None:
+        return self.state.best_metric
+
+    @property
+    def best_step(self) -> int | None:
+        return self.state.best_step
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        """The name of the best checkpoint inside `checkpoint_dir`, or None while no checkpoint holds the best."""
+        return self.state.best_checkpoint
+
+    @property
+    def should_stop(self) -> bool:
+        return self._stop_requested is not None
+
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:
+        """`trainer.should_stop = True` from a callback is recorded as a stop by that callback."""
+        if not value:
+            self._stop_requested = None
+        elif self._stop_requested is None:
+            current = self.callback_handler.current
+            self._stop_requested = f"callback:{type(current).__name__}" if current is not None else "callback"
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current step; `reason` ends up in the summary and `trainer_state.json`."""
+        if self._stop_requested is None:
+            self._stop_requested = reason
 
     @property
     def callbacks(self) -> list[SFTCallback]:
@@ -282,9 +283,11 @@ class SFTTrainer:
         """Batches of `dataset` (raw rows or tokenized) with the trainer's collation, this process's share only.
 
         Every process gets the same number of batches (a short share is topped up with fully masked copies that
-        add no tokens), so distributed forwards stay in step and the summed loss is exact.
+        add no tokens), so distributed forwards stay in step and the summed loss is exact. The loader has its
+        own random generator, so evaluating never moves the training's random streams.
         """
-        data = dataset if isinstance(dataset, TokenizedDataset) else self._tokenize(dataset, "validation data")
+        data = (dataset if isinstance(dataset, TokenizedDataset)
+                else prepare_dataset(dataset, self.config, self.tokenizer, source="validation data"))
         budget = self.eval_batch_size * self.config.max_seq_length if self.config.packing else None
         plan = epoch_batches(data.lengths, batch_size=self.eval_batch_size, epoch=0, seed=self.config.seed,
                              shuffle=False, token_budget=budget)
@@ -293,94 +296,114 @@ class SFTTrainer:
         shard = plan[rank::world]
         shard += [[-1 - i for i in plan[0]]] * (per_process - len(shard))  # negative index: masked copy
         return DataLoader(_MaskedPadding(data), batch_sampler=shard, collate_fn=self.collate_fn,
-                          num_workers=self.config.dataloader_num_workers)
+                          num_workers=self.config.dataloader_num_workers,
+                          generator=torch.Generator().manual_seed(self.config.seed))
+
+    def train_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """A step's metrics without the ones this step's evaluations reported."""
+        return {key: value for key, value in metrics.items() if key not in self._step_eval_keys}
+
+    def record_evaluation(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Take in one evaluation's results: keep them, update the best record, log them, fire `on_evaluate`."""
+        values = {name: float(value) for name, value in metrics.items()}
+        self._metrics.update(values)
+        self._metric_steps.update(dict.fromkeys(values, step))
+        self._step_eval_keys.update(values)
+        value = values.get(self.monitor)
+        if value is not None and self._best.improves(value, self.state.best_metric):
+            self.state.best_metric, self.state.best_step, self.state.best_checkpoint = value, step, None
+            if self.is_main_process:  # until a checkpoint holds this evaluation's model, none is the best
+                checkpointing.remove_pointer(self.checkpoint_dir, checkpointing.BEST_POINTER)
+        self.state.log_history.append({"type": "eval", "step": step, **values})
+        if self.metrics_log is not None:
+            self.metrics_log.write("eval", step, values, epoch=self._metrics.get("epoch"))
+        self.callback_handler.fire("on_evaluate", self, step=step, metrics=dict(values))
 
     # --- the loop ------------------------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any]:
-        """Run training (from a checkpoint if asked) and return a summary of the run."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *,
+              continue_after_stop: bool = False) -> dict[str, Any]:
+        """Run training (from a checkpoint if asked) and return a summary of the run.
+
+        A resumed run that a callback or early stopping ended stays ended unless `continue_after_stop` is set;
+        one that reached its last step only completes what it had not written yet (final weights, summary,
+        report).
+        """
         self._add_default_callbacks()
+        self._choose_monitor()
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
-            if self._already_finished():
-                return self._summary(0.0)
+            if self._nothing_left_to_train(continue_after_stop):
+                return self._finish_ended_run()
         started = time.perf_counter()
         if self.is_main_process:
             resume_step = self.state.global_step if resume_from_checkpoint else None
             self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", resume_from_step=resume_step)
         error: BaseException | None = None
-        previous_handlers = self._install_signal_handlers()
         try:
-            with logging_redirect_tqdm():
+            with self._signals, logging_redirect_tqdm():
                 self.callback_handler.fire("on_train_begin", self)
                 self._run_epochs()
-                self._save_last_checkpoint()
                 if self.state.stop_reason != "signal":
                     self._save_outputs()
         except BaseException as exc:
             error = exc
             raise
         finally:
-            self._restore_signal_handlers(previous_handlers)
             self.callback_handler.fire("on_train_end", self, error=error)
             if self.metrics_log is not None:
                 self.metrics_log.close()
         summary = self._summary(time.perf_counter() - started)
-        if self.is_main_process and self.state.stop_reason != "signal":
-            _write_json(self.output_dir / "training_summary.json", summary)
-            self._render_report()
         if self.state.stop_reason == "signal":
             logger.warning("Training stopped by %s at step %d; checkpoint saved. Resume with "
                            "train(resume_from_checkpoint='latest') or `sft train CONFIG --resume`.",
-                           signal.Signals(self._stop_signal).name, self.state.global_step)
+                           self._signals.name, self.state.global_step)
+        else:
+            self._write_summary_and_report(summary)
         return summary
 
     def _run_epochs(self) -> None:
-        """Epochs of optimizer steps until `max_steps`, the end of the last epoch, or a stop request."""
+        """Optimizer steps, epoch after epoch, until the last step or a stop; each step in this order:
+
+        train → `on_step_end` (evaluations due fire `on_evaluate`) → log → agree on a stop → at an epoch's
+        end (or the run's) `on_epoch_end` → the checkpoints due (`on_save`, rotation).
+        """
         state = self.state
-        progress = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
-                        disable=not self.is_main_process or self.config.disable_progress_bar
-                        or not sys.stderr.isatty())
-        with progress:
-            while state.global_step < state.max_steps:
+        with self._progress_bar() as progress:
+            while state.stop_reason is None:
                 plan = self._epoch_plan(state.epoch)
                 if not plan:
                     raise ValueError(f"{len(self.train_data)} training examples make no micro-batch for each of "
                                      f"{self.num_processes} processes")
+                if state.batch_in_epoch >= len(plan):  # a checkpoint of an earlier version, saved before epoch end
+                    self._end_epoch(advance=True)
+                    continue
                 if state.batch_in_epoch == 0:
                     self.callback_handler.fire("on_epoch_begin", self, epoch=state.epoch)
-                self.train_dataloader = DataLoader(
-                    self.train_data,
-                    batch_sampler=plan[state.batch_in_epoch:],
-                    collate_fn=self.collate_fn,
-                    num_workers=self.config.dataloader_num_workers,
-                    pin_memory=self.device.type == "cuda",
-                    generator=torch.Generator().manual_seed(self.config.seed),  # keeps the global RNG untouched
-                )
-                batches = iter(self.train_dataloader)
-                while state.global_step < state.max_steps and not self.should_stop:
+                batches = iter(self._train_loader(plan[state.batch_in_epoch:]))
+                epoch_done = False
+                while state.stop_reason is None and not epoch_done:
                     window = list(islice(batches, self.config.gradient_accumulation_steps))
-                    if not window:
-                        break
                     metrics = self._training_step(window, epoch_length=len(plan))
-                    self._last_metrics = metrics
+                    self._step_eval_keys = set()
                     self.callback_handler.fire("on_step_end", self, step=state.global_step, metrics=metrics)
-                    self._agree_on_stop()
                     self._log_step(metrics, progress)
-                    if self._stop_signal is not None:
-                        state.stop_reason = "signal"
-                        return
-                ended_early = state.batch_in_epoch < len(plan)
-                self._end_epoch()
-                if self.should_stop:
-                    state.stop_reason = "early_stopping"
-                    return
-                if not ended_early:
-                    state.epoch += 1
-                    state.batch_in_epoch = 0
-                elif state.global_step >= state.max_steps:
-                    break
-            state.stop_reason = "max_steps" if self.config.max_steps is not None else "completed"
+                    state.stop_reason = self._stop_reason()
+                    epoch_done = state.batch_in_epoch >= len(plan)
+                    if epoch_done or state.stop_reason not in (None, "signal"):
+                        self._end_epoch(advance=epoch_done)
+                        state.stop_reason = state.stop_reason or self._stop_reason()
+                    self._save_due_checkpoints()
+
+    def _train_loader(self, batch_plan: list[list[int]]) -> DataLoader:
+        return DataLoader(
+            self.train_data,
+            batch_sampler=batch_plan,
+            collate_fn=self.collate_fn,
+            num_workers=self.config.dataloader_num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.config.seed),  # keeps the global RNG untouched
+        )
 
     def _training_step(self, window: list[dict[str, torch.Tensor]], epoch_length: int) -> dict[str, float]:
         """One optimizer step over the micro-batches in `window`; returns the step's metrics."""
@@ -395,7 +418,7 @@ class SFTTrainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(window):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "seq_lens"}
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             last = i == len(window) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
                 micro_loss, _ = causal_lm_loss_sum(self.model, batch)
@@ -421,7 +444,7 @@ class SFTTrainer:
         state.epoch_loss_sum += loss * tokens
         state.epoch_tokens += tokens
         elapsed = time.perf_counter() - started
-        return {
+        metrics = {
             "loss": loss,
             "learning_rate": learning_rate,
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
@@ -430,59 +453,71 @@ class SFTTrainer:
             "step_time_s": elapsed,
             "epoch": state.epoch + state.batch_in_epoch / max(epoch_length, 1),
         }
+        self._metrics.update(metrics)
+        self._metric_steps.update(dict.fromkeys(metrics, state.global_step))
+        return metrics
+
+    def _stop_reason(self) -> str | None:
+        """Why the run ends after this step (the same on every process), or None to go on."""
+        self._agree_on_stop()
+        if self._signals.received is not None:
+            return "signal"
+        if self._stop_requested is not None:
+            return self._stop_requested
+        if self.state.global_step >= self.state.max_steps:
+            return "max_steps" if self.config.max_steps is not None else "completed"
+        return None
 
     def _agree_on_stop(self) -> None:
-        """Make every process stop at the same step when any one of them was asked to stop."""
+        """Make every process stop at the same step, for the same reason, when any one of them was asked to."""
         if self.num_processes == 1:
             return
-        flags = torch.tensor([float(self.should_stop), float(self._stop_signal is not None)], device=self.device)
+        flags = torch.tensor([float(self._stop_requested is not None), float(self._signals.received is not None)],
+                             device=self.device)
         flags = self.all_reduce_sum(flags)
-        self.should_stop = bool(flags[0] > 0)
-        if flags[1] > 0 and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM
+        if flags[0] > 0:  # the same on every process, so all of them join this collective
+            reasons = gather_object([self._stop_requested])
+            self._stop_requested = self._stop_requested or next(reason for reason in reasons if reason)
+        if flags[1] > 0 and self._signals.received is None:
+            self._signals.received = signal.SIGTERM
 
-    def _end_epoch(self) -> None:
-        """Fire `on_epoch_end` with the epoch's token-weighted mean loss (also for a partial last epoch)."""
+    def _end_epoch(self, advance: bool) -> None:
+        """Fire `on_epoch_end` with the epoch's token-weighted mean loss (also for a partial last epoch);
+        with `advance`, move the data position to the start of the next epoch."""
         state = self.state
-        if state.epoch_tokens == 0:
-            return
-        metrics = {"loss": state.epoch_loss_sum / state.epoch_tokens, "tokens": state.epoch_tokens,
-                   "epoch": state.epoch}
-        self.callback_handler.fire("on_epoch_end", self, epoch=state.epoch, metrics=metrics)
-        self._track_best(metrics)
-        if "val_loss" in metrics:  # the final checkpoint records an epoch-end validation as its metric
-            self._last_metrics = {**self._last_metrics, "val_loss": metrics["val_loss"]}
-        if self.metrics_log is not None:
-            self.metrics_log.write("epoch", state.global_step, metrics, epoch=state.epoch + 1)
+        if state.epoch_tokens > 0:
+            metrics = {"loss": state.epoch_loss_sum / state.epoch_tokens, "tokens": state.epoch_tokens,
+                       "epoch": state.epoch}
+            self.callback_handler.fire("on_epoch_end", self, epoch=state.epoch, metrics=metrics)
+            if self.metrics_log is not None:
+                self.metrics_log.write("epoch", state.global_step, metrics, epoch=state.epoch + 1)
         state.epoch_loss_sum = 0.0
         state.epoch_tokens = 0
+        if advance:
+            state.epoch += 1
+            state.batch_in_epoch = 0
 
     def _log_step(self, metrics: Mapping[str, float], progress: tqdm) -> None:
-        """Record the step in the log history and `metrics.jsonl`, and update the progress bar."""
+        """Record the step's training metrics in the log history and `metrics.jsonl`; update the progress bar."""
         state = self.state
-        self._track_best(metrics)
-        progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
                              tok_s=f"{metrics['tokens_per_second']:.0f}", refresh=False)
-        evaluated = "val_loss" in metrics
+        progress.update(1)  # after the postfix, so the bar shows the step that just finished
+        evaluated = bool(self._step_eval_keys)
         if state.global_step % self.config.logging_steps == 0 or state.global_step == 1 or evaluated:
-            state.log_history.append({"step": state.global_step, **metrics})
+            train_metrics = self.train_metrics(metrics)
+            state.log_history.append({"type": "train", "step": state.global_step, **train_metrics})
             if self.metrics_log is not None:
-                train_metrics = {k: v for k, v in metrics.items() if not k.startswith(("val_", "best_val"))}
                 self.metrics_log.write("train", state.global_step, train_metrics, epoch=metrics["epoch"])
-                if evaluated:
-                    val_metrics = {k: v for k, v in metrics.items() if k.startswith(("val_", "best_val"))}
-                    self.metrics_log.write("eval", state.global_step, val_metrics, epoch=metrics["epoch"])
             if progress.disable and self.is_main_process:
-                extra = f" val_loss {metrics['val_loss']:.4f}" if evaluated else ""
+                extra = "".join(f" {k} {metrics[k]:.4f}" for k in sorted(self._step_eval_keys) if k in metrics)
                 logger.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", state.global_step, state.max_steps,
                             metrics["loss"], metrics["learning_rate"], metrics["tokens_per_second"], extra)
 
-    def _track_best(self, metrics: Mapping[str, float]) -> None:
-        val = metrics.get("val_loss")
-        if val is not None and math.isfinite(val) and (self.state.best_metric is None or val < self.state.best_metric):
-            self.state.best_metric = float(val)
-            self.state.best_step = self.state.global_step
+    def _progress_bar(self) -> tqdm:
+        return tqdm(total=self.state.max_steps, initial=self.state.global_step, desc="training", unit="step",
+                    disable=not self.is_main_process or self.config.disable_progress_bar
+                    or not sys.stderr.isatty())
 
     def _epoch_plan(self, epoch: int) -> list[list[int]]:
         """This process's micro-batches (lists of example indices) for `epoch`, the same on every run."""
@@ -499,7 +534,7 @@ class SFTTrainer:
         usable = len(plan) - len(plan) % world  # every process takes the same number of micro-batches
         return plan[self.process_index:usable:world]
 
-    # --- callbacks, checkpoints and resume ------------------------------------------------------------------------
+    # --- callbacks and checkpoints -------------------------------------------------------------------------------
 
     def _add_default_callbacks(self) -> None:
         """Add the callbacks the config asks for, unless one of that kind was given."""
@@ -512,11 +547,13 @@ class SFTTrainer:
             self.add_callback(ValidationCallback(eval_steps=cfg.eval_steps))
         if cfg.early_stopping_patience is not None and missing(EarlyStoppingCallback):
             self.add_callback(EarlyStoppingCallback(patience=cfg.early_stopping_patience,
-                                                    min_delta=cfg.early_stopping_min_delta))
+                                                    min_delta=cfg.early_stopping_min_delta,
+                                                    monitor=cfg.best_metric, mode=cfg.best_metric_mode))
         if missing(CheckpointCallback):
             self.add_callback(CheckpointCallback(self.checkpoint_dir, save_steps=cfg.save_steps,
                                                  save_total_limit=cfg.save_total_limit,
-                                                 save_best_only=cfg.save_best_only))
+                                                 save_best_only=cfg.save_best_only,
+                                                 monitor=cfg.best_metric, mode=cfg.best_metric_mode))
         if (cfg.wandb_project or "wandb" in cfg.report_to) and missing(WandBCallback):
             self.add_callback(WandBCallback(project=cfg.wandb_project or "llm-playground-sft",
                                             run_name=cfg.wandb_run_name or cfg.run_name,
@@ -524,18 +561,49 @@ class SFTTrainer:
         if "tensorboard" in cfg.report_to and missing(TensorBoardCallback):
             self.add_callback(TensorBoardCallback(log_dir=str(self.output_dir / "tensorboard")))
 
+    def _savers(self) -> list[CheckpointCallback]:
+        """The attached CheckpointCallbacks; the first one's folder is the run's checkpoint folder."""
+        return [cb for cb in self.callbacks if isinstance(cb, CheckpointCallback)]
+
+    def _choose_monitor(self) -> None:
+        """Take the monitored metric from the CheckpointCallbacks (they must agree) and their folder."""
+        savers = self._savers()
+        choices = {(saver.monitor, saver.mode) for saver in savers}
+        if len(choices) > 1:
+            raise ConfigError("the CheckpointCallbacks monitor different metrics: "
+                              + ", ".join(f"{m!r} ({mode})" for m, mode in sorted(choices))
+                              + "; the run keeps one record of the best, so give them the same monitor and mode")
+        if savers:
+            self.monitor, self.monitor_mode = savers[0].monitor, savers[0].mode
+            self.checkpoint_dir = Path(savers[0].output_dir)
+        self._best = Monitor(self.monitor, self.monitor_mode)
+
+    def _save_due_checkpoints(self) -> None:
+        """Write the checkpoints the CheckpointCallbacks ask for at this step (a signal always gets one)."""
+        step, final = self.state.global_step, self.state.stop_reason is not None
+        for index, saver in enumerate(self._savers()):
+            due = saver.should_save(self, step, final=final)
+            if due or (index == 0 and self.state.stop_reason == "signal"):
+                path = saver.checkpoint_path(step)
+                if index == 0 and self._holds_best():
+                    self.state.best_checkpoint = path.name
+                self.save_checkpoint(path)
+                self.callback_handler.fire("on_save", self, step=step, checkpoint_path=str(path))
+                saver.rotate(self)
+
+    def _holds_best(self) -> bool:
+        """Whether a checkpoint written now holds the best evaluation: it is the newest and no checkpoint has it."""
+        state = self.state
+        return (state.best_step is not None and state.best_checkpoint is None
+                and self.metric_step(self.monitor) == state.best_step)
+
     def save_checkpoint(self, path: str | Path) -> str:
         """Write the full training state into the checkpoint directory `path`, atomically; returns the path.
 
-        Every process must call it (stop requests are agreed on, random states and sharded weights gathered);
-        the main process writes, and points `latest` (and `best`, when the CheckpointCallback that asked for
-        this save recorded it as its best) at it.
+        Every process must call it (random states and sharded weights are gathered); the main process writes,
+        and points `latest` (and `best`, when it is the run's best checkpoint) at it.
         """
         path = Path(path)
-        self._agree_on_stop()  # a stop asked for on another process this step is part of the saved state
-        # The CheckpointCallback that asked for this save has recorded it already (on every process alike).
-        is_best = any(saver.best_checkpoint is not None and Path(saver.best_checkpoint) == path
-                      for saver in self._checkpoint_savers())
         rng_states = gather_object([checkpointing.capture_rng_state()])
         full_state = self.accelerator.get_state_dict(self.model) if self._is_sharded() else None
         optimizer_state = checkpointing.full_optimizer_state(self.model, self.optimizer.optimizer)
@@ -548,25 +616,23 @@ class SFTTrainer:
                     tmp,
                     optimizer_state=optimizer_state,
                     lr_scheduler=self.lr_scheduler,
-                    trainer_state={
-                        **self.state.to_dict(),
-                        "stop_reason": "early_stopping" if self.should_stop else self.state.stop_reason,
-                        "num_processes": self.num_processes,
-                    },
+                    trainer_state={**self.state.to_dict(), "num_processes": self.num_processes},
                     callback_states=self.callback_handler.state_dict(),
                     config=self.config.to_dict(),
                 )
             checkpointing.write_pointer(path.parent, checkpointing.LATEST_POINTER, path)
-            if is_best:
+            if self.state.best_checkpoint == path.name:
                 checkpointing.write_pointer(path.parent, checkpointing.BEST_POINTER, path)
         self.accelerator.wait_for_everyone()
         return str(path)
 
+    # --- resume --------------------------------------------------------------------------------------------------
+
     def _resume(self, spec: str | bool) -> None:
-        """Restore weights, optimizer, scheduler, random states, loop state and callback states."""
+        """Restore weights, optimizer, schedule, random states, loop state, metrics and callback states."""
         path = checkpointing.resolve_checkpoint(self.checkpoint_dir, spec)
         trainer_state, callback_states = checkpointing.read_trainer_state(path)
-        self._check_resume_config(path, checkpointing.read_config(path))
+        changes = resume.check_config(path, checkpointing.read_config(path), self.config)
         saved_processes = trainer_state.pop("num_processes", 1)
         if saved_processes != self.num_processes:
             raise checkpointing.CheckpointError(
@@ -577,86 +643,56 @@ class SFTTrainer:
                 f"{saved_processes} ...`)"
             )
         checkpointing.load_weights(self._unwrapped_model(), path)
-        checkpointing.load_optimizer_and_scheduler(path, self.model, self.optimizer.optimizer, self.lr_scheduler)
+        checkpointing.load_optimizer_and_scheduler(path, self.model, self.optimizer.optimizer, None)
         self.state = TrainerState.from_dict(trainer_state)
         self.state.max_steps = self._total_steps()
+        old_rate = self.optimizer.param_groups[0]["lr"]
+        for group, decay in zip(self.optimizer.param_groups, (self.config.weight_decay, 0.0), strict=True):
+            group["weight_decay"] = decay  # the config's value, not the interrupted run's
+        self.lr_scheduler = optim.build_scheduler(self.optimizer, self.config, self.state.max_steps,
+                                                  current_step=self.state.global_step)
+        new_rate = self.lr_scheduler.get_last_lr()[0]
+        if any(key in resume.SCHEDULE_FIELDS for key in changes):
+            logger.warning("Learning rate at step %d: %.3g before, %.3g with the new schedule (%d steps in all)",
+                           self.state.global_step, old_rate, new_rate, self.state.max_steps)
+        for record in self.state.log_history:  # the newest value of every metric, as the run had them
+            step = record["step"]
+            values = {k: v for k, v in record.items() if k not in ("type", "step")}
+            self._metrics.update(values)
+            self._metric_steps.update(dict.fromkeys(values, step))
         self.callback_handler.load_state_dict(callback_states)
         checkpointing.load_rng_state(path, self.process_index)
+        self._stop_requested = None
         logger.info("Resumed from %s at step %d (epoch %d, batch %d)", path, self.state.global_step,
                     self.state.epoch, self.state.batch_in_epoch)
 
-    def _check_resume_config(self, path: Path, saved: dict[str, Any] | None) -> None:
-        """Refuse a resume whose config changes the model or the step; note the harmless changes."""
-        if saved is None:
-            return
-        saved_config = SFTConfig.from_dict(saved, source=str(path / checkpointing.CONFIG_FILE))
-        changed = saved_config.diff(self.config)
-        locked = {k: v for k, v in changed.items() if k in RESUME_LOCKED_FIELDS}
-        before = saved_config.batch_size * saved_config.gradient_accumulation_steps
-        after = self.config.batch_size * self.config.gradient_accumulation_steps
-        if before != after:
-            locked["batch_size x gradient_accumulation_steps"] = (before, after)
-        if locked:
-            lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in locked.items())
-            raise checkpointing.CheckpointError(
-                f"cannot resume from {path}: the config changes what a resumed run must keep:\n{lines}"
-            )
-        for key, (old, new) in changed.items():
-            log = logger.info if key in RESUME_SAFE_FIELDS else logger.warning
-            log("Resuming with a changed config: %s %r -> %r", key, old, new)
-
-    def _already_finished(self) -> bool:
+    def _nothing_left_to_train(self, continue_after_stop: bool) -> bool:
         """True (and says why) when the resumed run has nothing left to train."""
         state = self.state
-        if state.stop_reason == "early_stopping":
-            logger.warning("The run stopped early at step %d (early stopping); not training further.",
-                           state.global_step)
-            return True
+        stopped_by = state.stop_reason or ""
+        if stopped_by == "early_stopping" or stopped_by.startswith("callback"):
+            if not continue_after_stop:
+                logger.warning(
+                    "The run was stopped at step %d by %s; not training further. To train on, pass "
+                    "continue_after_stop=True to train() (`sft train CONFIG --resume --continue`).",
+                    state.global_step, stopped_by.replace("callback:", "the callback "))
+                return True
+            logger.info("Continuing a run that %s stopped at step %d", stopped_by, state.global_step)
         if state.global_step >= state.max_steps:
             logger.warning("The run already reached its last step (%d); nothing to train.", state.global_step)
             return True
         state.stop_reason = None
         return False
 
-    def _save_last_checkpoint(self) -> None:
-        """Checkpoint the final step (unless it was just saved), so a resume sees where and why the run stopped.
-
-        With `save_best_only`, only a run stopped by a signal gets this extra save.
-        """
-        saver = next(iter(self._checkpoint_savers()), None)
-        if saver is None or self.state.global_step == 0:
-            return
-        if saver.save_best_only and self.state.stop_reason != "signal":
-            return
-        path = Path(saver._get_checkpoint_path(self.state.global_step)).with_suffix("")
-        if not checkpointing.is_complete(path):
-            saver._save_checkpoint(self, self.state.global_step, self._last_metrics)
-
-    def _checkpoint_savers(self) -> list[CheckpointCallback]:
-        """The attached CheckpointCallbacks; the first one saves the final step and names the best checkpoint."""
-        return [cb for cb in self.callbacks if isinstance(cb, CheckpointCallback)]
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """On SIGTERM/SIGINT finish the step, save and stop; a second signal aborts at once."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def request_stop(signum: int, _frame: Any) -> None:
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without saving")
-            self._stop_signal = signum
-            logger.warning("%s received: finishing this step, saving a checkpoint, then stopping "
-                           "(send it again to abort at once)", signal.Signals(signum).name)
-
-        previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, request_stop)
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    def _finish_ended_run(self) -> dict[str, Any]:
+        """The summary of a resumed run that trains no further, writing the outputs it never wrote (a run killed
+        after its last checkpoint) from the checkpoint."""
+        summary = self._summary(0.0)
+        if not (self.output_dir / SUMMARY_FILE).is_file():
+            logger.warning("The run's outputs were never written; writing them from the last checkpoint.")
+            self._save_outputs()
+            self._write_summary_and_report(summary)
+        return summary
 
     # --- outputs ---------------------------------------------------------------------------------------------
 
@@ -671,8 +707,11 @@ class SFTTrainer:
                 merge_lora(self.output_dir, self.output_dir / "merged")
         self.accelerator.wait_for_everyone()
 
-    def _render_report(self) -> None:
-        """`report.html` and `loss.png` from `metrics.jsonl`; a missing plotting library only warns."""
+    def _write_summary_and_report(self, summary: dict[str, Any]) -> None:
+        """`training_summary.json` (written last of the outputs), then `report.html` and `loss.png`."""
+        if not self.is_main_process:
+            return
+        checkpointing.write_json(self.output_dir / SUMMARY_FILE, summary)
         try:
             render_report(self.output_dir)
         except ImportError as exc:
@@ -680,11 +719,17 @@ class SFTTrainer:
 
     def _summary(self, runtime_s: float) -> dict[str, Any]:
         state = self.state
+        val_losses = [value for _, value in self.history("val_loss")]
+        best_val_loss = state.best_metric if self.monitor == "val_loss" else min(val_losses, default=None)
         return {
             "train_loss": state.train_loss_sum / state.train_tokens if state.train_tokens else None,
-            "best_val_loss": state.best_metric,
+            "final_train_loss": self._metrics.get("loss"),
+            "final_val_loss": val_losses[-1] if val_losses else None,
+            "best_val_loss": best_val_loss,
+            "best_metric": state.best_metric,
+            "best_metric_name": self.monitor,
             "best_step": state.best_step,
-            "best_checkpoint": next((saver.best_checkpoint for saver in self._checkpoint_savers()), None),
+            "best_checkpoint": str(self.checkpoint_dir / state.best_checkpoint) if state.best_checkpoint else None,
             "global_step": state.global_step,
             "epochs": state.epoch + state.batch_in_epoch / max(len(self._epoch_plan(state.epoch)), 1),
             "train_tokens": state.train_tokens,
@@ -722,8 +767,3 @@ def _compile_decoder_layers(model: torch.nn.Module) -> None:
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
             module.compile()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -544,11 +544,10 @@ def test_padded_collator_pads_right_and_ignores_padding() -> None:
 
 def test_packed_collator_is_one_row_with_restarting_positions() -> None:
     batch = PackedCollator()(EXAMPLES)
-    assert set(batch) == {"input_ids", "position_ids", "labels", "seq_lens"}
+    assert set(batch) == {"input_ids", "position_ids", "labels"}
     assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22, 23, 24, 25, 31, 32]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
     assert batch["labels"].tolist() == [[-100, 12, 13, -100, -100, -100, 24, 25, -100, 32]]
-    assert batch["seq_lens"].tolist() == [3, 5, 2]
 
 
 def trained_pairs_padded(batch: dict[str, torch.Tensor]) -> Counter[tuple[tuple[int, ...], int]]:
@@ -563,8 +562,10 @@ def trained_pairs_packed(batch: dict[str, torch.Tensor]) -> Counter[tuple[tuple[
     """(context within the own example, target) for every trained position of a packed row."""
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     pairs: Counter[tuple[tuple[int, ...], int]] = Counter()
+    positions = batch["position_ids"][0].tolist()
+    starts = [t for t, position in enumerate(positions) if position == 0]
     start = 0
-    for length in batch["seq_lens"].tolist():
+    for length in [end - begin for begin, end in zip(starts, [*starts[1:], len(positions)], strict=True)]:
         for t in range(start + 1, start + length):
             if labels[t] != -100:
                 pairs[(tuple(ids[start:t]), labels[t])] += 1

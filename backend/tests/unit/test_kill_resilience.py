@@ -12,8 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from app.sft import checkpointing
+from app.sft.metrics_log import read_metrics
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 
@@ -26,7 +29,7 @@ CHILD = textwrap.dedent(
     from app.sft import SFTTrainer, checkpointing
     from pathlib import Path
 
-    config = make_config(Path({run_dir!r}), Path({model_dir!r}), use_lora=True, lora_r=4, max_steps=100000,
+    config = make_config(Path({run_dir!r}), Path({model_dir!r}), use_lora=True, lora_r=4, max_steps={max_steps},
                          save_steps=1, save_total_limit=3, batch_size=2)
     resume = "latest" if checkpointing.list_checkpoints(config.resolved_checkpoint_dir) else None
     trainer = SFTTrainer(config, model=tiny_llama(), tokenizer=build_tiny_tokenizer(),
@@ -41,17 +44,17 @@ def newest_step(checkpoint_dir: Path) -> int:
     return checkpointing.checkpoint_step(found[-1]) if found else 0
 
 
-def kill_and_resume(tmp_path: Path, model_dir: Path, kills: int) -> None:
+def child_script(tmp_path: Path, run_dir: Path, model_dir: Path, max_steps: int) -> Path:
+    script = tmp_path / f"child_{run_dir.name}.py"
+    script.write_text(CHILD.format(tests_dir=str(TESTS_DIR), unit_dir=str(TESTS_DIR / "unit"), run_dir=str(run_dir),
+                                   model_dir=str(model_dir), max_steps=max_steps))
+    return script
+
+
+def kill_and_resume(tmp_path: Path, model_dir: Path, kills: int, max_steps: int = 100000) -> Path:
+    """Start, kill and restart the training child `kills` times; returns the run's folder."""
     run_dir = tmp_path / "run"
-    script = tmp_path / "child.py"
-    script.write_text(
-        CHILD.format(
-            tests_dir=str(TESTS_DIR),
-            unit_dir=str(TESTS_DIR / "unit"),
-            run_dir=str(run_dir),
-            model_dir=str(model_dir),
-        )
-    )
+    script = child_script(tmp_path, run_dir, model_dir, max_steps)
     checkpoint_dir = run_dir / "out" / "checkpoints"
     rng = random.Random(0)
     for kill in range(kills):
@@ -83,10 +86,30 @@ def kill_and_resume(tmp_path: Path, model_dir: Path, kills: int) -> None:
             assert state["global_step"] == checkpointing.checkpoint_step(checkpoint)
             assert (checkpoint / "adapter_model.safetensors").is_file()
         assert checkpointing.is_complete(checkpointing.resolve_checkpoint(checkpoint_dir, "latest"))
+    return run_dir
 
 
 def test_five_random_kills_each_resume_from_latest(tmp_path, tiny_model_dir):
     kill_and_resume(tmp_path, tiny_model_dir, kills=5)
+
+
+def test_kills_while_saving_every_step_end_with_the_uninterrupted_weights_and_metrics(tmp_path, tiny_model_dir):
+    steps = 40
+    run_dir = kill_and_resume(tmp_path, tiny_model_dir, kills=4, max_steps=steps)
+    subprocess.run([sys.executable, str(child_script(tmp_path, run_dir, tiny_model_dir, steps))], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)  # the last resume finishes
+    reference_dir = tmp_path / "reference"
+    subprocess.run([sys.executable, str(child_script(tmp_path, reference_dir, tiny_model_dir, steps))], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    killed = load_file(run_dir / "out" / "adapter_model.safetensors")
+    reference = load_file(reference_dir / "out" / "adapter_model.safetensors")
+    assert killed.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(killed[name], tensor), name
+    records = [r for r in read_metrics(run_dir / "out" / "metrics.jsonl") if r["type"] == "train"]
+    expected = [r for r in read_metrics(reference_dir / "out" / "metrics.jsonl") if r["type"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert [r["loss"] for r in records] == [r["loss"] for r in expected]
 
 
 @pytest.mark.slow

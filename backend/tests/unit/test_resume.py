@@ -120,18 +120,26 @@ def test_second_signal_aborts_at_once(tmp_path, tiny_model_dir):
     assert not (Path(config.resolved_checkpoint_dir) / "checkpoint_step_2").exists()
 
 
-def test_early_stopped_run_does_not_train_further(tmp_path, tiny_model_dir, caplog):
-    class StopAt(SFTCallback):
-        def on_step_end(self, trainer, step, metrics, **kw):
-            if step == 3:
-                trainer.should_stop = True
+class StopAt(SFTCallback):
+    def on_step_end(self, trainer, step, metrics, **kw):
+        if step == 3:
+            trainer.should_stop = True
 
-    config = lora_config(tmp_path, tiny_model_dir, "e")
+
+def test_a_run_a_callback_stopped_does_not_train_further_unless_asked(tmp_path, tiny_model_dir, caplog):
+    config = lora_config(tmp_path, tiny_model_dir, "e", max_steps=5)
     _, _, result = run(config, callbacks=[StopAt()])
-    assert result["global_step"] == 3 and result["stop_reason"] == "early_stopping"
+    assert result["global_step"] == 3 and result["stop_reason"] == "callback:StopAt"
+    saved = json.loads((Path(config.resolved_checkpoint_dir) / "checkpoint_step_3" / "trainer_state.json").read_text())
+    assert saved["trainer"]["stop_reason"] == "callback:StopAt"
     _, recorder, result = run(config, resume="latest")
     assert recorder.step_metrics() == [] and result["global_step"] == 3
-    assert "stopped early" in caplog.text
+    assert "stopped at step 3 by the callback StopAt" in caplog.text and "--continue" in caplog.text
+
+    trainer = SFTTrainer(config, callbacks=[Recorder()], model=tiny_llama(seed=0), tokenizer=build_tiny_tokenizer(),
+                         train_dataset=instruction_rows(20), eval_dataset=instruction_rows(8, seed=9))
+    result = trainer.train(resume_from_checkpoint="latest", continue_after_stop=True)
+    assert result["global_step"] == 5 and result["stop_reason"] == "max_steps"
 
 
 def test_finished_run_says_so_on_resume(tmp_path, tiny_model_dir, caplog):
@@ -164,7 +172,7 @@ def test_resume_refuses_a_config_that_changes_the_model(tmp_path, tiny_model_dir
 
 
 def test_resume_allows_safe_changes_and_notes_them(tmp_path, tiny_model_dir, caplog):
-    caplog.set_level(logging.INFO, logger="app.sft.trainer")
+    caplog.set_level(logging.INFO, logger="app.sft")
     config = lora_config(tmp_path, tiny_model_dir, "h", max_steps=4)
     run(config, callbacks=[SignalAt(2)])
     changed = config.model_copy(update={"logging_steps": 3, "eval_steps": 2})

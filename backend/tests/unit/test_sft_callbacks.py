@@ -409,15 +409,11 @@ def test_validation_rejects_bad_eval_steps(eval_steps: Any) -> None:
         ValidationCallback(eval_steps=eval_steps)
 
 
-def test_validation_state_round_trip() -> None:
+def test_validation_keeps_no_state_of_its_own_the_trainer_has_the_history() -> None:
     callback = ValidationCallback(eval_steps=1)
     callback.on_step_end(bare_trainer(val_dataloader=VAL_BATCHES), step=3, metrics={})
-    state = json.loads(json.dumps(callback.state_dict()))
-
-    restored = ValidationCallback()
-    assert restored.state_dict() == {"best_val_loss": None, "best_step": None}
-    restored.load_state_dict(state)
-    assert (restored.best_val_loss, restored.best_step) == (callback.best_val_loss, 3)
+    assert callback.best_step == 3 and math.isfinite(callback.best_val_loss)
+    assert callback.state_dict() == {}  # the one record of the best is the trainer's (trainer_state.json)
 
 
 # ---------------------------------------------------------------- EarlyStoppingCallback
@@ -585,41 +581,48 @@ def test_validation_result_reaches_a_checkpoint_added_before_it(tmp_path: Path) 
     assert checkpoint.best_checkpoint == checkpoint._get_checkpoint_path(improved[-1])
 
 
-def test_checkpoint_uses_the_trainer_save_checkpoint_and_fires_on_save(tmp_path: Path) -> None:
-    def save_checkpoint(path: str) -> str:
-        os.makedirs(path)
-        Path(path, "trainer_state.json").write_text(json.dumps({"written_by": "trainer"}))
-        return path
+def test_a_replaced_write_still_sees_the_best_follow_the_quick_reference(tmp_path: Path) -> None:
+    written = []
 
-    saves = []
+    class UploadElsewhere(CheckpointCallback):
+        def _save_checkpoint(self, trainer, step, metrics):
+            written.append(step)
 
-    class SaveSpy(SFTCallback):
-        def on_save(self, trainer, step, checkpoint_path, **kwargs):
-            saves.append((step, checkpoint_path))
-
-    callback = CheckpointCallback(tmp_path, save_steps=2)
-    trainer = LoopTrainer(TinyLM(), [callback, SaveSpy()], save_checkpoint=save_checkpoint)
-    trainer.train(TRAIN_BATCHES, epochs=2)
-
-    expected = [(2, str(tmp_path / "checkpoint_step_2")), (4, str(tmp_path / "checkpoint_step_4"))]
-    assert saves == expected
-    assert callback.checkpoints == [path for _, path in expected]
-    assert json.loads(Path(expected[1][1], "trainer_state.json").read_text()) == {"written_by": "trainer"}
+    callback = UploadElsewhere(tmp_path, save_steps=1, save_best_only=True)
+    trainer = bare_trainer()
+    callback.on_step_end(trainer, step=1, metrics={"val_loss": 1.0})
+    assert (written, callback.best_val_loss) == ([1], 1.0)  # the first save sets it
+    callback.on_step_end(trainer, step=2, metrics={"val_loss": 2.0})
+    assert (written, callback.best_val_loss) == ([1], 1.0)  # a worse loss neither saves nor changes it
+    callback.on_step_end(trainer, step=3, metrics={"val_loss": 0.5})
+    assert (written, callback.best_val_loss) == ([1, 3], 0.5)  # a better one saves and lowers it
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_only_the_main_process_writes_but_all_join_the_trainer_save(tmp_path: Path) -> None:
+def test_only_the_main_process_writes_in_a_hand_written_loop(tmp_path: Path) -> None:
     callback = CheckpointCallback(tmp_path, save_steps=1, save_best_only=True)
     trainer = bare_trainer(is_main_process=False)
-    callback.on_step_end(trainer, step=1, metrics={"val_loss": 1.0})
-    assert list(tmp_path.iterdir()) == []
-
-    collective_saves = []
-    trainer.save_checkpoint = lambda path: collective_saves.append(path) or path
-    for step, val_loss in [(2, 0.5), (3, 0.7), (4, 0.4)]:
+    for step, val_loss in [(1, 1.0), (2, 0.5), (3, 0.7)]:
         callback.on_step_end(trainer, step=step, metrics={"val_loss": val_loss})
-    # the same save_best_only decisions as the main process, so no process waits for the others in vain
-    assert collective_saves == [str(tmp_path / "checkpoint_step_2"), str(tmp_path / "checkpoint_step_4")]
     assert list(tmp_path.iterdir()) == []
+    assert callback.best_val_loss == 0.5  # the same decisions as the main process
+
+
+def test_rotation_never_deletes_what_is_not_its_own(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("keep me")
+    folder = tmp_path / "ckpt"
+    callback = CheckpointCallback(folder, save_steps=1, save_total_limit=1)
+    callback.load_state_dict({"checkpoints": [str(victim), "../precious", "checkpoint_step_1"]})  # crafted
+    (folder / "checkpoint_step_9").symlink_to(victim, target_is_directory=True)
+    callback._written.append(str(folder / "checkpoint_step_9"))  # a link named like ours
+    trainer = bare_trainer()
+    for step in (2, 3, 4):
+        callback.on_step_end(trainer, step=step, metrics={})
+    assert (victim / "notes.txt").read_text() == "keep me"
+    assert steps_on_disk(folder) == [4, 9]  # our rotated checkpoints went, the link was left alone
+    assert "Not deleting" in caplog.text
 
 
 def test_checkpoint_state_round_trip_drops_deleted_checkpoints(tmp_path: Path) -> None:
@@ -676,15 +679,6 @@ def test_wandb_logs_config_steps_validation_epochs_and_summary(wandb_offline: Pa
     assert "epoch/loss" in log.history[2] and "val_loss" not in log.history[3]
     assert log.summary["best_val_loss"] == pytest.approx(min(val_losses))
     assert log.exit_code == 0
-
-
-def test_wandb_logs_checkpoints_as_model_artifacts(wandb_offline: Path, tmp_path: Path) -> None:
-    wandb_cb = WandBCallback(log_model=True)
-    checkpoint = CheckpointCallback(tmp_path / "ckpt", save_steps=1)
-    LoopTrainer(TinyLM(), [wandb_cb, checkpoint]).train(TRAIN_BATCHES)
-
-    log = read_wandb_runs(wandb_offline)[-1]
-    assert log.artifacts == [(f"model-{wandb_cb.run_id}", "model")] * 2
 
 
 def test_wandb_run_fails_with_training_and_resumes_with_the_same_id(wandb_offline: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,8 +30,10 @@ class TrainerAPI:
         global_step, epoch: optimizer steps taken so far (1-based once a step is done) and the 0-based epoch.
         is_main_process, process_index, num_processes: the process layout (only the main process writes).
         should_stop: set True to stop after the current step (`request_stop` also says why).
-        metrics: the latest value of every metric the trainer has seen, training and evaluation alike.
-        best_metric, best_step: the one record of the best value of the monitored metric and its step.
+        metrics: the latest value of every metric the trainer has seen, training and evaluation alike
+            (`metric_step(name)` says from which step, `history(name)` gives every recorded value).
+        best_metric, best_step, best_checkpoint: the one record of the best: the best value of the monitored
+            metric, the step of that evaluation, and the checkpoint that holds it.
         managed: True when the trainer fires `on_evaluate`, keeps `metrics` and the best record, and writes
             the checkpoints that `CheckpointCallback` asks for (SFTTrainer). False for a hand-written loop:
             there CheckpointCallback writes its own files and decisions read the step's `metrics` argument.
@@ -63,6 +66,19 @@ class TrainerAPI:
     def best_step(self) -> int | None:
         return None
 
+    @property
+    def best_checkpoint(self) -> str | None:
+        """The best checkpoint's folder name inside the checkpoint folder, or None."""
+        return None
+
+    def metric_step(self, name: str) -> int | None:
+        """The step of the newest value of metric `name` in `metrics`, or None."""
+        return None
+
+    def history(self, name: str) -> list[tuple[int, float]]:
+        """Every recorded `(step, value)` of metric `name`, oldest first."""
+        return []
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over all processes (unchanged on one process)."""
         return tensor
@@ -79,13 +95,21 @@ class TrainerAPI:
         """Stop after the current step, recording `reason` (e.g. "early_stopping")."""
         self.should_stop = True
 
+    def train_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The training part of a step's `metrics`, without what evaluations added to it.
+
+        A hand-written loop fires no `on_evaluate`, so by convention its evaluation metrics are the `val_*`
+        and `best_val*` keys; SFTTrainer knows which keys this step's evaluations reported.
+        """
+        return {key: value for key, value in metrics.items() if not key.startswith(("val_", "best_val"))}
+
     def record_evaluation(self, step: int, metrics: Mapping[str, float]) -> None:
         """Take in an evaluation's results: the trainer keeps them, updates the best and fires `on_evaluate`."""
 
 
 _STAND_IN_FIELDS = (
     "tokenizer", "config", "output_dir", "val_dataloader", "eval_batch_size", "global_step", "epoch",
-    "is_main_process", "all_reduce_sum",
+    "is_main_process", "all_reduce_sum", "make_eval_dataloader",
 )
 """The attributes a stand-in trainer may set itself (as instance attributes) to replace TrainerAPI's defaults."""
 
@@ -118,6 +142,46 @@ def trainer_api(trainer: Any) -> TrainerAPI:
 def publish_evaluation(trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
     """Hand an evaluation's results to the trainer (which fires `on_evaluate`); a no-op for a stand-in."""
     trainer_api(trainer).record_evaluation(step, dict(metrics))
+
+
+class Monitor:
+    """The metric a deciding callback watches, in the vocabulary every callback shares (Keras, Lightning).
+
+    Args:
+        monitor: the metric's name as evaluations report it (`val_loss`, `gen_exact_match`, ...).
+        mode: `"min"` when lower is better (losses), `"max"` when higher is better (accuracies).
+        min_delta: how much better than the best a value must be to count as an improvement.
+    """
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "min", min_delta: float = 0.0) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"monitor must be a metric name, got {monitor!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not min_delta >= 0:
+            raise ValueError(f"min_delta must be >= 0, got {min_delta!r}")
+        self.name, self.mode, self.min_delta = monitor, mode, float(min_delta)
+        self._warned = False
+
+    @property
+    def worst(self) -> float:
+        """The value every finite value improves on (+inf for `min`, -inf for `max`)."""
+        return math.inf if self.mode == "min" else -math.inf
+
+    def improves(self, value: float, best: float | None) -> bool:
+        """Whether `value` is better than `best` by more than `min_delta` (a NaN or infinity never is)."""
+        if not math.isfinite(value):
+            return False
+        if best is None or not math.isfinite(best):
+            return True
+        return value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
+
+    def warn_missing(self, owner: str, seen: Iterable[str]) -> None:
+        """One warning (per Monitor) that `owner` watches a metric nobody reported, listing those that exist."""
+        if not self._warned:
+            self._warned = True
+            logger.warning("%s monitors %r, which no evaluation has reported; metrics seen: %s", owner, self.name,
+                           ", ".join(sorted(seen)) or "none")
 
 
 class SFTCallback:

@@ -1,18 +1,22 @@
-"""Periodic checkpoints with rotation that never deletes the best or the newest one."""
+"""When to save a checkpoint and which ones to keep: rotation that never deletes the best or the newest one."""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
+import re
 import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from app.sft.callbacks.base import SFTCallback
+from app.sft import checkpointing
+from app.sft.callbacks.base import Monitor, SFTCallback, TrainerAPI, trainer_api
 
 logger = logging.getLogger(__name__)
+
+_OWN_NAME = re.compile(r"^checkpoint_step_\d+(\.pt)?$")
 
 
 class CheckpointCallback(SFTCallback):
@@ -20,20 +24,28 @@ class CheckpointCallback(SFTCallback):
 
     Args:
         output_dir: folder of the checkpoints; created (with its parents) now.
-        save_steps: save when `step % save_steps == 0`.
+        save_steps: save when `step % save_steps == 0` (and at the run's last step).
         save_total_limit: how many checkpoints to keep; `None` keeps all. The oldest are deleted first, but
-            the best one (lowest `val_loss`) and the newest one are always kept, so a limit of 1 can leave 2.
-        save_best_only: save only when `val_loss` improved on the best saved checkpoint; a save step with no
-            `val_loss` in its metrics still saves.
+            the best one and the newest one are always kept, so a limit of 1 can leave 2.
+        save_best_only: save only when the newest evaluation of `monitor` is better than every earlier one
+            (also when that evaluation ran at a step that saved nothing); while no evaluation has reported
+            `monitor`, save steps save.
+        monitor, mode: the metric that decides the best checkpoint and whether lower (`min`) or higher (`max`)
+            is better; `val_loss`/`min` by default, or e.g. `monitor="gen_exact_match", mode="max"`.
 
-    What a checkpoint is depends on the trainer: a trainer with `save_checkpoint(path)` (SFTTrainer)
-    writes its full training state into the folder `checkpoint_step_<N>`; otherwise a model with
-    `save_pretrained` (Hugging Face, PEFT/LoRA) is saved into that folder, and any other `nn.Module` has its
-    state dict written to `checkpoint_step_<N>.pt` (load it with `torch.load(path, weights_only=True)`).
+    With `SFTTrainer` the callback decides and the trainer writes: after every callback's `on_step_end` the
+    trainer asks `should_save(trainer, step)`, writes its full training state into `checkpoint_path(step)`,
+    fires `on_save`, and calls `rotate(trainer)`. The best is the trainer's one record
+    (`trainer.state.best_*`), which `best_val_loss` and `best_checkpoint` read.
 
-    Only the main process writes files (SFTTrainer's `save_checkpoint` is called on every process, as it
-    gathers state from all of them). It runs after validation and early stopping (`order = 60`), so it sees
-    the step's `val_loss`, and fires `on_save` through `trainer.callback_handler` after each save.
+    In a hand-written loop (a stand-in trainer with `model` and `device`), `on_step_end` decides, updates
+    `best_val_loss` and `best_checkpoint` from the step's `metrics`, and calls `_save_checkpoint`, which writes
+    a model with `save_pretrained` (Hugging Face, PEFT/LoRA) into the folder `checkpoint_step_<N>` and any
+    other module's state dict into `checkpoint_step_<N>.pt` (load it with `torch.load(path,
+    weights_only=True)`); then `_rotate_checkpoints()` deletes the oldest. Only the main process writes.
+
+    Rotation only ever deletes checkpoints of ours: entries directly inside `output_dir` (after resolving
+    links), named `checkpoint_step_<N>`, not links themselves; anything else is skipped with a warning.
     """
 
     order = 60
@@ -44,6 +56,8 @@ class CheckpointCallback(SFTCallback):
         save_steps: int = 500,
         save_total_limit: int | None = 3,
         save_best_only: bool = False,
+        monitor: str = "val_loss",
+        mode: str = "min",
     ) -> None:
         if not isinstance(save_steps, int) or save_steps < 1:
             raise ValueError(f"save_steps must be an integer >= 1, got {save_steps!r}")
@@ -51,6 +65,7 @@ class CheckpointCallback(SFTCallback):
             raise ValueError(
                 f"save_total_limit must be an integer >= 1 or None (keep all), got {save_total_limit!r}"
             )
+        self._monitor = Monitor(monitor, mode)
         self.output_dir = os.fspath(output_dir)
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise ValueError(f"output_dir {self.output_dir!r} exists and is not a directory")
@@ -61,103 +76,172 @@ class CheckpointCallback(SFTCallback):
         self.save_steps = save_steps
         self.save_total_limit = save_total_limit
         self.save_best_only = save_best_only
-        self.best_val_loss = float("inf")
-        self.best_checkpoint: str | None = None
-        self.checkpoints: list[str] = []
+        self._trainer: TrainerAPI | None = None  # the managed trainer of the current run, if any
+        self._best_value: float | None = None  # the hand-written loop's record of the best
+        self._best_path: str | None = None
+        self._written: list[str] = []  # what this callback wrote itself in a hand-written loop, oldest first
+
+    @property
+    def monitor(self) -> str:
+        return self._monitor.name
+
+    @property
+    def mode(self) -> str:
+        return self._monitor.mode
+
+    @property
+    def best_val_loss(self) -> float:
+        """The best value of `monitor` (the name is the quick reference's); +inf (-inf for `max`) before one."""
+        best = self._trainer.best_metric if self._trainer is not None else self._best_value
+        return self._monitor.worst if best is None else best
+
+    @best_val_loss.setter
+    def best_val_loss(self, value: float) -> None:
+        self._best_value = value
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        """The path of the best checkpoint, or None while none holds the best evaluation."""
+        if self._trainer is not None:
+            name = self._trainer.best_checkpoint
+            return os.path.join(self.output_dir, name) if name else None
+        return self._best_path
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """The checkpoints kept, oldest first."""
+        if self._trainer is not None:
+            return [str(path) for path in self._own_checkpoints()]
+        return list(self._written)
+
+    def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
+        api = trainer_api(trainer)
+        self._trainer = api if api.managed else None
+
+    # --- decisions, asked by the trainer -----------------------------------------------------------------------
+
+    def should_save(self, trainer: Any, step: int, *, final: bool = False) -> bool:
+        """Whether to checkpoint `step`: every `save_steps` steps and at the run's last step (`final`); with
+        `save_best_only`, only when the newest evaluation of `monitor` is the best and no checkpoint holds it."""
+        if step % self.save_steps != 0 and not final:
+            return False
+        if not self.save_best_only:
+            return True
+        api = trainer_api(trainer)
+        evaluated_at = api.metric_step(self.monitor)
+        if evaluated_at is None:
+            if final:
+                self._monitor.warn_missing(type(self).__name__, api.metrics)
+            return True
+        return api.best_checkpoint is None and evaluated_at == api.best_step
+
+    def checkpoint_path(self, step: int) -> Path:
+        """The folder the trainer writes step `step`'s checkpoint into."""
+        return Path(self.output_dir) / f"checkpoint_step_{step}"
+
+    def rotate(self, trainer: Any) -> None:
+        """Delete the oldest checkpoints beyond `save_total_limit`, sparing the best and the newest."""
+        api = trainer_api(trainer)
+        if self.save_total_limit is None or not api.is_main_process:
+            return
+        kept = self._own_checkpoints()
+        protected = {kept[-1].name if kept else None, api.best_checkpoint}
+        excess = len(kept) - self.save_total_limit
+        for path in [p for p in kept if p.name not in protected][: max(excess, 0)]:
+            logger.info("Deleting old checkpoint %s (save_total_limit=%d)", path, self.save_total_limit)
+            _remove(str(path))
+
+    def _own_checkpoints(self) -> list[Path]:
+        """Complete checkpoints of ours on disk in `output_dir`, oldest first (never links)."""
+        return [path for path in checkpointing.list_checkpoints(self.output_dir) if self._is_own(str(path))]
+
+    def _is_own(self, path: str) -> bool:
+        """True for an entry directly inside `output_dir` (links and `..` resolved) named like a checkpoint."""
+        if os.path.islink(path) or not _OWN_NAME.match(os.path.basename(path)):
+            return False
+        return os.path.dirname(os.path.realpath(path)) == os.path.realpath(self.output_dir)
+
+    # --- a hand-written loop: decide, record and write here ----------------------------------------------------
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
-        if step % self.save_steps != 0:
+        api = trainer_api(trainer)
+        if api.managed or step % self.save_steps != 0:
             return
-        val_loss = metrics.get("val_loss")
-        if self.save_best_only and val_loss is not None and not val_loss < self.best_val_loss:
-            logger.info(
-                "Not saving step %d: val_loss %.4f is not below %.4f",
-                step,
-                val_loss,
-                self.best_val_loss,
-            )
+        value = metrics.get(self.monitor)
+        improved = value is not None and self._monitor.improves(float(value), self._best_value)
+        if self.save_best_only and value is not None and not improved:
+            logger.info("Not saving step %d: %s %.4f is not better than %.4f", step, self.monitor, value,
+                        self.best_val_loss)
             return
-        self._save_checkpoint(trainer, step, metrics)
-
-    def on_train_end(self, trainer: Any, **kwargs: Any) -> None:
-        if self.best_checkpoint is not None:
-            logger.info("Best checkpoint: %s (val_loss %.4f)", self.best_checkpoint, self.best_val_loss)
+        target = self._target(api, step)
+        previous = (self._best_value, self._best_path)
+        if improved:
+            self._best_value, self._best_path = float(value), target
+        try:
+            self._save_checkpoint(trainer, step, metrics)
+        except BaseException:
+            self._best_value, self._best_path = previous
+            raise
+        if target in self._written:  # the same step saved again: it is the newest now
+            self._written.remove(target)
+        self._written.append(target)
+        self._rotate_checkpoints()
 
     def _get_checkpoint_path(self, step: int) -> str:
         """Where step `step` is saved: `<output_dir>/checkpoint_step_<step>.pt` (folders drop the `.pt`)."""
         return os.path.join(self.output_dir, f"checkpoint_step_{step}.pt")
 
-    def _save_checkpoint(self, trainer: Any, step: int, metrics: dict[str, float]) -> str | None:
-        """Write the checkpoint of `step`, record it, rotate old ones and fire `on_save`; returns its path.
-
-        Every process records the checkpoint (so `save_best_only` decides alike everywhere) and takes part in
-        the trainer's `save_checkpoint`, which gathers state from all processes. Only the main process writes
-        a model itself, deletes old checkpoints and fires `on_save`; the others return None.
-        """
-        is_main = getattr(trainer, "is_main_process", True)
-        save_checkpoint = getattr(trainer, "save_checkpoint", None)
+    def _target(self, api: TrainerAPI, step: int) -> str:
         file_path = self._get_checkpoint_path(step)
-        folder = file_path.removesuffix(".pt")
-        model = trainer.model
-        target = file_path if save_checkpoint is None and not hasattr(model, "save_pretrained") else folder
+        return file_path.removesuffix(".pt") if hasattr(api.model, "save_pretrained") else file_path
 
-        # Record the checkpoint before writing it, so the callback state stored inside it already lists it.
-        previous = (list(self.checkpoints), self.best_val_loss, self.best_checkpoint)
-        self._record(target, metrics.get("val_loss"))
-        try:
-            if save_checkpoint is not None:
-                saved = os.fspath(save_checkpoint(folder))
-            elif is_main:
-                _write_model(model, target)
-                saved = target
-        except BaseException:
-            self.checkpoints, self.best_val_loss, self.best_checkpoint = previous
-            raise
-        if not is_main:
+    def _save_checkpoint(self, trainer: Any, step: int, metrics: dict[str, float]) -> str | None:
+        """Write the model of `step` (main process only) and return its path; other processes return None."""
+        api = trainer_api(trainer)
+        if not api.is_main_process:
             return None
-        if saved != target:
-            self.checkpoints[-1] = saved
-            if self.best_checkpoint == target:
-                self.best_checkpoint = saved
-        logger.info("Saved checkpoint %s", saved)
-        self._rotate_checkpoints()
-        handler = getattr(trainer, "callback_handler", None)
-        if handler is not None:
-            handler.fire("on_save", trainer, step=step, checkpoint_path=saved)
-        return saved
-
-    def _record(self, path: str, val_loss: float | None) -> None:
-        if path in self.checkpoints:  # the same step saved again (e.g. after a resume): it is the newest now
-            self.checkpoints.remove(path)
-        self.checkpoints.append(path)
-        if val_loss is not None and val_loss < self.best_val_loss:
-            self.best_val_loss, self.best_checkpoint = float(val_loss), path
+        target = self._target(api, step)
+        _write_model(api.model, target)
+        logger.info("Saved checkpoint %s", target)
+        return target
 
     def _rotate_checkpoints(self) -> None:
-        """Delete the oldest checkpoints beyond `save_total_limit`, sparing the best and the newest."""
+        """Delete the oldest checkpoints this callback wrote beyond `save_total_limit`, sparing best and newest."""
+        for path in [p for p in self._written if not self._is_own(p)]:
+            logger.warning("Not deleting %s: it is not a checkpoint inside %s", path, self.output_dir)
+            self._written.remove(path)
         if self.save_total_limit is None:
             return
-        excess = len(self.checkpoints) - self.save_total_limit
-        protected = {self.best_checkpoint, self.checkpoints[-1] if self.checkpoints else None}
-        for path in [p for p in self.checkpoints if p not in protected][: max(excess, 0)]:
+        excess = len(self._written) - self.save_total_limit
+        protected = {self._best_path, self._written[-1] if self._written else None}
+        for path in [p for p in self._written if p not in protected][: max(excess, 0)]:
             logger.info("Deleting old checkpoint %s (save_total_limit=%d)", path, self.save_total_limit)
             _remove(path)
-            self.checkpoints.remove(path)
+            self._written.remove(path)
 
     def state_dict(self) -> dict[str, Any]:
+        """A hand-written loop's record (names inside `output_dir`); with SFTTrainer the trainer holds the best
+        and the checkpoints are what is on disk, so there is nothing to save."""
+        if self._trainer is not None:
+            return {}
+        best = self._best_value
         return {
-            "checkpoints": list(self.checkpoints),
-            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
-            "best_checkpoint": self.best_checkpoint,
+            "checkpoints": [os.path.basename(path) for path in self._written],
+            "best_val_loss": best,
+            "best_checkpoint": os.path.basename(self._best_path) if self._best_path else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the state; checkpoints that no longer exist on disk are dropped from the list."""
-        self.checkpoints = [path for path in state.get("checkpoints", []) if os.path.exists(path)]
+        """Restore a hand-written loop's record; names (or older absolute paths, re-rooted by their name) that
+        are no checkpoint of ours inside `output_dir` any more are dropped."""
+        names = [os.path.basename(str(path)) for path in state.get("checkpoints", [])]
+        self._written = [path for path in (os.path.join(self.output_dir, name) for name in names)
+                         if os.path.exists(path) and self._is_own(path)]
         best = state.get("best_val_loss")
-        self.best_val_loss = float("inf") if best is None else float(best)
-        best_checkpoint = state.get("best_checkpoint")
-        self.best_checkpoint = best_checkpoint if best_checkpoint in self.checkpoints else None
+        self._best_value = None if best is None else float(best)
+        best_name = state.get("best_checkpoint")
+        best_path = os.path.join(self.output_dir, os.path.basename(best_name)) if best_name else None
+        self._best_path = best_path if best_path in self._written else None
 
 
 def _write_model(model: torch.nn.Module, target: str) -> None:
@@ -178,10 +262,10 @@ def _remove(path: str) -> None:
     A folder is first renamed to a hidden sibling (one atomic step), then deleted: a process killed halfway
     through the deletion leaves a hidden leftover, never a checkpoint folder with some of its files gone.
     """
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not os.path.islink(path):
         doomed = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}")
         shutil.rmtree(doomed, ignore_errors=True)
         os.replace(path, doomed)
         shutil.rmtree(doomed)
-    elif os.path.exists(path):
+    elif os.path.lexists(path):
         os.remove(path)

@@ -6,24 +6,26 @@ import logging
 import math
 from typing import Any
 
-from app.sft.callbacks.base import SFTCallback
+from app.sft.callbacks.base import Monitor, SFTCallback, trainer_api
 
 logger = logging.getLogger(__name__)
 
 
 class EarlyStoppingCallback(SFTCallback):
-    """Asks the trainer to stop (`trainer.should_stop = True`) when `monitor` has not improved for a while.
+    """Asks the trainer to stop when `monitor` has not improved for `patience` evaluations in a row.
 
     Args:
-        patience: how many validation checks in a row without improvement end training. It counts checks
-            (steps whose metrics contain `monitor`, i.e. every `eval_steps` steps and epoch ends), not epochs.
+        patience: how many evaluations in a row without improvement end training. It counts evaluations that
+            report `monitor` (every `eval_steps` steps and epoch ends), not epochs.
         min_delta: how much better than the best so far a value must be to count as an improvement.
-        monitor: the metric to watch, as ValidationCallback writes it (`val_loss` by default).
+        monitor: the metric to watch (`val_loss` by default; any evaluated metric, e.g. `gen_json_valid`).
         mode: `"min"` when lower is better (losses), `"max"` when higher is better (accuracies).
 
-    A NaN or infinite value stops training at once. It runs after ValidationCallback (`order = 10`), so it
-    sees the validation result of the same step. All processes see the same all-reduced validation loss, so
-    they all decide alike. A run resumed after early stopping stops again before training.
+    With SFTTrainer it decides on each `on_evaluate` and stops with `trainer.request_stop("early_stopping")`;
+    in a hand-written loop it reads `monitor` from the `metrics` of `on_step_end`/`on_epoch_end` (an epoch end
+    on a step already checked is not counted twice) and sets `trainer.should_stop = True`. A NaN or infinite
+    value stops at once. Its state (`best` as counted with `min_delta`, the patience count) survives a resume;
+    a run it stopped stays stopped unless the resume asks to continue, which starts the count afresh.
     """
 
     order = 10
@@ -33,69 +35,73 @@ class EarlyStoppingCallback(SFTCallback):
     ) -> None:
         if not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
-        if not min_delta >= 0:
-            raise ValueError(f"min_delta must be >= 0, got {min_delta!r}")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self._monitor = Monitor(monitor, mode, min_delta)
         self.patience = patience
-        self.min_delta = float(min_delta)
-        self.monitor = monitor
-        self.mode = mode
         self.best: float | None = None
         self.wait_count = 0
         self.stopped_step: int | None = None
         self._last_checked_step: int | None = None
 
+    @property
+    def monitor(self) -> str:
+        return self._monitor.name
+
+    @property
+    def mode(self) -> str:
+        return self._monitor.mode
+
+    @property
+    def min_delta(self) -> float:
+        return self._monitor.min_delta
+
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
-        if self.stopped_step is not None:
-            logger.info(
-                "Early stopping ended this run at step %d already; not training further",
-                self.stopped_step,
-            )
+        if self.stopped_step is None:
+            return
+        if trainer_api(trainer).managed:  # the trainer resumed a run this callback stopped: it asked to go on
+            logger.info("Continuing after early stopping at step %d; patience starts afresh", self.stopped_step)
+            self.stopped_step, self.wait_count = None, 0
+        else:
+            logger.info("Early stopping ended this run at step %d already; not training further",
+                        self.stopped_step)
             trainer.should_stop = True
 
+    def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        if self.monitor in metrics:
+            self._check(trainer, step, float(metrics[self.monitor]))
+
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
-        self._check(trainer, step, metrics)
+        if not trainer_api(trainer).managed and self.monitor in metrics:
+            self._check(trainer, step, float(metrics[self.monitor]))
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
-        self._check(trainer, getattr(trainer, "global_step", None), metrics)
+        api = trainer_api(trainer)
+        if api.managed:
+            if self.monitor not in api.metrics:
+                self._monitor.warn_missing(type(self).__name__, api.metrics)
+        elif self.monitor in metrics:
+            self._check(trainer, api.global_step, float(metrics[self.monitor]))
 
-    def _check(self, trainer: Any, step: int | None, metrics: dict[str, float]) -> None:
-        """Count one validation check; the epoch end of a step already checked is not counted again."""
-        if self.monitor not in metrics:
-            return
-        if step is not None and step == self._last_checked_step:
+    def _check(self, trainer: Any, step: int, value: float) -> None:
+        """Count one evaluation; a second one at the same step (an epoch end just validated) is not counted."""
+        if step == self._last_checked_step:
             return
         self._last_checked_step = step
-        value = float(metrics[self.monitor])
         if not math.isfinite(value):
             self._stop(trainer, step, f"{self.monitor} is {value}")
-        elif self._improved(value):
+        elif self._monitor.improves(value, self.best):
             self.best, self.wait_count = value, 0
         else:
             self.wait_count += 1
-            logger.info(
-                "%s did not improve on %.4f (%d of %d checks)",
-                self.monitor,
-                self.best,
-                self.wait_count,
-                self.patience,
-            )
+            logger.info("%s did not improve on %.4f (%d of %d checks)", self.monitor, self.best,
+                        self.wait_count, self.patience)
             if self.wait_count >= self.patience:
-                reason = f"{self.monitor} did not improve on {self.best:.4f} in {self.patience} checks"
-                self._stop(trainer, step, reason)
+                self._stop(trainer, step, f"{self.monitor} did not improve on {self.best:.4f} in "
+                                          f"{self.patience} checks")
 
-    def _improved(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
-
-    def _stop(self, trainer: Any, step: int | None, reason: str) -> None:
+    def _stop(self, trainer: Any, step: int, reason: str) -> None:
         logger.info("Early stopping at step %s: %s", step, reason)
         self.stopped_step = step
-        trainer.should_stop = True
+        trainer_api(trainer).request_stop("early_stopping")
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "wait_count": self.wait_count, "stopped_step": self.stopped_step}

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.sft.callbacks.base import SFTCallback
+from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
 
 if TYPE_CHECKING:
@@ -30,8 +30,10 @@ class TensorBoardCallback(SFTCallback):
     """Writes metrics as TensorBoard scalars; view them with `tensorboard --logdir <output_dir>/tensorboard`.
 
     Tags, all at the global step:
-    - step metrics as `train/<name>` (`train/loss`, `train/learning_rate`, ...), except validation
-      metrics (`val_<name>`), written as `eval/<name>` (`eval/loss`, `eval/perplexity`);
+    - a step's training metrics as `train/<name>` (`train/loss`, `train/learning_rate`, ...);
+    - each evaluation's metrics (`on_evaluate`) as `eval/<name>`, a `val_` prefix dropped (`eval/loss`,
+      `eval/perplexity`, `eval/gen_exact_match`); a hand-written loop, which fires no `on_evaluate`, has the
+      `val_*` keys of its step metrics written so;
     - epoch-end metrics as `epoch/<name>`.
     The run config (when `trainer.config` has `to_dict()`) is written as a text table and as hparams.
 
@@ -56,17 +58,17 @@ class TensorBoardCallback(SFTCallback):
                 pass
 
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
-        if not getattr(trainer, "is_main_process", True):
+        api = trainer_api(trainer)
+        if not api.is_main_process:
             return
-        log_dir = self.log_dir or str(Path(getattr(trainer, "output_dir", "runs")) / "tensorboard")
-        step = int(getattr(trainer, "global_step", 0) or 0)
+        log_dir = self.log_dir or str(Path(api.output_dir or "runs") / "tensorboard")
+        step = int(api.global_step or 0)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=log_dir, purge_step=step + 1 if step > 0 else None)
-            config = getattr(trainer, "config", None)
-            if hasattr(config, "to_dict"):
-                self._write_config(config.to_dict())
+            if hasattr(api.config, "to_dict"):
+                self._write_config(api.config.to_dict())
         except ImportError as err:
             self._fail(ImportError(f"{err}; install it with pip install 'llm-playground-sft[tensorboard]'"))
         except Exception as err:  # OSError, or anything else the writer raises
@@ -98,13 +100,19 @@ class TensorBoardCallback(SFTCallback):
             self._fail(err)
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
-        self._add_scalars(
-            metrics, step, lambda name: f"eval/{name[4:]}" if name.startswith("val_") else f"train/{name}"
-        )
+        api = trainer_api(trainer)
+        train = api.train_metrics(metrics)
+        self._add_scalars(train, step, lambda name: f"train/{name}")
+        if not api.managed:
+            evaluated = {k: v for k, v in metrics.items() if k not in train and k.startswith("val_")}
+            self._add_scalars(evaluated, step, _eval_tag)
 
     def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
-        """An evaluation by generation also writes its samples as a markdown table (TEXT tab, `generations`)."""
-        samples = samples_of(trainer, step)
+        self._add_scalars({k: v for k, v in metrics.items() if not k.startswith("best_")}, step, _eval_tag)
+        self._add_samples(samples_of(trainer, step), step)
+
+    def _add_samples(self, samples: list[dict[str, Any]], step: int) -> None:
+        """An evaluation by generation's samples as a markdown table (TEXT tab, `generations`)."""
         if self.writer is None or not samples:
             return
 
@@ -120,8 +128,7 @@ class TensorBoardCallback(SFTCallback):
             self._fail(err)
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
-        step = int(getattr(trainer, "global_step", epoch))
-        self._add_scalars(metrics, step, lambda name: f"epoch/{name}")
+        self._add_scalars(metrics, int(trainer_api(trainer).global_step), lambda name: f"epoch/{name}")
 
     def on_train_end(self, trainer: Any, **kwargs: Any) -> None:
         if self.writer is None:
@@ -132,3 +139,7 @@ class TensorBoardCallback(SFTCallback):
         except Exception as err:
             self._fail(err)
         self.writer = None
+
+
+def _eval_tag(name: str) -> str:
+    return f"eval/{name.removeprefix('val_')}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from app.sft.callbacks.base import SFTCallback
+from app.sft.callbacks.base import SFTCallback, publish_evaluation, trainer_api
 from app.sft.data import PaddedCollator
 from app.sft.loss import IGNORE_INDEX, evaluation_totals
 
@@ -26,15 +25,19 @@ class ValidationCallback(SFTCallback):
     """Computes the validation loss every `eval_steps` steps and at each epoch end, and tracks the best one.
 
     The loss is the mean cross-entropy per labelled (non-masked) token over the whole validation set, summed
-    over all processes. Results go into the step's `metrics` dict as `val_loss`, `val_perplexity` and
-    `best_val_loss`, so every later callback of that step sees them (this callback runs first: `order = 0`).
+    over all processes. Each validation is handed to the trainer (`publish_evaluation`: the trainer keeps it
+    in `trainer.metrics`, updates its best record and fires `on_evaluate`) and written into the step's (or
+    epoch's) `metrics` dict as `val_loss`, `val_perplexity` and `best_val_loss`, the lowest validation loss so
+    far (also the attribute `best_val_loss`, with its step in `best_step`). An epoch end that falls on a step
+    that was just validated reuses that result: one evaluation, one `on_evaluate`.
 
     Data: `val_dataset` (a `datasets.Dataset` or torch `Dataset`) is batched by the trainer's
     `make_eval_dataloader` when it has one (raw text/alpaca/chat rows or tokenized rows), otherwise by a
     padding collate that needs tokenized rows (`input_ids`, optional `labels` and `attention_mask`).
     Without `val_dataset`, `trainer.val_dataloader` is used; with neither, the callback does nothing.
 
-    The model's train/eval mode is restored after validation, also when it raises.
+    The model's train/eval mode is restored after validation, also when it raises. Evaluation draws nothing
+    from the global random generators, so it never changes what training does next.
     """
 
     order = 0
@@ -50,10 +53,15 @@ class ValidationCallback(SFTCallback):
         self.best_val_loss = float("inf")
         self.best_step: int | None = None
         self._loader: Iterable[Mapping[str, Any]] | None = None  # built once from val_dataset
-        self._last_result: tuple[int, float] | None = None  # (step, val_loss) of the latest validation
+        self._last_result: tuple[int, dict[str, float]] | None = None  # step and metrics of the newest one
 
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
         self._loader = None  # a new run may come with a different trainer: rebuild the loader lazily
+        api = trainer_api(trainer)
+        if api.managed:  # a resumed run: the best so far is in the trainer's history, not in this callback
+            for step, value in api.history("val_loss"):
+                if value < self.best_val_loss:
+                    self.best_val_loss, self.best_step = value, step
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         if step % self.eval_steps == 0:
@@ -61,45 +69,43 @@ class ValidationCallback(SFTCallback):
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         if self.eval_on_epoch_end:
-            self._validate(trainer, getattr(trainer, "global_step", None), metrics)
+            self._validate(trainer, trainer_api(trainer).global_step, metrics)
 
-    def _validate(self, trainer: Any, step: int | None, metrics: dict[str, float]) -> None:
-        """Validate (or reuse this step's result) and write the values into `metrics`."""
+    def _validate(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
+        """Validate (or reuse this step's result), publish a new result, and write it into `metrics`."""
         if self._dataloader(trainer) is None:
             return
-        if step is not None and self._last_result is not None and self._last_result[0] == step:
-            val_loss = self._last_result[1]
+        if self._last_result is not None and self._last_result[0] == step:
+            metrics.update(self._last_result[1])
+            return
+        val_loss = self._run_validation(trainer)
+        if val_loss < self.best_val_loss:
+            logger.info("Validation loss improved to %.4f at step %s (previous best %.4f)", val_loss, step,
+                        self.best_val_loss)
+            self.best_val_loss, self.best_step = val_loss, step
         else:
-            val_loss = self._run_validation(trainer)
-            if step is not None:
-                self._last_result = (step, val_loss)
-            if val_loss < self.best_val_loss:
-                logger.info(
-                    "Validation loss improved to %.4f at step %s (previous best %.4f)",
-                    val_loss,
-                    step,
-                    self.best_val_loss,
-                )
-                self.best_val_loss, self.best_step = val_loss, step
-            else:
-                logger.info("Validation loss %.4f at step %s (best %.4f)", val_loss, step, self.best_val_loss)
-        metrics["val_loss"] = val_loss
-        metrics["val_perplexity"] = math.exp(min(val_loss, MAX_LOG_PERPLEXITY))
-        metrics["best_val_loss"] = self.best_val_loss
+            logger.info("Validation loss %.4f at step %s (best %.4f)", val_loss, step, self.best_val_loss)
+        result = {
+            "val_loss": val_loss,
+            "val_perplexity": math.exp(min(val_loss, MAX_LOG_PERPLEXITY)),
+            "best_val_loss": self.best_val_loss,
+        }
+        self._last_result = (step, result)
+        metrics.update(result)
+        publish_evaluation(trainer, step, result)
 
     def _dataloader(self, trainer: Any) -> Iterable[Mapping[str, Any]] | None:
         """The batches to validate on: built once from `val_dataset`, else the trainer's `val_dataloader`."""
+        api = trainer_api(trainer)
         if self.val_dataset is None:
-            return getattr(trainer, "val_dataloader", None)
+            return api.val_dataloader
         if self._loader is None:
-            make_eval_dataloader = getattr(trainer, "make_eval_dataloader", None)
-            if make_eval_dataloader is not None:
-                self._loader = make_eval_dataloader(self.val_dataset)
-            else:
-                pad_id = getattr(getattr(trainer, "tokenizer", None), "pad_token_id", None)
-                collate = functools.partial(_pad_collate, collate=PaddedCollator(pad_id if pad_id is not None else 0))
-                batch_size = getattr(trainer, "eval_batch_size", 8)
-                self._loader = DataLoader(self.val_dataset, batch_size=batch_size, collate_fn=collate)
+            self._loader = api.make_eval_dataloader(self.val_dataset)
+        if self._loader is None:
+            pad_id = getattr(api.tokenizer, "pad_token_id", None)
+            collate = functools.partial(_pad_collate, collate=PaddedCollator(pad_id if pad_id is not None else 0))
+            self._loader = DataLoader(self.val_dataset, batch_size=api.eval_batch_size, collate_fn=collate,
+                                      generator=torch.Generator())
         return self._loader
 
     def _run_validation(self, trainer: Any) -> float:
@@ -110,24 +116,12 @@ class ValidationCallback(SFTCallback):
                 "ValidationCallback has no validation data: pass val_dataset or give the trainer a "
                 "val_dataloader"
             )
-        model, device = trainer.model, trainer.device
-        all_reduce_sum = getattr(trainer, "all_reduce_sum", None) or (lambda tensor: tensor)
-        autocast = getattr(trainer, "autocast", None) or contextlib.nullcontext
-        totals = evaluation_totals(model, (_on_device(batch, device) for batch in loader), autocast)
-        totals = all_reduce_sum(totals.to(device))
-        loss_sum, n_tokens = totals.tolist()
+        api = trainer_api(trainer)
+        totals = evaluation_totals(api.model, (_on_device(batch, api.device) for batch in loader), api.autocast)
+        loss_sum, n_tokens = api.all_reduce_sum(totals.to(api.device)).tolist()
         if n_tokens == 0:
             raise ValueError("the validation data has no labelled tokens (every label is -100 or padding)")
         return loss_sum / n_tokens
-
-    def state_dict(self) -> dict[str, Any]:
-        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
-        return {"best_val_loss": best, "best_step": self.best_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        best = state.get("best_val_loss")
-        self.best_val_loss = float("inf") if best is None else float(best)
-        self.best_step = state.get("best_step")
 
 
 def _on_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:

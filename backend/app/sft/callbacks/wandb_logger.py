@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
 import netrc
 import os
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from app.sft.callbacks.base import SFTCallback
+from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
 
 logger = logging.getLogger(__name__)
@@ -28,7 +27,8 @@ class WandBCallback(SFTCallback):
     logged, `run` stays None and training goes on; later logging errors also only warn (once). With no W&B
     credentials (no `WANDB_API_KEY`, no netrc entry) and no `WANDB_MODE`, the run is written offline and the
     log says how to upload it (`wandb sync <dir>`). Step metrics use the global step as the W&B step; epoch
-    metrics are logged as `epoch/<name>` at the step the epoch ended. Only the main process logs. The run id
+    metrics are logged as `epoch/<name>` at the step the epoch ended, evaluations (`on_evaluate`) at their step.
+    Only the main process logs; a validation's `best_val_loss` is kept in the run summary. The run id
     is part of `state_dict()`, so a resumed training continues the same W&B run. Runs last (`order = 90`),
     so validation metrics of the step are included.
     """
@@ -50,11 +50,11 @@ class WandBCallback(SFTCallback):
         self.entity = entity
         self.run: Any = None
         self.run_id: str | None = None
-        self.best_val_loss = float("inf")
         self._warned: set[str] = set()
 
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
-        if self.run is not None or not getattr(trainer, "is_main_process", True):
+        api = trainer_api(trainer)
+        if self.run is not None or not api.is_main_process:
             return
         try:
             import wandb
@@ -65,7 +65,7 @@ class WandBCallback(SFTCallback):
         offline = not os.environ.get("WANDB_MODE") and not _has_wandb_credentials()
         if offline:
             settings["mode"] = "offline"
-        config = self.config if self.config is not None else _config_dict(getattr(trainer, "config", None))
+        config = self.config if self.config is not None else _config_dict(api.config)
         try:
             self.run = wandb.init(
                 project=self.project,
@@ -88,17 +88,21 @@ class WandBCallback(SFTCallback):
             )
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        api = trainer_api(trainer)
+        self._log(api.train_metrics(metrics) if api.managed else dict(metrics), step)
+
+    def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         self._log(dict(metrics), step)
+        self._log_samples(samples_of(trainer, step), step)
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         self._log(
             {"epoch": epoch, **{f"epoch/{key}": value for key, value in metrics.items()}},
-            getattr(trainer, "global_step", None),
+            trainer_api(trainer).global_step,
         )
 
-    def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
-        """An evaluation by generation also logs its samples as the `generations` table."""
-        samples = samples_of(trainer, step)
+    def _log_samples(self, samples: list[dict[str, Any]], step: int) -> None:
+        """An evaluation by generation's samples as the `generations` table."""
         if self.run is None or not samples:
             return
         try:
@@ -137,15 +141,13 @@ class WandBCallback(SFTCallback):
         self.run = None
 
     def _log(self, values: dict[str, Any], step: int | None) -> None:
-        """Log `values` at `step` and keep the summary's `best_val_loss` current; failures only warn."""
+        """Log `values` at `step`; a validation's `best_val_loss` also goes into the summary. Failures only warn."""
         if self.run is None:
             return
         try:
             self.run.log(values, step=step)
-            val_loss = values.get("val_loss")
-            if val_loss is not None and val_loss < self.best_val_loss:
-                self.best_val_loss = float(val_loss)
-                self.run.summary["best_val_loss"] = self.best_val_loss
+            if "best_val_loss" in values:
+                self.run.summary["best_val_loss"] = values["best_val_loss"]
         except Exception as error:
             self._warn_once("log", f"logging to W&B failed ({error}); training goes on")
 
@@ -155,13 +157,10 @@ class WandBCallback(SFTCallback):
             logger.warning(message)
 
     def state_dict(self) -> dict[str, Any]:
-        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
-        return {"run_id": self.run_id, "best_val_loss": best}
+        return {"run_id": self.run_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.run_id = state.get("run_id")
-        best = state.get("best_val_loss")
-        self.best_val_loss = float("inf") if best is None else float(best)
 
 
 def _has_wandb_credentials() -> bool:
