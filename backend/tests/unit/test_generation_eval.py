@@ -195,8 +195,9 @@ def test_a_tiny_model_learns_the_fixed_answer_and_the_samples_and_report_show_it
     samples = [json.loads(line) for line in (out / "generations" / "step_12.jsonl").read_text().splitlines()]
     assert [(s["prompt"], s["reference"], s["prediction"]) for s in samples] == [(QUESTION, ANSWER, ANSWER)] * 3
     assert samples[0]["scores"] == {"gen_exact_match": 1.0, "gen_stopped": 1.0} and samples[0]["stopped"]
-    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
-    assert [r.get("gen_exact_match") for r in evals] == [entry["gen_exact_match"] for entry in history]
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    evals = [r for r in records if r["type"] == "eval" and "gen_exact_match" in r]
+    assert [(r["step"], r["gen_exact_match"]) for r in evals] == [(e["step"], e["gen_exact_match"]) for e in history]
     report = (out / "report.html").read_text()
     assert "Evaluation by generation" in report and "gen_exact_match" in report
     assert "first evaluation (step 2)" in report and "best evaluation (step" in report
@@ -323,8 +324,9 @@ def test_loggers_record_the_scores_and_the_samples(tmp_path, wandb_offline):
 
     (run,) = read_wandb_runs(wandb_offline)
     for step in (2, 4):
-        assert "gen_exact_match" in run.history[step - 1] or "gen_exact_match" in run.history[step]
-        assert any("generations" in run.history[s] for s in (step - 1, step) if s in run.history)
+        assert "gen_exact_match" in run.history[step]
+        assert (run.history[step]["generations/_type"], run.history[step]["generations/nrows"]) == ("table-file", 2)
+    assert "generations/_type" not in run.history[3]
     events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
     events.Reload()
     texts = events.Tensors("generations/text_summary")
