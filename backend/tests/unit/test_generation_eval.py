@@ -22,6 +22,7 @@ from app.sft import (
     CheckpointCallback,
     ConfigError,
     DataError,
+    EarlyStoppingCallback,
     GenerationEvalCallback,
     SFTConfig,
     SFTTrainer,
@@ -173,12 +174,12 @@ def test_an_answer_without_a_stop_token_has_not_stopped():
 # --- the callback in training -------------------------------------------------------------------------------------
 
 
-def train(tmp_path: Path, callbacks, *, resume=None, **overrides) -> tuple[SFTTrainer, dict]:
+def train(tmp_path: Path, callbacks, *, resume=None, eval_dataset=None, **overrides) -> tuple[SFTTrainer, dict]:
     settings = dict(max_steps=12, learning_rate=1e-2, eval_steps=4, save_steps=4, save_total_limit=None)
     settings.update(overrides)
     config = make_config(tmp_path, Path("unused"), **settings)
     trainer = SFTTrainer(config, callbacks=callbacks, model=tiny_llama(seed=0), tokenizer=build_tiny_tokenizer(),
-                         train_dataset=TASK)
+                         train_dataset=TASK, eval_dataset=eval_dataset)
     return trainer, trainer.train(resume_from_checkpoint=resume)
 
 
@@ -242,6 +243,22 @@ def test_the_best_checkpoint_is_the_highest_generation_score_and_rotation_keeps_
     assert kept == ["checkpoint_step_4", "checkpoint_step_8"]  # the best, and the newest
     assert (tmp_path / "ckpt" / checkpointing.BEST_POINTER).read_text().strip() == "checkpoint_step_4"
     assert Path(summary["best_checkpoint"]).name == "checkpoint_step_4"
+
+
+def test_a_monitored_generation_metric_nobody_produces_is_named_once(tmp_path, caplog):
+    stopper = EarlyStoppingCallback(patience=1, monitor="gen_exact_match", mode="max")
+    with caplog.at_level(logging.WARNING, logger="app.sft"):
+        _, summary = train(tmp_path, [stopper], max_steps=8, eval_dataset=TASK[:2], eval_steps=2)
+    warned = [r.getMessage() for r in caplog.records if "gen_exact_match" in r.getMessage()]
+    assert len(warned) == 1 and "val_loss" in warned[0]  # names the metrics that do exist
+    assert summary["global_step"] == 8  # and training goes on
+
+
+def test_early_stopping_follows_a_generation_metric(tmp_path):
+    stopper = EarlyStoppingCallback(patience=2, monitor="gen_stopped", mode="max")
+    callback = GenerationEvalCallback(TASK[:1], metrics=["stopped"], eval_steps=1, max_new_tokens=1)
+    _, summary = train(tmp_path, [stopper, callback], max_steps=12)
+    assert summary["global_step"] == 3  # a 1-token limit never lets the answer stop: 0.0, 0.0, 0.0
 
 
 def test_a_resumed_run_continues_the_history_on_the_same_prompts(tmp_path):
