@@ -46,7 +46,7 @@ TASK = [{"instruction": QUESTION, "output": ANSWER}] * 16
 def scores_of(names, generations):
     scores, warnings = score_generations(resolve_metrics(names), generations)
     assert warnings == {}
-    return [score for score in scores]
+    return scores
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------
