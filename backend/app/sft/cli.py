@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = command("eval", _eval, "validation loss and perplexity of a base model or a trained run")
     evaluate.add_argument("target", metavar="RUN_DIR_OR_CONFIG", help=_TARGET_HELP)
+    evaluate.add_argument("--generate", action="store_true",
+                          help="answer the validation prompts and score the answers (gen_* metrics) instead")
+    evaluate.add_argument("--metrics", help="with --generate: comma-separated metric names (default: the config's "
+                          "generation_eval_metrics, else exact_match)")
+    evaluate.add_argument("-n", "--num-samples", type=_positive_int, help="with --generate: the first N rows only")
     _add_overrides(evaluate)
 
     generate = command("generate", _generate, "answer one prompt with a trained run (or a base model)")
@@ -293,6 +298,18 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.generate:
+        from app.sft.callbacks.generation_eval import evaluate_by_generation
+
+        metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
+        results, samples = evaluate_by_generation(args.target, args.overrides, metrics=metrics,
+                                                  num_samples=args.num_samples)
+        if _is_main_process():
+            print(f"{args.target}: " + "  ".join(f"{key} {value:.4f}" for key, value in results.items()))
+            print(f"samples: {samples}")
+        return 0
+    if args.metrics or args.num_samples:
+        raise ConfigError("--metrics and -n go with --generate")
     config = load_run_config(args.target, args.overrides)
     tokenizer = load_tokenizer(config)
     _, val = build_datasets(config, tokenizer)

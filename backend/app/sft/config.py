@@ -149,6 +149,29 @@ class SFTConfig(BaseModel):
     best_metric_mode: Literal["min", "max"] = "min"
     """`min` when lower is better (losses), `max` when higher is better (accuracies)."""
 
+    # Evaluation by generation (GenerationEvalCallback; docs/generation_eval.md)
+    generation_eval_metrics: list[str] = Field(default_factory=list)
+    """Metrics of answers generated for the validation prompts, e.g. [exact_match, json_valid]; empty: off."""
+    generation_eval_samples: int | None = Field(None, ge=1)
+    """How many validation rows to answer (the first N); None: all."""
+    generation_max_new_tokens: int = Field(128, ge=1)
+    generation_eval_steps: int | None = Field(None, ge=1)
+    """None: every `eval_steps`."""
+
+    @field_validator("generation_eval_metrics", mode="before")
+    @classmethod
+    def _split_generation_metrics(cls, value: Any) -> Any:
+        """One name or a comma-separated string (`--set generation_eval_metrics=exact_match,stopped`) too."""
+        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
+
+    @field_validator("generation_eval_metrics")
+    @classmethod
+    def _known_generation_metrics(cls, value: list[str]) -> list[str]:
+        from app.sft.gen_metrics import check_metric_names
+
+        check_metric_names(value)
+        return value
+
     # Outputs and tracking
     output_dir: str = "outputs/sft"
     checkpoint_dir: str | None = None

@@ -350,6 +350,40 @@ def _chat_messages(row: Mapping[str, Any], where: str) -> list[Message]:
     return messages
 
 
+def prompt_and_reference(
+    row: Mapping[str, Any], dataset_format: str, *, text_field: str = "text", where: str = "row 1"
+) -> tuple[list[Message] | str, str]:
+    """What to ask and the answer to expect, for evaluation by generation; `where` names the row in errors.
+
+    A row with `reference` gives its `prompt` (a user message, or plain text for `completion` runs) or its
+    `messages` (the conversation so far). Otherwise an alpaca row's `output`, or a chat row's last assistant
+    turn, is the reference, and everything before it the prompt (as `format_row` reads it for training).
+    Completion rows (`text`) have no reference answer and are refused.
+    """
+    if not isinstance(row, Mapping):
+        raise DataError(f"{where}: expected a mapping of fields, got {type(row).__name__}")
+    if row.get("reference") is not None:
+        reference = _string_field(row, "reference", where)
+        if row.get("messages") is not None:
+            if dataset_format == "completion":
+                raise DataError(f"{where}: 'messages' need a chat or alpaca run; a completion run takes a 'prompt'")
+            return _chat_messages(row, where), reference
+        prompt = _string_field(row, "prompt", where)
+        return (prompt if dataset_format == "completion" else [{"role": "user", "content": prompt}]), reference
+    if dataset_format == "completion":
+        raise DataError(
+            f"{where}: completion rows ({text_field!r}) have no reference answer to compare with; give rows "
+            "with 'prompt' and 'reference'"
+        )
+    formatted = format_row(row, dataset_format, where=where)
+    assert not isinstance(formatted, str)  # alpaca and chat rows are conversations
+    messages, _ = _without_leading_replies(formatted)
+    last = max((i for i, message in enumerate(messages) if message["role"] == "assistant"), default=None)
+    if last is None or last == 0:
+        raise DataError(f"{where}: no assistant reply to compare with (or give 'prompt'/'messages' and 'reference')")
+    return messages[:last], str(messages[last]["content"])
+
+
 def _without_leading_replies(messages: list[Message]) -> tuple[list[Message], bool]:
     """Drop assistant messages that come before the first user message (nothing prompted them)."""
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))

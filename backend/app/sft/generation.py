@@ -7,12 +7,20 @@ rendered with the prompt template the run was trained with (`data.resolve_templa
 
     generator = Generator.load("outputs/demo")            # a run directory, a checkpoint, or a config file
     generator.generate([{"role": "user", "content": "Name three colours."}])
+
+Evaluation by generation (`GenerationEvalCallback`, `sft eval --generate`) uses the batched path:
+`generation_prompts` renders evaluation rows as at training time up to where the answer starts, and
+`generate_batch` answers a batch of them at once (left padding, KV cache, greedy at temperature 0, each row
+stopping at its own EOS / turn terminator).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -28,7 +36,7 @@ from transformers import (
 from app.sft import checkpointing
 from app.sft.audit import chat_template_for
 from app.sft.config import SFTConfig
-from app.sft.data import PaddedCollator, TokenizedDataset, resolve_template
+from app.sft.data import DataError, PaddedCollator, TokenizedDataset, prompt_and_reference, resolve_template
 from app.sft.loss import evaluation_totals
 from app.sft.modeling import (
     ensure_pad_token,
@@ -38,7 +46,7 @@ from app.sft.modeling import (
     read_gguf,
     refuse_pickled_weights,
 )
-from app.sft.templates import Message, PromptTemplate, TemplateError
+from app.sft.templates import Message, PromptTemplate, Segment, TemplateError, message_text
 
 RUN_CONFIG_FILE = "config.yaml"
 """The config a finished run writes into its output directory."""
@@ -201,20 +209,11 @@ class Generator:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
-        inputs = self._encode(self.prompt_text(conversation))
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
-        settings = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self._stop_ids(),
-            pad_token_id=self.tokenizer.pad_token_id,
-            **sampling,
-        )
-        device = next(self.model.parameters()).device
-        inputs = {key: value.to(device) for key, value in inputs.items()}
-        with torch.no_grad():
-            output = self.model.generate(**inputs, generation_config=settings)
-        reply = output[0, inputs["input_ids"].shape[1] :]
-        return self.tokenizer.decode(reply, skip_special_tokens=True).strip()
+        prompt_ids = self._encode(self.prompt_text(conversation))["input_ids"][0].tolist()
+        stop_ids = stop_token_ids(self.model, self.tokenizer, self.template)
+        (reply,) = generate_batch(self.model, self.tokenizer, [prompt_ids], max_new_tokens=max_new_tokens,
+                                  stop_ids=stop_ids, temperature=temperature, top_p=top_p)
+        return reply.text
 
     def _encode(self, text: str) -> dict[str, torch.Tensor]:
         # Tokenized as in training: templates that write their own special tokens get none added, and a chat
@@ -223,9 +222,186 @@ class Generator:
         add_special = add_special and not self.use_chat_template
         return self.tokenizer(text, add_special_tokens=add_special, return_tensors="pt")
 
-    def _stop_ids(self) -> list[int]:
-        """The tokenizer's EOS and the model's own end-of-turn tokens."""
-        ids = [self.tokenizer.eos_token_id]
-        model_eos = self.model.generation_config.eos_token_id
-        ids += model_eos if isinstance(model_eos, list) else [model_eos]
-        return list(dict.fromkeys(i for i in ids if i is not None))
+
+# ---------------------------------------------------------------------------------------------- batched generation
+
+
+@dataclass(frozen=True)
+class GenerationPrompt:
+    """One evaluation prompt: its text for people to read, the token ids the model sees, the expected answer."""
+
+    prompt: str
+    """The last user message (with an alpaca `input`), or the plain text of a completion prompt."""
+    input_ids: list[int]
+    """The rendered prompt's tokens, exactly as the training text starts up to where the answer begins."""
+    reference: str
+
+
+@dataclass(frozen=True)
+class GeneratedText:
+    """One answer: its text (special tokens removed, whitespace stripped), whether it ended with a stop token
+    before the token limit, and how many tokens were generated (the stop token included)."""
+
+    text: str
+    stopped: bool
+    num_tokens: int
+
+
+def generation_prompts(
+    rows: Iterable[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    dataset_format: str,
+    template: PromptTemplate | None,
+    text_field: str = "text",
+    source: str = "eval_dataset",
+) -> list[GenerationPrompt]:
+    """Evaluation rows as prompts (see `data.prompt_and_reference` for the row shapes).
+
+    Each prompt is rendered with `template` as the training text of the same conversation would be, and its
+    tokens are that training text's tokens up to where the answer starts, so the model sees exactly what it saw
+    in training before each reply. Errors name `source` and the row (1-based).
+    """
+    prompts = []
+    for index, row in enumerate(rows):
+        where = f"{source}: row {index + 1}"
+        prompt, reference = prompt_and_reference(row, dataset_format, text_field=text_field, where=where)
+        try:
+            ids = _prompt_ids(prompt, reference, tokenizer, template)
+        except TemplateError as error:
+            raise DataError(f"{where}: cannot render the prompt: {error}") from None
+        shown = prompt if isinstance(prompt, str) else next(
+            (message_text(m) for m in reversed(prompt) if m["role"] == "user"), ""
+        )
+        prompts.append(GenerationPrompt(shown, ids, reference))
+    return prompts
+
+
+def _prompt_ids(
+    prompt: Sequence[Message] | str,
+    reference: str,
+    tokenizer: PreTrainedTokenizerBase,
+    template: PromptTemplate | None,
+) -> list[int]:
+    """The tokens of the training text of `prompt` + `reference` before the first token of the answer."""
+    if template is None:
+        if not isinstance(prompt, str):
+            raise TemplateError("a completion run's prompt is plain text, not messages")
+        segments: list[Segment] = [(prompt, False), (reference + (tokenizer.eos_token or ""), True)]
+        add_special_tokens = True
+    else:
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        segments = template.render([*prompt, {"role": "assistant", "content": reference}], tokenizer)
+        add_special_tokens = template.add_special_tokens
+    answer = max((i for i, (_, trainable) in enumerate(segments) if trainable), default=len(segments))
+    prompt_text = "".join(text for text, _ in segments[:answer])
+    if not getattr(tokenizer, "is_fast", False):  # no character offsets: tokenize the prompt alone
+        return tokenizer(prompt_text, add_special_tokens=add_special_tokens)["input_ids"]
+    full = tokenizer("".join(text for text, _ in segments), add_special_tokens=add_special_tokens,
+                     return_offsets_mapping=True)
+    ends = [end for _, end in full["offset_mapping"]]
+    cut = next((i for i, end in enumerate(ends) if end > len(prompt_text)), len(ends))
+    return full["input_ids"][:cut]
+
+
+def stop_token_ids(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate | None = None
+) -> list[int]:
+    """The tokens that end an answer: the tokenizer's EOS, the model's own end-of-turn tokens, and the
+    template's turn terminator (such as ChatML's `<|im_end|>`) when it is a single token."""
+    ids = [tokenizer.eos_token_id]
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += model_eos if isinstance(model_eos, list) else [model_eos]
+    if template is not None:
+        with contextlib.suppress(TemplateError, ValueError, KeyError):
+            turn = [{"role": "user", "content": "?"}, {"role": "assistant", "content": ""}]
+            trained = [text for text, trainable in template.render(turn, tokenizer) if trainable]
+            terminator = trained[-1].strip() if trained else ""
+            if terminator and terminator in tokenizer.get_vocab():
+                ids.append(tokenizer.convert_tokens_to_ids(terminator))
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), so left padding stays small; the same
+    lengths always give the same batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def generate_batch(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    synced_gpus: bool = False,
+) -> list[GeneratedText]:
+    """Answers to a batch of tokenized prompts in one `generate` call.
+
+    Prompts are left-padded, decoding uses the KV cache, is greedy at `temperature` 0 (else samples with
+    `temperature`/`top_p`) and stops each row at its first stop token. Runs in eval mode under `no_grad` and
+    puts the model back in the mode it was in. `synced_gpus` keeps every process stepping until all are done
+    (needed when the weights are sharded, where each forward pass is collective).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    if not prompts:
+        return []
+    stops = set(stop_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_ids), 0)
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+    # Every decoding choice is explicit, so the model's own generation defaults (often sampling) never apply.
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False}
+    settings = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
+                                use_cache=True, num_beams=1, **sampling)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), (autocast or contextlib.nullcontext)():
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    generation_config=settings, synced_gpus=synced_gpus)
+    finally:
+        model.train(was_training)
+    answers = []
+    for new in output[:, width:].tolist():
+        end = next((i for i, token in enumerate(new) if token in stops), None)
+        tokens = new if end is None else new[:end]
+        text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        answers.append(GeneratedText(text, end is not None, len(new) if end is None else end + 1))
+    return answers
+
+
+def generate_all(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+    **settings: Any,
+) -> list[GeneratedText]:
+    """Answers to every prompt, in the order given, generated in batches of similar length (`generate_batch`
+    takes the other settings)."""
+    answers: list[GeneratedText | None] = [None] * len(prompts)
+    for batch in length_batches([len(ids) for ids in prompts], batch_size):
+        for index, answer in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], **settings),
+                                 strict=True):
+            answers[index] = answer
+    return [answer for answer in answers if answer is not None]

@@ -4,7 +4,9 @@ Everything comes from `output_dir/metrics.jsonl` (see `app.sft.metrics_log`), re
 training loss = `loss` of "train" records, validation loss = `val_loss` of "eval" records,
 learning rate = `learning_rate` and throughput = `tokens_per_second` of "train" records, epoch ends =
 the steps of "epoch" records. `training_summary.json` and `config.yaml`, when present, add the trained
-token count, the runtime and the run configuration to the HTML page.
+token count, the runtime and the run configuration to the HTML page. A run evaluated by generation (`gen_*`
+values in "eval" records) also gets their curves and, from `generations/step_<N>.jsonl`, a few samples of the
+first and the best evaluation side by side (best by the config's `best_metric` when it is a `gen_*` metric).
 """
 
 from __future__ import annotations
@@ -202,7 +204,12 @@ pre.example { white-space: pre-wrap; }
 
 
 def _html(
-    title: str, png: bytes, summary: list[tuple[str, str]], output_dir: Path, run_summary: dict[str, Any]
+    title: str,
+    png: bytes,
+    summary: list[tuple[str, str]],
+    output_dir: Path,
+    run_summary: dict[str, Any],
+    generation: Sequence[str] = (),
 ) -> str:
     """The report page; the plot is inlined as base64 so the file can be mailed or opened anywhere."""
     sections = [
@@ -215,6 +222,7 @@ def _html(
         f'<img alt="Training loss, validation loss, learning rate and throughput against step" '
         f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">',
     ]
+    sections += generation
     config_path = output_dir / "config.yaml"
     if config_path.is_file():
         config_text = config_path.read_text(encoding="utf-8")
@@ -295,6 +303,87 @@ def _length_histogram(histogram: dict[str, list[int]], max_seq_length: int, widt
     )
 
 
+_GEN_SPEED_KEYS = ("gen_tokens_per_second", "gen_time_s")
+_SAMPLES_SHOWN = 5
+
+
+def _generation_section(records: Sequence[dict[str, Any]], output_dir: Path) -> list[str]:
+    """Evaluation by generation: the `gen_*` curves and, for the first and the best evaluation, a few samples
+    side by side (from `generations/step_<N>.jsonl`); nothing when the run had no generation evaluation."""
+    evals = [r for r in records if r.get("type") == "eval" and any(k.startswith("gen_") for k in r)]
+    names = list(dict.fromkeys(k for r in evals for k in r if k.startswith("gen_") and k not in _GEN_SPEED_KEYS))
+    if not evals or not names:
+        return []
+    monitor, mode = _best_setting(output_dir)
+    key = monitor if monitor in names else names[0]
+    scored = [r for r in evals if r.get(key) is not None]
+    best = (min if (mode == "min" and key == monitor) else max)(scored, key=lambda r: r[key]) if scored else evals[-1]
+    first = evals[0]
+    png = _generation_png(evals, names)
+    sections = ["<h2>Evaluation by generation</h2>",
+                f'<img alt="Generation metrics against step" src="data:image/png;base64,{png}">']
+    rows = [("metric", f"first evaluation (step {first['step']})", f"best evaluation (step {best['step']}, by {key})")]
+    rows += [(name, _fmt(first.get(name)), _fmt(best.get(name))) for name in names]
+    sections.append(_grid(rows))
+    first_samples, best_samples = (_samples(output_dir, r["step"]) for r in (first, best))
+    if first_samples or best_samples:
+        by_index = {s.get("index"): s for s in best_samples}
+        grid = [("prompt", "reference", f"first evaluation (step {first['step']})",
+                 f"best evaluation (step {best['step']})")]
+        for sample in (first_samples or best_samples)[:_SAMPLES_SHOWN]:
+            other = by_index.get(sample.get("index"), {})
+            grid.append((sample.get("prompt", ""), sample.get("reference", ""),
+                         sample.get("prediction", "") if first_samples else "—", other.get("prediction", "—")))
+        sections += [f"<h3>Samples (generations/step_{first['step']}.jsonl, step_{best['step']}.jsonl)</h3>",
+                     _grid(grid)]
+    return sections
+
+
+def _best_setting(output_dir: Path) -> tuple[str | None, str]:
+    """The run's `best_metric` and `best_metric_mode` from its config.yaml (None, "max" without them)."""
+    path = output_dir / "config.yaml"
+    if not path.is_file():
+        return None, "max"
+    import yaml
+
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return config.get("best_metric"), config.get("best_metric_mode") or "max"
+
+
+def _samples(output_dir: Path, step: int) -> list[dict[str, Any]]:
+    path = output_dir / "generations" / f"step_{step}.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _grid(rows: Sequence[Sequence[str]]) -> str:
+    """A table whose first row is the header."""
+    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in rows[0])
+    body = "".join("<tr>" + "".join(f"<td><pre>{html.escape(str(c))}</pre></td>" for c in row) + "</tr>"
+                   for row in rows[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _generation_png(evals: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
+    """The `gen_*` curves as a base64 PNG."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name in names:
+        ax.plot(*_series(evals, "eval", name), marker="o", label=name)
+    _finish(ax, "Generation metrics", "mean score", True, "")
+    ax.set_xlabel("step (optimizer steps)")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def render_report(output_dir: str | Path, *, title: str | None = None) -> tuple[Path, Path]:
     """Write `loss.png` and `report.html` into `output_dir` from its `metrics.jsonl`; return their paths.
 
@@ -315,4 +404,10 @@ def render_report(output_dir: str | Path, *, title: str | None = None) -> tuple[
     page = _html(title, png, _summary_rows(records, run_summary), output_dir, run_summary)
     _write_atomic(png_path, png)
     _write_atomic(html_path, page.encode("utf-8"))
+
+
+    _plot(records, png_path, title)
+    page = _html(title, png_path.read_bytes(), _summary_rows(records, run_summary), output_dir, run_summary,
+                 _generation_section(records, output_dir))
+    html_path.write_text(page, encoding="utf-8")
     return png_path, html_path

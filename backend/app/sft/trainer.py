@@ -50,6 +50,7 @@ from app.sft.audit import run_audit
 from app.sft.callbacks import (
     CheckpointCallback,
     EarlyStoppingCallback,
+    GenerationEvalCallback,
     SFTCallback,
     TensorBoardCallback,
     ValidationCallback,
@@ -95,7 +96,8 @@ class SFTTrainer(TrainerAPI):
     At `train()`, a `ValidationCallback` (every `eval_steps`) is added when there is validation data and none
     was given, a `CheckpointCallback` (`save_steps`, `save_total_limit`, `checkpoint_dir`, monitoring
     `best_metric`/`best_metric_mode`) unless one was given, an `EarlyStoppingCallback` when
-    `early_stopping_patience` is set, and W&B / TensorBoard loggers from `wandb_project` / `report_to`.
+    `early_stopping_patience` is set, a `GenerationEvalCallback` when `generation_eval_metrics` is set, and
+    W&B / TensorBoard loggers from `wandb_project` / `report_to`.
     """
 
     managed = True
@@ -150,6 +152,7 @@ class SFTTrainer(TrainerAPI):
             self.train_data = prepare_dataset(train_dataset, cfg, self.tokenizer, source="train_dataset")
             self.val_data = (prepare_dataset(eval_dataset, cfg, self.tokenizer, source="eval_dataset")
                              if eval_dataset is not None else None)
+        self._eval_rows = eval_dataset  # raw validation rows for generation_eval_metrics (None: the config's)
         if len(self.train_data) == 0:
             raise ValueError("the training data has no example with a trainable token")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
@@ -569,6 +572,8 @@ class SFTTrainer(TrainerAPI):
                                                  save_total_limit=cfg.save_total_limit,
                                                  save_best_only=cfg.save_best_only,
                                                  monitor=cfg.best_metric, mode=cfg.best_metric_mode))
+        if cfg.generation_eval_metrics and missing(GenerationEvalCallback):
+            self.add_callback(GenerationEvalCallback.from_config(cfg, self._eval_rows))
         if (cfg.wandb_project or "wandb" in cfg.report_to) and missing(WandBCallback):
             self.add_callback(WandBCallback(project=cfg.wandb_project or "llm-playground-sft",
                                             run_name=cfg.wandb_run_name or cfg.run_name,

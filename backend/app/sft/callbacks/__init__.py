@@ -3,6 +3,7 @@
 from app.sft.callbacks.base import CallbackHandler, SFTCallback
 from app.sft.callbacks.checkpoint import CheckpointCallback
 from app.sft.callbacks.early_stopping import EarlyStoppingCallback
+from app.sft.callbacks.generation_eval import GenerationEvalCallback
 from app.sft.callbacks.tensorboard import TensorBoardCallback
 from app.sft.callbacks.validation import ValidationCallback
 from app.sft.callbacks.wandb_logger import WandBCallback
@@ -11,6 +12,7 @@ __all__ = [
     "CallbackHandler",
     "CheckpointCallback",
     "EarlyStoppingCallback",
+    "GenerationEvalCallback",
     "SFTCallback",
     "TensorBoardCallback",
     "ValidationCallback",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.sft.callbacks.base import SFTCallback, trainer_api
+from app.sft.callbacks.generation_eval import samples_of
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -108,6 +109,23 @@ class TensorBoardCallback(SFTCallback):
 
     def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         self._add_scalars({k: v for k, v in metrics.items() if not k.startswith("best_")}, step, _eval_tag)
+        self._add_samples(samples_of(trainer, step), step)
+
+    def _add_samples(self, samples: list[dict[str, Any]], step: int) -> None:
+        """An evaluation by generation's samples as a markdown table (TEXT tab, `generations`)."""
+        if self.writer is None or not samples:
+            return
+
+        def cell(text: Any) -> str:
+            return str(text).replace("|", "\\|").replace("\n", " ")
+
+        rows = "\n".join(f"| {s['index']} | {cell(s['prompt'])} | {cell(s['reference'])} | {cell(s['prediction'])} "
+                         f"| {s['stopped']} |" for s in samples)
+        try:
+            self.writer.add_text("generations", "| index | prompt | reference | prediction | stopped |\n"
+                                 f"|---|---|---|---|---|\n{rows}", global_step=step)
+        except Exception as err:
+            self._fail(err)
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         self._add_scalars(metrics, int(trainer_api(trainer).global_step), lambda name: f"epoch/{name}")

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from app.sft.callbacks.base import SFTCallback, trainer_api
+from app.sft.callbacks.generation_eval import samples_of
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +94,28 @@ class WandBCallback(SFTCallback):
 
     def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         self._log(dict(metrics), step)
+        self._log_samples(samples_of(trainer, step), step)
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         self._log(
             {"epoch": epoch, **{f"epoch/{key}": value for key, value in metrics.items()}},
             trainer_api(trainer).global_step,
         )
+
+    def _log_samples(self, samples: list[dict[str, Any]], step: int) -> None:
+        """An evaluation by generation's samples as the `generations` table."""
+        if self.run is None or not samples:
+            return
+        try:
+            import wandb
+
+            score_names = list(samples[0]["scores"])
+            columns = ["step", "index", "prompt", "reference", "prediction", "stopped", *score_names]
+            rows = [[step, s["index"], s["prompt"], s["reference"], s["prediction"], s["stopped"],
+                     *(s["scores"].get(name) for name in score_names)] for s in samples]
+            self.run.log({"generations": wandb.Table(columns=columns, data=rows)}, step=step)
+        except Exception as error:
+            self._warn_once("table", f"logging the generation samples to W&B failed ({error}); training goes on")
 
     def on_save(self, trainer: Any, step: int, checkpoint_path: str, **kwargs: Any) -> None:
         if self.run is None or not self.log_model:
