@@ -191,11 +191,12 @@ def test_chat_answers_each_line_until_exit(trained, capsys, monkeypatch):
     _, run = trained
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n\n/reset\n{QUESTION}\n/exit\nnever read\n"))
     assert main(["chat", str(run), "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.split() == [ANSWER, ANSWER]
+    assert capsys.readouterr().out.splitlines() == [f"assistant> {ANSWER}", "(conversation reset)",
+                                                    f"assistant> {ANSWER}"]
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n"))  # ends at end of input too
     assert main(["chat", str(run), "--max-new-tokens", "4", "--system", "answer in one word"]) == 0
-    assert capsys.readouterr().out.split() == [ANSWER]
+    assert capsys.readouterr().out.splitlines() == [f"assistant> {ANSWER}"]
 
 
 def test_merge_writes_a_model_that_needs_no_adapter(trained, tmp_path, capsys):
