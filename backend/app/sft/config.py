@@ -537,8 +537,8 @@ ALIASES: dict[str, Alias] = {
                            lambda value: "tokenizer" if value == "tokenizer_default" else value),
     "sample_packing": Alias("packing", "Axolotl name"),
     "load_in_4bit": Alias("use_qlora", "Axolotl name"),
-    "completion_only_loss": Alias("train_on_inputs", "TRL name; completion_only_loss: false = "
-                                  "train_on_inputs: true", lambda value: not value if isinstance(value, bool) else value),
+    "completion_only_loss": Alias("train_on_inputs", "TRL name; completion_only_loss: false = train_on_inputs: true",
+                                  lambda value: not value if isinstance(value, bool) else value),
 }
 """Names that TRL/Hugging Face and Axolotl configs use, each read as one of our fields."""
 
