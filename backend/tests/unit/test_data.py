@@ -701,7 +701,9 @@ def test_tokenized_data_is_cached_and_reused_only_for_the_same_key(
     assert len(calls) == 6 and len(set(_entries(cache)) - before) == 6  # --no-cache neither reads nor writes
 
 
-def test_a_corrupt_or_foreign_cache_entry_is_rebuilt_with_a_warning(tmp_path: Path, _tokenized_cache_in_tmp: Path) -> None:
+def test_a_corrupt_or_foreign_cache_entry_is_rebuilt_with_a_warning(
+    tmp_path: Path, _tokenized_cache_in_tmp: Path
+) -> None:
     from app.sft.token_cache import CacheWarning
 
     cache = _tokenized_cache_in_tmp
