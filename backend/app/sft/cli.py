@@ -452,11 +452,14 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from app.sft.config import ConfigError, describe_fields
+    from app.sft.config import ALIASES, ConfigError, describe_fields
 
     if args.defaults:
         for name, default, help_ in describe_fields():
             print(f"{name}: {default}" + (f"  # {help_}" if help_ else ""))
+        print("# Also accepted, other tools' names for these settings:")
+        for alias, target in ALIASES.items():
+            print(f"#   {alias} -> {target.field} ({target.note})")
         return 0
     if args.config is None:
         raise ConfigError("give a CONFIG to print its values, or --defaults for every setting")

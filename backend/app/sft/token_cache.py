@@ -155,6 +155,8 @@ def _write(directory: Path, parts: Mapping[str, Any], dataset: Any, messages: li
     for name, array in arrays.items():
         if array.dtype == object:
             raise TypeError(f"column {name} mixes types")
+        if array.dtype == np.int64 and array.size and -(2**31) <= array.min() and array.max() < 2**31:
+            arrays[name] = array.astype(np.int32)  # token ids fit: half the disk and the read time
     meta = {"version": FORMAT_VERSION, "parts": dict(parts), "class": type(dataset).__qualname__,
             "columns": columns, "scalars": scalars, "warnings": messages}
     directory.parent.mkdir(parents=True, exist_ok=True)
