@@ -292,16 +292,20 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from app.sft.data import IGNORE_INDEX, load_rows, resolve_template, tokenize_example
+    from app.sft.data import IGNORE_INDEX, load_rows, map_columns, resolve_template, tokenize_example
     from app.sft.modeling import load_tokenizer
 
     config = _load_config(args.config, args.overrides)
-    if config.dataset_name is None:  # a `datasets:` list: preview its first source, as it is trained
-        source = config.datasets[0]
-        config = config.model_copy(update={"dataset_name": source.path, "dataset_format": source.format})
+    source = config.datasets[0] if config.dataset_name is None else None  # `datasets:`: its first source
+    if source is not None:
+        config = config.model_copy(update={"dataset_name": source.path, "dataset_split": source.split,
+                                           "dataset_format": source.format or config.dataset_format})
     tokenizer = load_tokenizer(config)
     template = resolve_template(config, tokenizer)
     rows = load_rows(config.dataset_name, config.dataset_split)
+    if source is not None:
+        rows = map_columns(rows, source.columns, config.dataset_format, config.dataset_text_field,
+                           f"datasets[0] ({source.path})")
     color = sys.stdout.isatty()
     marked = f"{_COLOR_START}like this{_COLOR_END}" if color else f"{_MARK_START}like this{_MARK_END}"
     print(f"Trained tokens (the ones the loss is computed on) are marked {marked}.")

@@ -799,7 +799,7 @@ def _tokenized_source(
     def build() -> TokenizedDataset:
         rows, lines = _load(path, split)
         if entry is not None:
-            rows = _map_columns(rows, columns, data_format, config.dataset_text_field, label)
+            rows = map_columns(rows, columns, data_format, config.dataset_text_field, label)
         return prepare_dataset(rows, config, tokenizer, source=path, line_numbers=lines)
 
     if not config.cache_tokenized:
@@ -824,8 +824,9 @@ def _tokenized_source(
     return token_cache.cached(parts, build, name=label)
 
 
-def _map_columns(
-    rows: datasets.Dataset, columns: Mapping[str, str], data_format: str, text_field: str, label: str
+def map_columns(
+    rows: datasets.Dataset, columns: Mapping[str, str], data_format: str, text_field: str = "text",
+    label: str = "dataset",
 ) -> datasets.Dataset:
     """Rename a source's columns to the fields its format reads (`columns`: our field -> its column), and
     check that the fields the format needs are there; errors name the entry and list the columns it has."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -278,6 +279,8 @@ def test_python_dash_m_trains_and_refuses_a_bad_config(tmp_path, tiny_model_dir)
     result = run_sft("train", str(config), "--set", "max_steps=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Trained 2 steps" in result.stdout and "step 2/2" in result.stderr
+    assert "Loading weights" not in result.stderr  # no library bars when stderr is not a terminal
+    assert re.search(r"INFO Loading .*: done in [0-9.]+ s", result.stderr)  # one line per phase instead
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 
     bad = tmp_path / "bad.yaml"
@@ -451,9 +454,19 @@ def test_validate_twice_uses_the_tokenized_cache_and_no_cache_skips_it(tmp_path,
     assert main(["validate", str(config)]) == 0
     first = capsys.readouterr()
     assert "from the cache" not in first.err
+    assert re.search(r"INFO Tokenizing .*train\.jsonl: 16 rows in [0-9.]+ s \([0-9]+ rows/s\)", first.err)
     assert main(["validate", str(config)]) == 0
     second = capsys.readouterr()
     assert second.err.count("from the cache") == 2 and second.out == first.out
     assert main(["validate", str(config), "--no-cache"]) == 0
     third = capsys.readouterr()
     assert "from the cache" not in third.err and third.out == first.out
+
+
+def test_preview_of_a_datasets_list_shows_its_first_source_with_columns_mapped(tmp_path, tiny_model_dir, capsys):
+    rows = [{"question": QUESTION, "answer": ANSWER}] * 2
+    source = write_jsonl(tmp_path / "qa.jsonl", rows)
+    config = write_config(tmp_path, tiny_model_dir, dataset_name=None, datasets=[
+        {"path": str(source), "format": "alpaca", "columns": {"instruction": "question", "output": "answer"}}])
+    assert main(["preview", str(config), "-n", "1"]) == 0
+    assert f"[[{ANSWER} {EOS_TOKEN}]]" in capsys.readouterr().out.replace("[[ ", "[[")
