@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -269,14 +270,15 @@ def test_example_configs_are_valid():
 # ---------------------------------------------------------------------------------------------- subprocesses
 
 
-def run_sft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_sft(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app.sft", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=None if env is None else {**os.environ, **env})
 
 
 def test_python_dash_m_trains_and_refuses_a_bad_config(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir)
-    result = run_sft("train", str(config), "--set", "max_steps=2", cwd=tmp_path)
+    result = run_sft("train", str(config), "--set", "max_steps=2", cwd=tmp_path,
+                     env={"LLM_PLAYGROUND_CACHE": str(tmp_path / "cache")})  # its tokenized data stays here
     assert result.returncode == 0, result.stderr
     assert "Trained 2 steps" in result.stdout and "step 2/2" in result.stderr
     assert "Loading weights" not in result.stderr  # no library bars when stderr is not a terminal
