@@ -53,7 +53,7 @@ _TARGET_HELP = (
     "a run's output_dir, one of its checkpoints, a config file (its base model), a Hugging Face model folder "
     "(e.g. RUN_DIR/merged), a Hub id or a .gguf file"
 )
-_CHAT_HELP = """commands (a line starting with '/'; nothing else starting with '/' is sent to the model):
+_CHAT_HELP = """chat commands (a line starting with '/' is never sent to the model; an unknown one is refused):
   /help          this list
   /reset         forget the conversation (the system message stays)
   /system TEXT   set the system message and start over (/system alone removes it)
@@ -105,12 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     Handler = Callable[[argparse.Namespace], int]
 
-    def command(name: str, handler: Handler, help_: str, examples: str) -> argparse.ArgumentParser:
+    def command(name: str, handler: Handler, help_: str, examples: str, details: str = "") -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name,
             help=help_,
             description=help_,
-            epilog="examples:\n" + "\n".join(f"  {line}" for line in examples.strip().splitlines()),
+            epilog=(f"{details}\n\n" if details else "")
+            + "examples:\n" + "\n".join(f"  {line}" for line in examples.strip().splitlines()),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.set_defaults(handler=handler)
@@ -161,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = command("chat", _chat, "chat interactively (stdin), the reply streamed as it is written; /help "
                    "lists the commands", "sft chat outputs/demo\n"
-                   'sft chat outputs/demo/merged --system "Answer in one sentence." --temperature 0.7')
+                   'sft chat outputs/demo/merged --system "Answer in one sentence." --temperature 0.7',
+                   details=_CHAT_HELP)
     chat.add_argument("target", metavar="TARGET", help=_TARGET_HELP)
     _add_generation_options(chat)
 
@@ -355,6 +357,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from app.sft.generation import Generator
+    from app.sft.progress import phase
 
     generator = Generator.load(args.target, args.overrides)
     prompt: list[Message] | str
@@ -365,8 +368,9 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = _with_system(args.system, [user])
     else:
         prompt = args.prompt
-    reply = generator.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p)
+    with phase("Generating"):
+        reply = generator.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p)
     if _is_main_process():
         print(reply)
     return 0

@@ -197,12 +197,7 @@ class Generator:
         inputs = {key: value.to(device) for key, value in inputs.items()}
         streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text is not None else None
         with torch.no_grad():
-            if streamer is not None:  # the streamed text is the progress
-                output = self.model.generate(**inputs, generation_config=settings, streamer=streamer)
-            else:
-                with phase("Generating", unit="tokens") as progress:
-                    output = self.model.generate(**inputs, generation_config=settings)
-                    progress.update(output.shape[1] - inputs["input_ids"].shape[1])
+            output = self.model.generate(**inputs, generation_config=settings, streamer=streamer)
         reply = output[0, inputs["input_ids"].shape[1] :]
         return self.tokenizer.decode(reply, skip_special_tokens=True).strip()
 
