@@ -372,7 +372,9 @@ def save_final_model(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, state_dict=state_dict)
+    with warnings.catch_warnings():  # peft looks for a config.json at the base's name (a .gguf/package:// one)
+        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+        model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     return str(out)
 
