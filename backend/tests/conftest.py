@@ -77,3 +77,13 @@ def wandb_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[P
     wandb.teardown()
     yield wandb_dir
     wandb.teardown()
+
+
+@pytest.fixture(autouse=True)
+def _tokenized_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the tokenized-data cache of in-process tests out of the user's home (one folder per session)."""
+    from app.sft import token_cache
+
+    directory = tmp_path_factory.getbasetemp() / "tokenized-cache"
+    monkeypatch.setattr(token_cache, "tokenized_cache_dir", lambda: directory)
+    return directory

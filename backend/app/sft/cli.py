@@ -1,13 +1,17 @@
 """The `sft` command: train, check data, preview masks, evaluate, generate, chat, merge and report.
 
-    sft train CONFIG [--set key=value ...] [--resume [CHECKPOINT] | --overwrite]
-    sft validate CONFIG          sft preview CONFIG [-n 3]          sft eval RUN_DIR_OR_CONFIG
-    sft generate RUN_DIR --prompt "..."     sft chat RUN_DIR     sft merge RUN_DIR [--out DIR]
-    sft report RUN_DIR           sft export RUN_DIR [--dtype q8_0] [--out FILE] [--force]
+    sft train CONFIG [--set key=value ...] [--resume [CHECKPOINT] [--continue] | --overwrite] [--no-cache]
+    sft validate CONFIG [--json]  sft preview CONFIG [-n 3]    sft eval TARGET [--generate]
+    sft generate TARGET --prompt "..."     sft chat TARGET     sft merge RUN_DIR [--out DIR] [--dtype bf16]
+    sft export RUN_DIR [--dtype q8_0]      sft report RUN_DIR  sft init [PATH]  sft config --defaults  sft templates
 
-Also `python -m app.sft`. Exit codes: 0 success, 2 a usage, config or data error (one message on stderr, no
-traceback), 1 a runtime failure, 130 interrupted. Works unchanged under `accelerate launch` and `torchrun`:
-only the main process (RANK 0) logs at INFO level and prints results.
+TARGET is a run's output_dir, a checkpoint, a config file, a Hugging Face model folder (e.g. a run's
+`merged/`), a Hub id or a `.gguf` file. Also `python -m app.sft`. Exit codes: 0 success, 2 a usage, config
+or data error (one message on stderr, no traceback), 1 a runtime failure, 130 interrupted. Works unchanged
+under `accelerate launch` and `torchrun`: only the main process (RANK 0) logs at INFO level and prints results.
+
+Starting is fast: this module imports only the standard library; each command imports the parts of the
+package it needs (torch, transformers, peft, datasets) inside its function, so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -23,34 +27,36 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.sft.checkpointing import CheckpointError
-from app.sft.config import ConfigError, SFTConfig
-from app.sft.data import (
-    IGNORE_INDEX,
-    DataError,
-    TokenizedDataset,
-    build_datasets,
-    epoch_batches,
-    load_rows,
-    resolve_template,
-    tokenize_example,
+if TYPE_CHECKING:
+    from app.sft.config import SFTConfig
+    from app.sft.data import TokenizedDataset
+    from app.sft.generation import Generator
+    from app.sft.templates import Message
+
+_USAGE_ERROR_CLASSES = (
+    ("app.sft.config", "ConfigError"),
+    ("app.sft.data", "DataError"),
+    ("app.sft.checkpointing", "CheckpointError"),
+    ("app.sft.templates", "TemplateError"),
 )
-from app.sft.generation import RUN_CONFIG_FILE, Generator, evaluate_loss, load_run_config, load_trained_model
-from app.sft.modeling import load_tokenizer, merge_lora
-from app.sft.report import render_report
-from app.sft.templates import Message, TemplateError
-from app.sft.trainer import SFTTrainer
-
-USAGE_ERRORS = (ConfigError, DataError, CheckpointError, TemplateError, FileNotFoundError)
-"""Errors in what the user gave (exit code 2, one message, no traceback)."""
+"""Errors in what the user gave (exit code 2, one message, no traceback), besides missing/existing files.
+Looked up only in modules already imported: an error class whose module was never loaded was never raised."""
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 _MARK_START, _MARK_END = "[[", "]]"
 _COLOR_START, _COLOR_END = "\033[1;32m", "\033[0m"
 _CUT_MARK = "[cut]"
-_TARGET_HELP = "a run's output_dir, one of its checkpoints, or a config file (its base model)"
+_TARGET_HELP = (
+    "a run's output_dir, one of its checkpoints, a config file (its base model), a Hugging Face model folder "
+    "(e.g. RUN_DIR/merged), a Hub id or a .gguf file"
+)
+_CHAT_HELP = """chat commands (a line starting with '/' is never sent to the model; an unknown one is refused):
+  /help          this list
+  /reset         forget the conversation (the system message stays)
+  /system TEXT   set the system message and start over (/system alone removes it)
+  /exit          end the chat (Ctrl-D too)"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help (0) or a usage error (2, argparse printed why)
+    except SystemExit as exit_:  # --help/--version (0) or a usage error (2, argparse printed why)
         return exit_.code if isinstance(exit_.code, int) else 0
+    if not sys.stderr.isatty():  # download/weight-loading bars would run into the command's own output
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     with _console_logging(args.debug), warnings.catch_warnings():
         warnings.showwarning = _log_warning
         if not args.debug:  # libraries' notes to developers, not to the user of the command
@@ -67,40 +75,50 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore", DeprecationWarning)
         try:
             return args.handler(args)
-        except USAGE_ERRORS as error:
-            if args.debug:
-                traceback.print_exc()
-            print(f"sft {args.command}: error: {_message(error)}", file=sys.stderr)
-            return 2
         except KeyboardInterrupt:
             print(f"sft {args.command}: interrupted", file=sys.stderr)
             return 130
         except Exception as error:
             if args.debug:
                 traceback.print_exc()
+            if isinstance(error, _usage_errors()):
+                print(f"sft {args.command}: error: {_message(error)}", file=sys.stderr)
+                return 2
             hint = "" if args.debug else " (run with --debug for the traceback)"
             print(f"sft {args.command}: failed: {type(error).__name__}: {error}{hint}", file=sys.stderr)
             return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `sft` and its subcommands."""
+    """The argument parser of `sft` and its subcommands; each ends its --help with real examples."""
     parser = argparse.ArgumentParser(
         prog="sft",
         description="Supervised fine-tuning of causal language models (LoRA, QLoRA or full).",
-        epilog="Run 'sft COMMAND --help' for the options of a command.",
+        epilog="examples:\n  sft init my.yaml --format chat && sft validate my.yaml && sft train my.yaml\n"
+        "  sft chat outputs/demo\n\nRun 'sft COMMAND --help' for the options of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"sft {_version()}")
     parser.add_argument("--debug", action="store_true", help="debug logging, and tracebacks of failures")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     Handler = Callable[[argparse.Namespace], int]
 
-    def command(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_, description=help_)
+    def command(name: str, handler: Handler, help_: str, examples: str, details: str = "") -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=(f"{details}\n\n" if details else "")
+            + "examples:\n" + "\n".join(f"  {line}" for line in examples.strip().splitlines()),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sub.set_defaults(handler=handler)
         return sub
 
-    train = command("train", _train, "train a model as a YAML config describes")
+    train = command("train", _train, "train a model as a YAML config describes",
+                    "sft train examples/configs/demo.yaml\n"
+                    "sft train my.yaml --set learning_rate=1e-4 --set max_steps=200 --resume")
     train.add_argument("config", metavar="CONFIG", help="YAML config file")
     _add_overrides(train)
     start = train.add_mutually_exclusive_group()
@@ -120,48 +138,88 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --resume: train on even though early stopping or a callback ended the run",
     )
 
-    validate = command("validate", _validate, "check a config and audit its data without loading model weights")
+    _add_no_cache(train)
+
+    validate = command("validate", _validate, "check a config and audit its data without loading model weights",
+                       "sft validate examples/configs/demo.yaml\n"
+                       "sft validate my.yaml --set max_seq_length=2048 --no-cache")
     validate.add_argument("config", metavar="CONFIG", help="YAML config file")
     validate.add_argument("--json", action="store_true", help="print only the data audit, as JSON (for machines)")
     _add_overrides(validate)
+    _add_no_cache(validate)
 
-    preview = command("preview", _preview, "show formatted training examples, trained tokens marked")
+    preview = command("preview", _preview, "show formatted training examples, trained tokens marked",
+                      "sft preview examples/configs/demo.yaml -n 2\n"
+                      "sft preview my.yaml --set template_name=chatml")
     preview.add_argument("config", metavar="CONFIG", help="YAML config file")
     preview.add_argument("-n", "--num-examples", type=_positive_int, default=3, help="how many (default 3)")
     _add_overrides(preview)
 
-    evaluate = command("eval", _eval, "validation loss and perplexity of a base model or a trained run")
-    evaluate.add_argument("target", metavar="RUN_DIR_OR_CONFIG", help=_TARGET_HELP)
+    evaluate = command("eval", _eval, "validation loss and perplexity of a base model or a trained run",
+                       "sft eval outputs/demo\n"
+                       "sft eval outputs/demo/merged --set eval_dataset_name=examples/data/demo_val.jsonl")
+    evaluate.add_argument("target", metavar="TARGET", help=_TARGET_HELP)
     evaluate.add_argument("--generate", action="store_true",
                           help="answer the validation prompts and score the answers (gen_* metrics) instead")
     evaluate.add_argument("--metrics", help="with --generate: comma-separated metric names (default: the config's "
                           "generation_eval_metrics, else exact_match)")
     evaluate.add_argument("-n", "--num-samples", type=_positive_int, help="with --generate: the first N rows only")
     _add_overrides(evaluate)
+    _add_no_cache(evaluate)
 
-    generate = command("generate", _generate, "answer one prompt with a trained run (or a base model)")
-    generate.add_argument("target", metavar="RUN_DIR", help=_TARGET_HELP)
+    generate = command("generate", _generate, "answer one prompt with a trained run (or any model)",
+                       'sft generate outputs/demo --prompt "Name three primary colours."\n'
+                       'sft generate outputs/demo/merged --prompt "Hi" --temperature 0.7 --max-new-tokens 64')
+    generate.add_argument("target", metavar="TARGET", help=_TARGET_HELP)
     generate.add_argument("--prompt", required=True, help="the instruction or user message")
     generate.add_argument("--input", default="", help="an alpaca 'input' field to go with the prompt")
     _add_generation_options(generate)
 
-    chat = command("chat", _chat, "chat interactively (stdin); /reset starts over, /exit or Ctrl-D ends")
-    chat.add_argument("target", metavar="RUN_DIR", help=_TARGET_HELP)
+    chat = command("chat", _chat, "chat interactively (stdin), the reply streamed as it is written; /help "
+                   "lists the commands", "sft chat outputs/demo\n"
+                   'sft chat outputs/demo/merged --system "Answer in one sentence." --temperature 0.7',
+                   details=_CHAT_HELP)
+    chat.add_argument("target", metavar="TARGET", help=_TARGET_HELP)
     _add_generation_options(chat)
 
-    merge = command("merge", _merge, "merge a run's LoRA adapter into its base model")
+    merge = command("merge", _merge, "merge a run's LoRA adapter into its base model",
+                    "sft merge outputs/demo\n"
+                    "sft merge outputs/demo --dtype bf16 --out outputs/demo-bf16 --force")
     merge.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (or a checkpoint)")
     merge.add_argument("--out", help="where to write the merged model (default: RUN_DIR/merged)")
+    merge.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                       help="dtype of the merged weights (default: the base model's own)")
+    merge.add_argument("--force", action="store_true", help="replace an existing merged model at --out")
 
-    report = command("report", _report, "re-render a run's report.html and loss.png from metrics.jsonl")
+    report = command("report", _report, "re-render a run's report.html, loss.png and model card",
+                     "sft report outputs/demo")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir")
 
-    export = command("export", _export, "write a run as one GGUF file (llama.cpp, Ollama) and an Ollama Modelfile")
+    export = command("export", _export, "write a run as one GGUF file (llama.cpp, Ollama) and an Ollama Modelfile",
+                     "sft export outputs/demo\nsft export outputs/demo --dtype f16 --out demo-f16.gguf --force")
     export.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (or a checkpoint, or a model folder)")
     export.add_argument("--format", choices=["gguf"], default="gguf", help="file format (gguf)")
     export.add_argument("--dtype", default="q8_0", help="weight type: f32, f16, bf16 or q8_0 (default q8_0)")
     export.add_argument("--out", metavar="FILE", help="the .gguf file to write (default: RUN_DIR/model.gguf)")
     export.add_argument("--force", action="store_true", help="replace an existing file and Modelfile")
+
+    init = command("init", _init, "write a commented starter config (refuses to overwrite a file)",
+                   "sft init my.yaml --format chat\n"
+                   "sft init alpaca.yaml --format alpaca --model HuggingFaceTB/SmolLM2-135M-Instruct")
+    init.add_argument("path", metavar="PATH", nargs="?", default="sft.yaml", help="where (default sft.yaml)")
+    init.add_argument("--format", choices=["chat", "alpaca", "completion"], default="chat",
+                      help="the training data's format (default chat)")
+    init.add_argument("--model", help="the base model: a Hub id, a model folder or a .gguf file")
+
+    config = command("config", _config, "print every setting with its default and help, or a config's values",
+                     "sft config --defaults\nsft config my.yaml --set batch_size=16")
+    config.add_argument("config", metavar="CONFIG", nargs="?", help="a YAML config: print its effective values")
+    config.add_argument("--defaults", action="store_true", help="every setting, its default and one-line help")
+    _add_overrides(config)
+
+    templates = command("templates", _templates, "list the prompt templates, each with a one-line rendering",
+                        "sft templates\nsft templates --model outputs/demo/merged")
+    templates.add_argument("--model", help="render with this model's tokenizer (and show its chat template)")
     return parser
 
 
@@ -174,6 +232,11 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config setting (YAML value; dotted keys for sections), repeatable",
     )
+
+
+def _add_no_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-cache", action="store_true",
+                        help="tokenize the data again instead of using the tokenized-data cache")
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -195,7 +258,11 @@ def _positive_int(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = _load_config(args.config, args.overrides)
+    from app.sft.generation import RUN_CONFIG_FILE
+    from app.sft.model_card import write_model_card
+    from app.sft.trainer import SFTTrainer
+
+    config = _load_config(args.config, args.overrides, no_cache=args.no_cache)
     trainer = SFTTrainer(config)
     summary = trainer.train(resume_from_checkpoint=args.resume, continue_after_stop=args.continue_after_stop,
                             overwrite=True if args.overwrite else None)
@@ -206,20 +273,23 @@ def _train(args: argparse.Namespace) -> int:
         print(f"Stopped at step {summary['global_step']}; a checkpoint was saved. Continue with:\n"
               f"  sft train {args.config} --resume")
         return 130
+    out = summary["output_dir"]
+    write_model_card(out)
     best = summary["best_val_loss"]
     print(f"Trained {summary['global_step']} steps in {summary['runtime_s']:.1f} s "
           f"({summary['stop_reason']}): train loss {_fmt(summary['train_loss'])}"
           + (f", best val loss {best:.4f} at step {summary['best_step']}" if best is not None else ""))
-    out = summary["output_dir"]
-    print(f"Outputs in {out}: the trained weights, {RUN_CONFIG_FILE}, metrics.jsonl, report.html")
+    print(f"Outputs in {out}: the trained weights, {RUN_CONFIG_FILE}, metrics.jsonl, report.html, README.md")
     print(f"Next: sft eval {out} | sft chat {out} | sft merge {out}")
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
     from app.sft.audit import enforce_audit, run_audit
+    from app.sft.data import build_datasets, epoch_batches, resolve_template
+    from app.sft.modeling import load_tokenizer
 
-    config = _load_config(args.config, args.overrides)
+    config = _load_config(args.config, args.overrides, no_cache=args.no_cache)
     config.resolve_for_hardware()  # warns about settings this machine would change, refuses impossible ones
     tokenizer = load_tokenizer(config)
     template = resolve_template(config, tokenizer)
@@ -233,7 +303,7 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"Config {args.config}: OK ({config.dataset_format} data, template {template_name}, "
           f"max_seq_length {config.max_seq_length})")
     print(f"Tokenizer of {config.base_model}: {len(tokenizer):,} tokens")
-    _print_data_stats("train", config.dataset_name, train)
+    _print_data_stats("train", _data_source(config), train)
     if val is None:
         print("validation: none (set eval_dataset_name or validation_split to validate during training)")
     elif config.eval_dataset_name is not None:
@@ -257,11 +327,20 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     from app.sft.audit import label_spans
+    from app.sft.data import IGNORE_INDEX, load_rows, map_columns, resolve_template, tokenize_example
+    from app.sft.modeling import load_tokenizer
 
     config = _load_config(args.config, args.overrides)
+    source = config.datasets[0] if config.dataset_name is None else None  # `datasets:`: its first source
+    if source is not None:
+        config = config.model_copy(update={"dataset_name": source.path, "dataset_split": source.split,
+                                           "dataset_format": source.format or config.dataset_format})
     tokenizer = load_tokenizer(config)
     template = resolve_template(config, tokenizer)
     rows = load_rows(config.dataset_name, config.dataset_split)
+    if source is not None:
+        rows = map_columns(rows, source.columns, config.dataset_format, config.dataset_text_field,
+                           f"datasets[0] ({source.path})")
     color = sys.stdout.isatty()
     marked = f"{_COLOR_START}like this{_COLOR_END}" if color else f"{_MARK_START}like this{_MARK_END}"
     print(f"Trained tokens (the ones the loss is computed on) are marked {marked}; a row longer than "
@@ -298,6 +377,12 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from app.sft.config import ConfigError
+    from app.sft.data import build_datasets
+    from app.sft.generation import evaluate_loss, load_run_config, load_trained_model
+    from app.sft.modeling import load_tokenizer
+
+
     if args.generate:
         from app.sft.callbacks.generation_eval import evaluate_by_generation
 
@@ -310,7 +395,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if args.metrics or args.num_samples:
         raise ConfigError("--metrics and -n go with --generate")
-    config = load_run_config(args.target, args.overrides)
+    config = load_run_config(args.target, _with_no_cache(args.overrides, args.no_cache))
     tokenizer = load_tokenizer(config)
     _, val = build_datasets(config, tokenizer)
     if val is None:
@@ -328,6 +413,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from app.sft.generation import Generator
+    from app.sft.progress import phase
+
     generator = Generator.load(args.target, args.overrides)
     prompt: list[Message] | str
     if generator.is_chat:
@@ -337,22 +425,27 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = _with_system(args.system, [user])
     else:
         prompt = args.prompt
-    reply = generator.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p)
+    with phase("Generating"):
+        reply = generator.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p)
     if _is_main_process():
         print(reply)
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from app.sft.config import ConfigError
+    from app.sft.generation import Generator
+
     generator = Generator.load(args.target, args.overrides)
     if not generator.is_chat:
         raise ConfigError(f"{args.target}: chat needs a model trained on alpaca or chat data, not plain text")
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {args.target} (template {generator.template.name}). "
-              "/reset starts over, /exit or Ctrl-D ends.", file=sys.stderr)
-    history = _with_system(args.system, [])
+              "/help lists the commands, /exit or Ctrl-D ends.", file=sys.stderr)
+    system = args.system
+    history = _with_system(system, [])
     budget = max(generator.config.max_seq_length - args.max_new_tokens, 1)
     while True:
         if interactive:
@@ -361,24 +454,45 @@ def _chat(args: argparse.Namespace) -> int:
         text = line.strip()
         if not line or text == "/exit":
             return 0
-        if text == "/reset":
-            history = _with_system(args.system, [])
-            continue
         if not text:
+            continue
+        if text.startswith("/"):
+            name, _, rest = text.partition(" ")
+            if name == "/help":
+                print(_CHAT_HELP, flush=True)
+            elif name == "/reset":
+                history = _with_system(system, [])
+                print("(conversation reset)", flush=True)
+            elif name == "/system":
+                system = rest.strip() or None
+                history = _with_system(system, [])
+                print(f"(system message set: {system}; conversation reset)" if system
+                      else "(system message removed; conversation reset)", flush=True)
+            else:
+                print(f"unknown command {name}; /help lists the commands (nothing was sent to the model)",
+                      file=sys.stderr, flush=True)
             continue
         history.append({"role": "user", "content": text})
         _drop_oldest_turns(generator, history, budget)
+        print("assistant> ", end="", flush=True)
         reply = generator.generate(history, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_p=args.top_p)
+                                   top_p=args.top_p, on_text=_write_stdout)
+        print(flush=True)
         history.append({"role": "assistant", "content": reply})
-        print(reply, flush=True)
 
 
 def _merge(args: argparse.Namespace) -> int:
+    from app.sft.generation import load_run_config
+    from app.sft.modeling import merge_lora
+
     run_dir = Path(args.run_dir)
-    base_model = load_run_config(run_dir).base_model  # so a GGUF base is found (and converted) again
-    out = merge_lora(run_dir, args.out or run_dir / "merged", base_model=base_model)
-    print(f"Merged model written to {out}")
+    out = Path(args.out) if args.out else run_dir / "merged"
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it (or --out DIR)")
+    config = load_run_config(run_dir)
+    merged = merge_lora(run_dir, out, base_model=config.base_model, dtype=args.dtype or "auto", overwrite=True)
+    config.to_yaml(Path(merged) / "config.yaml")  # so `sft chat DIR` renders prompts as the run trained
+    print(f"Merged model written to {merged}")
     return 0
 
 
@@ -392,22 +506,109 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from app.sft.model_card import write_model_card
+    from app.sft.report import render_report
+
     png, html = render_report(args.run_dir)
-    print(f"Wrote {html} and {png}")
+    written = [html, png]
+    if (Path(args.run_dir) / "training_summary.json").is_file():
+        written.append(write_model_card(args.run_dir))
+    print(f"Wrote {', '.join(str(path) for path in written)}")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from app.sft.starter import write_starter_config
+
+    path = write_starter_config(args.path, dataset_format=args.format, base_model=args.model)
+    print(f"Wrote {path}. Edit base_model and dataset_name, then: sft validate {path} && sft train {path}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from app.sft.config import ALIASES, ConfigError, describe_fields
+
+    if args.defaults:
+        for name, default, help_ in describe_fields():
+            print(f"{name}: {default}" + (f"  # {help_}" if help_ else ""))
+        print("# Also accepted, other tools' names for these settings:")
+        for alias, target in ALIASES.items():
+            print(f"#   {alias} -> {target.field} ({target.note})")
+        return 0
+    if args.config is None:
+        raise ConfigError("give a CONFIG to print its values, or --defaults for every setting")
+    import yaml
+
+    config = _load_config(args.config, args.overrides, need_data=False)
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _templates(args: argparse.Namespace) -> int:
+    from app.sft.templates import describe_templates
+
+    tokenizer = None
+    if args.model:
+        from app.sft.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+    for name, rendering in describe_templates(tokenizer):
+        print(f"{name:<10} {rendering}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _load_config(path: str, overrides: Sequence[str]) -> SFTConfig:
-    """A YAML config with `--set` overrides that names its training data."""
+def _load_config(path: str, overrides: Sequence[str], *, no_cache: bool = False,
+                 need_data: bool = True) -> SFTConfig:
+    """A YAML config with `--set` overrides (and `--no-cache`) that names its training data."""
+    from app.sft.config import ConfigError, SFTConfig
+
     config = SFTConfig.from_yaml(path)
+    overrides = _with_no_cache(overrides, no_cache)
     if overrides:
         config = config.with_overrides(list(overrides))
-    if config.dataset_name is None:
-        raise ConfigError(f"{path}: dataset_name: required setting is missing (the training data)")
+    if need_data and config.dataset_name is None and not config.datasets:
+        raise ConfigError(f"{path}: dataset_name: required setting is missing (the training data; or give "
+                          "a list of sources as datasets)")
     return config
+
+
+def _with_no_cache(overrides: Sequence[str], no_cache: bool) -> list[str]:
+    return [*overrides, "cache_tokenized=false"] if no_cache else list(overrides)
+
+
+def _data_source(config: SFTConfig) -> str:
+    if config.dataset_name is not None:
+        return config.dataset_name
+    return " + ".join(source.path for source in config.datasets)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llm-playground-sft")
+    except PackageNotFoundError:  # run from a source checkout that was never installed
+        from app.sft import __version__
+
+        return __version__
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean "bad input" (see `_USAGE_ERROR_CLASSES`)."""
+    found: list[type[BaseException]] = [FileNotFoundError, FileExistsError]
+    for module_name, class_name in _USAGE_ERROR_CLASSES:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            found.append(getattr(module, class_name))
+    return tuple(found)
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _with_system(system: str | None, messages: list[Message]) -> list[Message]:
@@ -428,6 +629,8 @@ def _mark(text: str, color: bool) -> str:
 
 
 def _print_data_stats(name: str, source: str | None, data: TokenizedDataset) -> None:
+    from app.sft.data import IGNORE_INDEX
+
     trained = sum(sum(label != IGNORE_INDEX for label in labels) for labels in data.labels)
     total = sum(data.lengths)
     print(f"{name}: {len(data)} examples from {source}; {data.num_dropped} dropped, "

@@ -5,6 +5,11 @@ A config comes from Python keyword arguments, a dict, a YAML file, or any of tho
 single `ConfigError` (`field: message` lines, with a did-you-mean for misspelt keys), so a user fixes a
 config in one go. `resolve_for_hardware` then turns settings this machine cannot honour into ones it can,
 warning once per change, or refuses with a clear message where no honest fallback exists (QLoRA).
+
+Configs written for TRL/Hugging Face or Axolotl mostly work as they are: their common names are read as
+aliases of ours (`ALIASES`: `per_device_train_batch_size` -> `batch_size`, `bf16: true` ->
+`mixed_precision: bf16`, `sequence_len` -> `max_seq_length`, ...). Each field's one-line help is its
+docstring (pydantic's `description`), which `sft config --defaults` prints (`describe_fields`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import difflib
 import importlib
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,7 +45,9 @@ class ConfigWarning(UserWarning):
     """A setting was changed to one this machine can run (see `SFTConfig.resolve_for_hardware`)."""
 
 
-_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+logger = logging.getLogger(__name__)
+
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 ReportTarget = Literal["wandb", "tensorboard"]
 _ALL_REPORT_TARGETS: list[str] = ["wandb", "tensorboard"]
@@ -54,8 +62,36 @@ class DistributedConfig(BaseModel):
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     """`auto`: DDP when several processes are launched (or what the accelerate config says)."""
     fsdp_version: Literal[1, 2] = 2
+    """FSDP 1 or FSDP 2 (per-parameter sharding)."""
     fsdp_auto_wrap: bool = True
     """Wrap each transformer block in its own FSDP unit (the model's `_no_split_modules`)."""
+
+
+DatasetFormat = Literal["alpaca", "chat", "completion"]
+
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages", "conversations"),
+    "completion": ("text",),
+}
+"""The row fields each data format reads; `columns:` of a `datasets:` entry maps them to a file's columns."""
+
+
+class DatasetSource(BaseModel):
+    """One entry of `datasets:`: a source of training rows, its format, its columns and its share of the mix."""
+
+    model_config = _STRICT
+
+    path: str
+    """A `.jsonl`/`.json`/`.csv`/`.parquet` file, a `datasets.save_to_disk` directory, or a Hub id."""
+    format: DatasetFormat | None = None
+    """None: the config's `dataset_format`."""
+    split: str = "train"
+    """The split of a Hub dataset or a saved `DatasetDict`."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Our field -> the source's column, e.g. `{instruction: question, output: answer}`."""
+    weight: float = Field(1.0, gt=0.0)
+    """Passes over this source per epoch: 0.5 takes a seeded random half of its rows, 2 takes them twice."""
 
 
 class SFTConfig(BaseModel):
@@ -67,16 +103,23 @@ class SFTConfig(BaseModel):
     base_model: str
     """A Hub id, a local Hugging Face model directory, or a `.gguf` file."""
     trust_remote_code: bool = False
+    """Run the model repository's own Python code (only for models you trust)."""
     device_map: str | None = None
+    """Where to place the weights (`auto`, `cpu`, `cuda:0`); None: accelerate decides."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The dtype the base model is loaded in; auto: half precision for a LoRA base on CUDA, else float32."""
     attn_implementation: str | None = None
+    """`eager`, `sdpa`, `flash_attention_2`, ...; None: the model's default."""
 
     # Data
     dataset_name: str | None = None
     """A `.jsonl`/`.json`/`.csv`/`.parquet` file, a `datasets.save_to_disk` directory, or a Hub id."""
-    dataset_format: Literal["alpaca", "chat", "completion"] = "alpaca"
+    dataset_format: DatasetFormat = "alpaca"
+    """alpaca (instruction/input/output), chat (messages or ShareGPT conversations) or completion (text)."""
     dataset_split: str = "train"
+    """The split of a Hub dataset or a saved `DatasetDict`."""
     dataset_text_field: str = "text"
+    """The text column of completion data."""
     eval_dataset_name: str | None = None
     """A separate validation set (its `validation` or `test` split for Hub/DatasetDict sources).
     When set, `validation_split` is not used."""
@@ -84,7 +127,9 @@ class SFTConfig(BaseModel):
     """None: `alpaca` for alpaca data; for chat data the tokenizer's own chat template if it has one,
     else `chatml`. Not used by `completion` data."""
     validation_split: float = Field(0.1, ge=0.0, lt=1.0)
+    """The fraction of the training examples held out for validation when there is no eval_dataset_name."""
     max_seq_length: int = Field(1024, ge=16)
+    """Examples are truncated to this many tokens."""
     train_on_inputs: bool = False
     """Train on every token (prompts and user turns too), not only on the responses."""
     packing: bool = False
@@ -99,50 +144,80 @@ class SFTConfig(BaseModel):
     audit_max_duplicate_share: float = Field(0.01, ge=0.0, le=1.0)
     """The largest share of validation rows that may be exact copies of training rows."""
 
+    # Data: several sources, and the tokenized-data cache
+    datasets: list[DatasetSource] = Field(default_factory=list)
+    """Several training sources mixed by weight (each: path, format, split, columns, weight); instead of
+    dataset_name."""
+    cache_tokenized: bool = True
+    """Reuse tokenized data from the cache ($LLM_PLAYGROUND_CACHE/tokenized, default ~/.cache/llm-playground)."""
+
     # Adapters
     use_lora: bool = True
+    """Train LoRA adapters on a frozen base; false: full fine-tuning."""
     use_qlora: bool = False
     """4-bit base weights through bitsandbytes (CUDA only); implies `use_lora`."""
     lora_r: int = Field(8, ge=1)
+    """LoRA rank."""
     lora_alpha: int = Field(16, ge=1)
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA inputs."""
     lora_target_modules: list[str] | None = None
     """None: every linear projection of the model except the output head."""
 
     # Optimisation
     batch_size: int = Field(4, ge=1)
+    """Examples per micro-batch on each process."""
     eval_batch_size: int | None = Field(None, ge=1)
     """None: same as `batch_size`."""
     gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
     learning_rate: float = Field(2e-4, gt=0.0)
+    """The peak learning rate (after warmup)."""
     num_epochs: int = Field(1, ge=1)
+    """Passes over the training data."""
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; overrides `num_epochs` when set."""
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    """The fraction of the optimizer steps spent warming the learning rate up from 0."""
     weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     """None: no gradient clipping."""
     optimizer_type: Literal["adamw", "adamw_fused", "sgd", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
         "adamw"
     )
-    """`adamw` is torch's AdamW (fused on CUDA); `adamw_torch` is accepted as another name for it."""
+    """`adamw` is torch's AdamW (fused on CUDA; `adamw_torch` is another name for it); the 8-bit and paged ones
+    need bitsandbytes and CUDA."""
     scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    """The learning-rate schedule after warmup."""
     mixed_precision: Literal["auto", "fp16", "bf16"] | None = "auto"
     """`auto`: the faster of fp32 and bf16 on this machine, measured once (see `app.sft.precision`); None (also
     accepted: "no", "fp32"): full fp32."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
     torch_compile: bool = False
+    """Compile the model with torch.compile."""
     dataloader_num_workers: int = Field(0, ge=0)
+    """Worker processes that collate batches."""
     seed: int = Field(42, ge=0)
+    """Seeds shuffling, the validation split, the data mix and initialisation."""
 
     # Evaluation, checkpoints, early stopping
     logging_steps: int = Field(10, ge=1)
+    """Optimizer steps between log records."""
     save_steps: int = Field(500, ge=1)
+    """Optimizer steps between checkpoints."""
     eval_steps: int = Field(500, ge=1)
+    """Optimizer steps between validations."""
     save_total_limit: int | None = Field(3, ge=1)
+    """Checkpoints kept (the best one always stays); None: all."""
     save_best_only: bool = False
+    """Keep only checkpoints that improve the validation loss."""
     early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many validations without improvement; None: never."""
     early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    """The smallest decrease of the validation loss that counts as an improvement."""
     best_metric: str = Field("val_loss", min_length=1)
     """The metric that decides the best checkpoint (and early stopping): `val_loss`, or any metric an
     evaluation reports (e.g. `gen_exact_match`)."""
@@ -174,16 +249,23 @@ class SFTConfig(BaseModel):
 
     # Outputs and tracking
     output_dir: str = "outputs/sft"
+    """Where the trained weights, config.yaml, metrics.jsonl, the report and the model card go."""
     checkpoint_dir: str | None = None
     """None: `<output_dir>/checkpoints` (see `resolved_checkpoint_dir`)."""
     save_merged_model: bool = False
+    """Also write the LoRA adapter merged into the base model to `<output_dir>/merged`."""
     wandb_project: str | None = None
+    """The W&B project (setting it turns W&B logging on)."""
     wandb_entity: str | None = None
+    """The W&B team or user."""
     wandb_run_name: str | None = None
+    """The W&B run's name; None: run_name."""
     report_to: list[ReportTarget] = Field(default_factory=list)
     """Like Hugging Face's `report_to`: a list, one name, "all" or "none"."""
     run_name: str | None = None
+    """A name for the run in logs and trackers."""
     disable_progress_bar: bool = False
+    """No training progress bar (log lines only)."""
 
     # One run per folder (see run_dir.py)
     overwrite_output_dir: bool = False
@@ -191,6 +273,7 @@ class SFTConfig(BaseModel):
     False: such a run is refused with a message offering resume, a new folder or this option."""
 
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """How a multi-process run shards the model."""
 
     _precision_choice: Any = PrivateAttr(default=None)
 
@@ -207,6 +290,11 @@ class SFTConfig(BaseModel):
             raise _invalid(_problems(error), source=None) from None
 
     # ------------------------------------------------------------------ validation
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_aliases(cls, data: Any) -> Any:
+        return apply_aliases(data) if isinstance(data, Mapping) else data
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -240,6 +328,19 @@ class SFTConfig(BaseModel):
                 f"template_name {self.template_name!r} is not used with dataset_format 'completion' "
                 "(plain text); remove it or use the alpaca/chat format"
             )
+        if self.datasets and self.dataset_name is not None:
+            raise ValueError("dataset_name and datasets are both set; give one source as dataset_name, or a "
+                             "list of sources as datasets")
+        problems = []
+        for index, source in enumerate(self.datasets):
+            data_format = source.format or self.dataset_format
+            known = FORMAT_COLUMNS[data_format]
+            unknown = [name for name in source.columns if name not in known]
+            if unknown:
+                problems.append(f"datasets[{index}].columns: {', '.join(map(repr, unknown))} is not a field of "
+                                f"{data_format} rows (expected some of {', '.join(known)})")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     # ------------------------------------------------------------------ construction
@@ -318,6 +419,8 @@ class SFTConfig(BaseModel):
                     dotted = ".".join(parents[: depth + 1])
                     raise ConfigError(f"--set {override!r}: {dotted!r} is a value, not a section")
                 section = child
+            if not parents and leaf in ALIASES:  # `--set bf16=true` replaces mixed_precision
+                section.pop(ALIASES[leaf].field, None)
             section[leaf] = value
         return self.from_dict(data, source="--set overrides")
 
@@ -424,29 +527,174 @@ def _problems(error: ValidationError) -> list[str]:
     """One `field: message` line per problem pydantic found."""
     lines = []
     for problem in error.errors():
-        location = ".".join(str(part) for part in problem["loc"])
+        location = _location(problem["loc"])
         kind = problem["type"]
         if kind == "extra_forbidden":
             lines.append(f"{location}: unknown setting{_did_you_mean(problem['loc'])}")
         elif kind == "missing":
             lines.append(f"{location}: required setting is missing")
         elif kind == "value_error" and not location:
-            lines.append(problem["msg"].removeprefix("Value error, "))
+            lines.extend(problem["msg"].removeprefix("Value error, ").split("\n"))
         else:
             lines.append(f"{location}: {problem['msg']} (got {problem['input']!r})")
     return lines
 
 
+def _location(loc: tuple[Any, ...]) -> str:
+    """`datasets[1].weight` for pydantic's `("datasets", 1, "weight")` (an entry of a list of sections);
+    `report_to.0` for an item of a list of values."""
+    text = ""
+    for index, part in enumerate(loc):
+        if isinstance(part, int) and index + 1 < len(loc):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
 def _did_you_mean(location: tuple[Any, ...]) -> str:
-    """`; did you mean 'x'?` for the closest valid key of the section the unknown key is in."""
+    """`; did you mean 'x'?` for the field an unknown key most likely means: a name from another tool
+    (`HINTS`), then the closest field or alias (an alias suggests its field), by string similarity."""
     model: type[BaseModel] = SFTConfig
     for part in location[:-1]:
-        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif str(part) == "datasets":
+            model = DatasetSource
+        else:
             return ""
-        model = annotation
-    matches = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1, cutoff=0.6)
-    return f"; did you mean {matches[0]!r}?" if matches else ""
+    key = str(location[-1])
+    top_level = model is SFTConfig
+    if top_level and key.lower() in HINTS:
+        return f"; did you mean {HINTS[key.lower()]!r}?"
+    bare = key.lower().removeprefix("per_device_").removeprefix("train_")  # per_device_batch_size -> batch_size
+    if top_level and bare != key and (bare in model.model_fields or bare in ALIASES):
+        return f"; did you mean {ALIASES[bare].field if bare in ALIASES else bare!r}?"
+    candidates = list(model.model_fields) + (list(ALIASES) if top_level else [])
+    matches = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not matches:
+        return ""
+    match = ALIASES[matches[0]].field if matches[0] in ALIASES else matches[0]
+    return f"; did you mean {match!r}?"
+
+
+# ---------------------------------------------------------------------------------------------- other tools' names
+
+
+_SKIP = object()
+"""An alias value that sets nothing (`bf16: false` leaves mixed_precision as it is)."""
+
+
+def _precision(name: str) -> Callable[[Any], Any]:
+    """`bf16: true` -> "bf16"; `bf16: auto` (Axolotl) -> "bf16" (resolve_for_hardware falls back); false -> nothing."""
+    return lambda value: name if value is True or value == "auto" else _SKIP if value in (False, None) else value
+
+
+_HF_OPTIMIZERS = {"adamw_torch_fused": "adamw_fused", "adamw_bnb_8bit": "adamw_8bit", "adamw_hf": "adamw"}
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Another tool's name for one of our fields."""
+
+    field: str
+    note: str
+    """Where the name comes from, one line."""
+    convert: Callable[[Any], Any] | None = None
+    """Turns the alias's value into the field's (None: the same value)."""
+
+
+ALIASES: dict[str, Alias] = {
+    "model_name_or_path": Alias("base_model", "TRL/HF name"),
+    "per_device_train_batch_size": Alias("batch_size", "TRL/HF name"),
+    "micro_batch_size": Alias("batch_size", "Axolotl name"),
+    "per_device_eval_batch_size": Alias("eval_batch_size", "TRL/HF name"),
+    "num_train_epochs": Alias("num_epochs", "TRL/HF name"),
+    "lr_scheduler_type": Alias("scheduler_type", "TRL/HF name"),
+    "lr_scheduler": Alias("scheduler_type", "Axolotl name"),
+    "optim": Alias("optimizer_type", "TRL/HF name", lambda value: _HF_OPTIMIZERS.get(value, value)),
+    "optimizer": Alias("optimizer_type", "Axolotl name", lambda value: _HF_OPTIMIZERS.get(value, value)),
+    "bf16": Alias("mixed_precision", "TRL/HF and Axolotl name; bf16: true = mixed_precision: bf16", _precision("bf16")),
+    "fp16": Alias("mixed_precision", "TRL/HF and Axolotl name; fp16: true = mixed_precision: fp16", _precision("fp16")),
+    "torch_dtype": Alias("dtype", "TRL/HF model_init_kwargs name"),
+    "sequence_len": Alias("max_seq_length", "Axolotl name"),
+    "max_seq_len": Alias("max_seq_length", "common short name"),
+    "max_length": Alias("max_seq_length", "TRL SFTConfig name"),
+    "val_set_size": Alias("validation_split", "Axolotl name (a fraction)"),
+    "chat_template": Alias("template_name", "Axolotl name; tokenizer_default is our 'tokenizer'",
+                           lambda value: "tokenizer" if value == "tokenizer_default" else value),
+    "sample_packing": Alias("packing", "Axolotl name"),
+    "load_in_4bit": Alias("use_qlora", "Axolotl name"),
+    "completion_only_loss": Alias("train_on_inputs", "TRL name; completion_only_loss: false = train_on_inputs: true",
+                                  lambda value: not value if isinstance(value, bool) else value),
+}
+"""Names that TRL/Hugging Face and Axolotl configs use, each read as one of our fields."""
+
+HINTS: dict[str, str] = {
+    "train_batch_size": "batch_size",
+    "epochs": "num_epochs",
+    "lr": "learning_rate",
+    "model": "base_model",
+    "model_name": "base_model",
+    "dataset": "dataset_name",
+    "warmup_steps": "warmup_ratio",
+    "lora_rank": "lora_r",
+    "rank": "lora_r",
+    "max_tokens": "max_seq_length",
+    "seq_len": "max_seq_length",
+    "gradient_accumulation": "gradient_accumulation_steps",
+}
+"""Unknown names whose meaning is clear: did-you-mean suggests the field (they are not accepted as aliases)."""
+
+
+def apply_aliases(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` with aliases renamed to our fields (values converted), logging one note per alias used.
+
+    Raises `ValueError` naming both when an alias and its field (or two aliases of one field) are given.
+    """
+    result = dict(data)
+    given: dict[str, str] = {}  # field -> the key that set it
+    clashes = []
+    for key in data:
+        alias = ALIASES.get(key) if isinstance(key, str) else None
+        if alias is None:
+            continue
+        value = result.pop(key)
+        value = alias.convert(value) if alias.convert is not None else value
+        if value is _SKIP:
+            continue
+        other = given.get(alias.field) or (alias.field if alias.field in data else None)
+        if other is not None:
+            clashes.append(f"{key} and {other} are both set ({key} is the {alias.note} for {alias.field}); keep one")
+            continue
+        given[alias.field] = key
+        result[alias.field] = value
+        logger.info("Config: read %s as %s (%s)", key, alias.field, alias.note)
+    if clashes:
+        raise ValueError("\n".join(clashes))
+    return result
+
+
+def describe_fields(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every setting as `(dotted name, default as YAML, one-line help)`, nested sections included; the help
+    is the field's description (its docstring), the same source the validation uses."""
+    model = model or SFTConfig
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_fields(annotation, f"{prefix}{name}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "(required)" if field.is_required() else yaml.safe_dump(default, default_flow_style=True).strip()
+        shown = shown.removesuffix("\n...").removesuffix(" ...")
+        help_ = " ".join((field.description or "").split())
+        rows.append((f"{prefix}{name}", shown, help_))
+    return rows
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

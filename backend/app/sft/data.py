@@ -12,6 +12,10 @@ The pipeline, one function per step:
    dropped and counted in one warning.
 4. `epoch_batches` plans each epoch's micro-batches deterministically from the seed; `PaddedCollator` and
    `PackedCollator` (padding-free) turn a micro-batch into tensors.
+
+`build_datasets` runs steps 1-3 for a config: one `dataset_name`, or several `datasets:` sources (each with its
+own format, split, column mapping and mixing weight), each tokenized source kept in the tokenized-data cache
+(`token_cache`) unless `cache_tokenized` is false.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from transformers import PreTrainedTokenizerBase
 
-from app.sft.config import ConfigError, SFTConfig
+from app.sft.config import FORMAT_COLUMNS, ConfigError, DatasetSource, SFTConfig
 from app.sft.loss import IGNORE_INDEX
+from app.sft.progress import phase
 from app.sft.templates import (
     Message,
     PromptTemplate,
@@ -576,28 +581,31 @@ def tokenize_dataset(
     rows: list[int] = []
     counts: Counter[str] = Counter()
     outcomes: list[_Outcome] = []
-    for outcome in _tokenize_rows(
-        _iter_rows(dataset),
-        tokenizer,
-        dataset_format=dataset_format,
-        template=template,
-        max_seq_length=max_seq_length,
-        train_on_inputs=train_on_inputs,
-        text_field=text_field,
-        where=lambda i: (
-            f"{source}:{line_numbers[i]}" if line_numbers is not None else f"{source} row {i + 1}"
-        ),
-    ):
-        counts["rows"] += 1
-        counts["truncated"] += outcome.truncated
-        counts["trimmed"] += outcome.trimmed
-        if outcome.dropped:
-            counts[outcome.dropped] += 1
-        else:
-            input_ids.append(outcome.input_ids)
-            labels.append(outcome.labels)
-            rows.append(len(outcomes))
-        outcomes.append(outcome)
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    with phase(f"Tokenizing {source}", total=total, unit="rows") as progress:
+        for outcome in _tokenize_rows(
+            _iter_rows(dataset),
+            tokenizer,
+            dataset_format=dataset_format,
+            template=template,
+            max_seq_length=max_seq_length,
+            train_on_inputs=train_on_inputs,
+            text_field=text_field,
+            where=lambda i: (
+                f"{source}:{line_numbers[i]}" if line_numbers is not None else f"{source} row {i + 1}"
+            ),
+        ):
+            progress.update()
+            counts["rows"] += 1
+            counts["truncated"] += outcome.truncated
+            counts["trimmed"] += outcome.trimmed
+            if outcome.dropped:
+                counts[outcome.dropped] += 1
+            else:
+                input_ids.append(outcome.input_ids)
+                labels.append(outcome.labels)
+                rows.append(len(outcomes))
+            outcomes.append(outcome)
     summary = _summary(counts, max_seq_length)
     if not input_ids:
         raise DataError(f"{source}: no usable examples" + (f"; {summary}" if summary else " (no rows)"))
@@ -1017,20 +1025,140 @@ def build_datasets(
 ) -> tuple[TokenizedDataset, TokenizedDataset | None]:
     """Training and validation data as `config` describes them.
 
-    Loads `dataset_name`; validation data is `eval_dataset_name` when set, else a `validation_split`
-    fraction of the tokenized training examples (deterministic for `seed`), else None.
+    Training data is `dataset_name`, or the `datasets:` sources mixed by weight. Validation data is
+    `eval_dataset_name` when set, else a `validation_split` fraction of the tokenized training examples
+    (deterministic for `seed`; for `datasets:`, of each source before weighting, so no example is in both),
+    else None. Each tokenized source comes from the tokenized-data cache when `cache_tokenized` allows.
     """
-    if config.dataset_name is None:
+    if config.dataset_name is None and not config.datasets:
         raise ConfigError(
             "dataset_name: required to load training data (or give the trainer a train_dataset)"
         )
-    rows, lines = _load(config.dataset_name, config.dataset_split)
-    train = prepare_dataset(rows, config, tokenizer, source=config.dataset_name, line_numbers=lines)
+    val: TokenizedDataset | None = None
+    if config.datasets:
+        train, val = _mixed_sources(config, tokenizer)
+    else:
+        train = _tokenized_source(config, tokenizer, config.dataset_name, config.dataset_split)
     if config.eval_dataset_name is not None:
-        eval_rows, eval_lines = _load(config.eval_dataset_name, EVAL_SPLITS)
-        source = config.eval_dataset_name
-        return train, prepare_dataset(eval_rows, config, tokenizer, source=source, line_numbers=eval_lines)
+        return train, _tokenized_source(config, tokenizer, config.eval_dataset_name, EVAL_SPLITS)
+    if config.datasets:
+        return train, val
     return split_train_val(train, config.validation_split, config.seed)
+
+
+def _tokenized_source(
+    config: SFTConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str,
+    split: str | Sequence[str],
+    entry: DatasetSource | None = None,
+    index: int | None = None,
+) -> TokenizedDataset:
+    """One source tokenized with `config`'s settings (an `entry` of `datasets:` brings its own format and
+    columns), through the tokenized-data cache."""
+    data_format = entry.format if entry is not None and entry.format else config.dataset_format
+    if data_format != config.dataset_format:
+        config = config.model_copy(update={"dataset_format": data_format,
+                                           "template_name": None if data_format == "completion"
+                                           else config.template_name})
+    columns = dict(entry.columns) if entry is not None else {}
+    label = f"datasets[{index}] ({path})" if index is not None else path
+
+    def build() -> TokenizedDataset:
+        rows, lines = _load(path, split)
+        if entry is not None:
+            rows = map_columns(rows, columns, data_format, config.dataset_text_field, label)
+        return prepare_dataset(rows, config, tokenizer, source=path, line_numbers=lines)
+
+    if not config.cache_tokenized:
+        return build()
+    from app.sft import token_cache
+
+    template = resolve_template(config, tokenizer)
+    file = Path(path).expanduser()
+    content = token_cache.file_digest(file) if file.is_file() else _load(path, split)[0]._fingerprint
+    parts = {
+        "content": content,
+        "split": split if isinstance(split, str) else list(split),
+        "tokenizer": token_cache.tokenizer_fingerprint(tokenizer),
+        "template": token_cache.template_fingerprint(template),
+        "format": data_format,
+        "max_seq_length": config.max_seq_length,
+        "train_on_inputs": config.train_on_inputs,
+        "text_field": config.dataset_text_field,
+        "columns": columns,
+        "source": path,  # names the source in error messages and warnings
+    }
+    return token_cache.cached(parts, build, name=label)
+
+
+def map_columns(
+    rows: datasets.Dataset, columns: Mapping[str, str], data_format: str, text_field: str = "text",
+    label: str = "dataset",
+) -> datasets.Dataset:
+    """Rename a source's columns to the fields its format reads (`columns`: our field -> its column), and
+    check that the fields the format needs are there; errors name the entry and list the columns it has."""
+    have = ", ".join(rows.column_names)
+    missing = {ours: theirs for ours, theirs in columns.items() if theirs not in rows.column_names}
+    if missing:
+        ours, theirs = next(iter(missing.items()))
+        raise DataError(f"{label}: no column {theirs!r} (mapped to {ours} in columns); its columns are: {have}")
+    renames = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
+    replaced = [name for name in renames.values() if name in rows.column_names and name not in renames]
+    rows = rows.remove_columns(replaced).rename_columns(renames) if renames else rows
+    needed = {"alpaca": [("instruction",), ("output",)], "chat": [FORMAT_COLUMNS["chat"]],
+              "completion": [(text_field,)]}[data_format]
+    for alternatives in needed:
+        if not any(name in rows.column_names for name in alternatives):
+            wanted = " or ".join(repr(name) for name in alternatives)
+            raise DataError(f"{label}: no column {wanted} for {data_format} rows; its columns are: {have} "
+                            f"(map one with columns: {{{alternatives[0]}: COLUMN}})")
+    return rows
+
+
+def _mixed_sources(
+    config: SFTConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """The `datasets:` sources tokenized, split (when validation comes from the training data) and mixed:
+    each source's training part repeated or subsampled by its weight (seeded), then concatenated in order."""
+    trains, vals = [], []
+    for index, entry in enumerate(config.datasets):
+        data = _tokenized_source(config, tokenizer, entry.path, entry.split, entry, index)
+        val = None
+        if config.eval_dataset_name is None:
+            data, val = split_train_val(data, config.validation_split, config.seed + index)
+        trains.append(data.select(_weighted_indices(len(data), entry.weight, config.seed + index)))
+        if val is not None:
+            vals.append(val)
+    return _concatenate(trains), _concatenate(vals) if vals else None
+
+
+def _weighted_indices(count: int, weight: float, seed: int) -> list[int]:
+    """Indices for `weight` passes over `count` examples: every index `int(weight)` times, then a seeded random
+    `weight % 1` fraction of them once more (in order); at least one example."""
+    whole = int(weight)
+    extra = round((weight - whole) * count)
+    indices = list(range(count)) * whole
+    if extra:
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+        indices += sorted(order[:extra])
+    return indices or [0]
+
+
+def _concatenate(parts: list[TokenizedDataset]) -> TokenizedDataset:
+    """One dataset holding `parts` in order: every per-example list is joined, the counters are summed."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = TokenizedDataset.__new__(TokenizedDataset)
+    for name, first in vars(parts[0]).items():
+        values = [vars(part)[name] for part in parts]
+        if isinstance(first, list):
+            setattr(joined, name, [item for value in values for item in value])
+        elif isinstance(first, int) and not isinstance(first, bool):
+            setattr(joined, name, sum(values))
+        else:
+            setattr(joined, name, first)
+    return joined
 
 
 # ---------------------------------------------------------------------------------------------- batching

@@ -5,8 +5,12 @@ A model answers best when its prompt looks exactly like the training text up to 
 rendered with the prompt template the run was trained with (`data.resolve_template`: the config's
 `template_name`, or the default for its `dataset_format`).
 
-    generator = Generator.load("outputs/demo")            # a run directory, a checkpoint, or a config file
-    generator.generate([{"role": "user", "content": "Name three colours."}])
+    generator = Generator.load("outputs/demo")   # a run directory, a checkpoint, a config file, a model folder
+    generator.generate([{"role": "user", "content": "Name three colours."}])   # (e.g. merged/), a Hub id, a .gguf
+
+A target that carries no training config (a plain model folder, a Hub id, a `.gguf` file) is treated as a chat
+model: prompts use the tokenizer's own chat template, or ChatML when it has none (`--set dataset_format=...`
+and `template_name=...` choose otherwise).
 
 Evaluation by generation (`GenerationEvalCallback`, `sft eval --generate`) uses the batched path:
 `generation_prompts` renders evaluation rows as at training time up to where the answer starts, and
@@ -17,6 +21,7 @@ stopping at its own EOS / turn terminator).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,7 @@ from transformers import (
     GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    TextStreamer,
 )
 
 from app.sft import checkpointing
@@ -46,21 +52,29 @@ from app.sft.modeling import (
     read_gguf,
     refuse_pickled_weights,
 )
+from app.sft.progress import phase
 from app.sft.templates import Message, PromptTemplate, Segment, TemplateError, message_text
 
 RUN_CONFIG_FILE = "config.yaml"
 """The config a finished run writes into its output directory."""
 
 
-def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfig:
-    """The config of a run directory (`config.yaml`), a checkpoint (`sft_config.json`) or a YAML config file.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+"""`org/name`: a Hugging Face Hub model id (a bare name such as `gpt2` is read as a local path)."""
 
-    A `.gguf` file (such as one `sft export` wrote) gets a config with the file as its base model, prompted with
-    the chat template in the file (plain text when it has none). `overrides` are `key=value` settings as for
-    `sft train --set`. A path that is none of these raises `FileNotFoundError` naming it.
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfig:
+    """The config of whatever names a model: a run directory (`config.yaml`), a checkpoint (`sft_config.json`),
+    a YAML config file, a Hugging Face model folder, a Hub id (`org/name`) or a `.gguf` file.
+
+    A model folder's own `config.yaml` (what `sft merge` writes into `merged/`) gives the data format and
+    template, with `base_model` set to the folder itself; a target without one is a chat model (see the module
+    docstring). `overrides` are `key=value` settings as for `sft train --set`. A path that is none of these
+    raises `FileNotFoundError` saying what was expected.
     """
-    path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    text = str(path)
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":  # prompted with its own chat template, if it has one
         data_format = "chat" if _gguf_has_chat_template(path) else "completion"
         config = SFTConfig(base_model=str(path), dataset_format=data_format)
     elif path.is_file():
@@ -69,11 +83,18 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfi
         config = SFTConfig.from_yaml(path / RUN_CONFIG_FILE)
     elif (saved := checkpointing.read_config(path) if path.is_dir() else None) is not None:
         config = SFTConfig.from_dict(saved, source=str(path / checkpointing.CONFIG_FILE))
+    elif _is_model_folder(path):
+        config = _bare_model_config(str(path))
+    elif not path.exists() and _HUB_ID.match(text) and ".." not in text:
+        config = _bare_model_config(text)
     else:
         raise FileNotFoundError(
-            f"{path}: not a config file, a run directory (with {RUN_CONFIG_FILE}) or a checkpoint "
-            f"(with {checkpointing.CONFIG_FILE})"
+            f"{path}: holds no model: not a config file, a run directory (with {RUN_CONFIG_FILE}), a checkpoint "
+            f"(with {checkpointing.CONFIG_FILE}), a Hugging Face model folder (with config.json), a .gguf file "
+            "or a Hub id (org/name)"
         )
+    if _is_model_folder(path) and (path / "tokenizer_config.json").is_file():  # its own weights and tokenizer
+        config = config.model_copy(update={"base_model": str(path)})
     return config.with_overrides(list(overrides)) if overrides else config
 
 
@@ -83,25 +104,37 @@ def _gguf_has_chat_template(path: Path) -> bool:
     return gguf.GGUFReader(path).get_field(gguf.Keys.Tokenizer.CHAT_TEMPLATE) is not None
 
 
+def _is_model_folder(path: Path) -> bool:
+    """A folder of full model weights in Hugging Face format (not a LoRA adapter)."""
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+
+
+def _bare_model_config(base_model: str) -> SFTConfig:
+    """The config for a model that comes without one: chat prompts, no training data."""
+    return SFTConfig(base_model=base_model, dataset_format="chat")
+
+
 def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel | PeftModel:
-    """The model of `path`, in eval mode: a `.gguf` file its weights (read directly, not cached); a config file
-    its base model; a run directory or checkpoint its LoRA adapter on that base model, or its fully fine-tuned
-    weights."""
-    path = Path(path)
+    """The model of `path`, in eval mode: a run directory or checkpoint gives its LoRA adapter on the base
+    model, or its fully fine-tuned weights; a model folder its weights; a `.gguf` file its weights (read
+    directly, not cached); anything else (a config file, a Hub id) the base model `config` names."""
+    path = Path(path).expanduser()
     device = "cuda" if torch.cuda.is_available() else None
-    if path.is_dir():
-        refuse_pickled_weights(path)
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        model = read_gguf(path)[0].to(device or "cpu")
-    elif path.is_file():
-        model = load_model(config, device=device)
-    elif (path / "adapter_config.json").is_file():
-        with quiet_peft_deprecations():
-            model = PeftModel.from_pretrained(load_model(config, device=device), path)
-    elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device)
-    else:
-        raise FileNotFoundError(f"{path}: no weights (expected adapter_config.json or config.json)")
+    with phase(f"Loading the model of {path}"):
+        if path.is_dir():
+            refuse_pickled_weights(path)
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            model = read_gguf(path)[0].to(device or "cpu")
+        elif (path / "adapter_config.json").is_file():
+            with quiet_peft_deprecations():
+                model = PeftModel.from_pretrained(load_model(config, device=device), path)
+        elif (path / "config.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device)
+        elif path.is_dir():
+            raise FileNotFoundError(f"{path}: holds no model weights (expected adapter_config.json or "
+                                    "config.json)")
+        else:
+            model = load_model(config, device=device)
     return model.eval()
 
 
@@ -132,7 +165,8 @@ def evaluate_loss(
     device = next(model.parameters()).device
     loader = DataLoader(data, batch_size=batch_size, collate_fn=PaddedCollator(pad_token_id))
     batches = ({key: value.to(device) for key, value in batch.items()} for batch in loader)
-    loss_sum, tokens = evaluation_totals(model, batches).tolist()
+    with phase(f"Evaluating {len(data)} examples"):
+        loss_sum, tokens = evaluation_totals(model, batches).tolist()
     if tokens == 0:
         raise ValueError("the evaluation data has no trained tokens")
     return loss_sum / tokens, int(tokens)
@@ -160,10 +194,8 @@ class Generator:
 
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> Generator:
-        """A generator for a run directory, a checkpoint or a config file (its base model).
-
-        A run directory's own tokenizer is used, with the chat template saved with the model.
-        """
+        """A generator for anything `load_run_config` accepts (a run, a checkpoint, a config, a model folder,
+        a Hub id, a `.gguf` file)."""
         config = load_run_config(path, overrides)
         model = load_trained_model(path, config)
         saved = Path(path).is_dir() and (Path(path) / "tokenizer_config.json").is_file()
@@ -203,16 +235,22 @@ class Generator:
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        on_text: Callable[[str], None] | None = None,
     ) -> str:
-        """The model's next reply (or continuation): greedy when `temperature` is 0, else sampled."""
+        """The model's next reply (or continuation): greedy when `temperature` is 0, else sampled.
+
+        `on_text` receives the reply piece by piece while it is generated (streaming, e.g. `sys.stdout.write`);
+        the pieces joined are the returned reply, except that the reply is stripped of surrounding whitespace.
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
         prompt_ids = self._encode(self.prompt_text(conversation))["input_ids"][0].tolist()
         stop_ids = stop_token_ids(self.model, self.tokenizer, self.template)
+        streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text is not None else None
         (reply,) = generate_batch(self.model, self.tokenizer, [prompt_ids], max_new_tokens=max_new_tokens,
-                                  stop_ids=stop_ids, temperature=temperature, top_p=top_p)
+                                  stop_ids=stop_ids, temperature=temperature, top_p=top_p, streamer=streamer)
         return reply.text
 
     def _encode(self, text: str) -> dict[str, torch.Tensor]:
@@ -343,13 +381,15 @@ def generate_batch(
     top_p: float = 1.0,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     synced_gpus: bool = False,
+    streamer: TextStreamer | None = None,
 ) -> list[GeneratedText]:
     """Answers to a batch of tokenized prompts in one `generate` call.
 
     Prompts are left-padded, decoding uses the KV cache, is greedy at `temperature` 0 (else samples with
     `temperature`/`top_p`) and stops each row at its first stop token. Runs in eval mode under `no_grad` and
     puts the model back in the mode it was in. `synced_gpus` keeps every process stepping until all are done
-    (needed when the weights are sharded, where each forward pass is collective).
+    (needed when the weights are sharded, where each forward pass is collective); `streamer` receives the
+    tokens as they are generated (one prompt).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -377,7 +417,7 @@ def generate_batch(
     try:
         with torch.no_grad(), (autocast or contextlib.nullcontext)():
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    generation_config=settings, synced_gpus=synced_gpus)
+                                    generation_config=settings, synced_gpus=synced_gpus, streamer=streamer)
     finally:
         model.train(was_training)
     answers = []
@@ -405,3 +445,19 @@ def generate_all(
                                  strict=True):
             answers[index] = answer
     return [answer for answer in answers if answer is not None]
+
+
+class _CallbackStreamer(TextStreamer):
+    """Hands each finished piece of the reply to a callback (leading whitespace dropped, like the reply)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, on_text: Callable[[str], None]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._on_text = on_text
+        self._started = False
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if not self._started:
+            text = text.lstrip()
+            self._started = bool(text)
+        if text:
+            self._on_text(text)

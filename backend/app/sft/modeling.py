@@ -39,6 +39,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from app.sft.config import ConfigError
+from app.sft.progress import phase
 
 if TYPE_CHECKING:
     from app.sft.config import SFTConfig
@@ -190,12 +191,14 @@ def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     if target.is_dir():
         return target
     logger.info("Converting %s to Hugging Face format in %s (once)", path, target)
-    model, tokenizer = read_gguf(path)
+    with phase(f"Converting {path.name} to Hugging Face format"):
+        model, tokenizer = read_gguf(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with phase(f"Saving the conversion of {path.name}"):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         tmp.rename(target)
     except OSError:
         if not target.is_dir():  # a concurrent run that finished first is fine; anything else is not
@@ -371,8 +374,15 @@ def load_model(config: SFTConfig, *, device: torch.device | str | None = None) -
         device_map = device_map if device_map is not None else {"": torch.cuda.current_device()}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    with _hub_access(config.base_model) as hub:
-        return AutoModelForCausalLM.from_pretrained(model_path(config.base_model), **kwargs, **hub)
+    path = model_path(config.base_model)
+    with phase(f"Loading {config.base_model}"), _hub_access(config.base_model) as hub:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **hub)
+    # Record the base model as the user named it (a Hub id, `package://...`, the path given), not the
+    # directory it was loaded from (a GGUF conversion cache): peft writes this name into adapter_config.json
+    # and the model card, so the adapter loads on another machine; `model_path` resolves it again.
+    model.name_or_path = config.base_model
+    model.config.name_or_path = config.base_model
+    return model
 
 
 def _check_qlora_support() -> None:
@@ -475,7 +485,9 @@ def save_final_model(
     chat_template = _parity_chat_template(template, tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, state_dict=state_dict)
+    with warnings.catch_warnings():  # peft looks for a config.json at the base's name (a .gguf/package:// one)
+        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+        model.save_pretrained(out, state_dict=state_dict)
     _save_tokenizer(tokenizer, out, chat_template)
     return str(out)
 
@@ -506,20 +518,26 @@ def merge_lora(
     out_dir: str | os.PathLike[str],
     base_model: str | None = None,
     template: PromptTemplate | None = None,
+    *,
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    overwrite: bool = True,
 ) -> str:
     """Merge a LoRA adapter into its base model and save a standalone model + tokenizer in `out_dir`.
 
     The result loads with `AutoModelForCausalLM.from_pretrained(out_dir)`, no peft needed. The base
-    comes from `base_model` or the adapter's `adapter_config.json` (`base_model_name_or_path`; for a
-    GGUF base that is its cached HF directory, so merging works offline). A `PeftModel` passed in is
-    left untouched: its adapter is saved to a temporary directory and merged from there. The tokenizer is the
-    adapter directory's (its chat template is the one training saved), else the base model's; with `template`,
-    its chat template is made to render prompts as that training template did (see `save_final_model`).
+    comes from `base_model` or the adapter's `adapter_config.json` (`base_model_name_or_path`: the name the
+    run was given, resolved again with `model_path`, so a GGUF base is found in, or converted into, the
+    cache). `dtype` "auto" keeps the base model's own dtype; otherwise the merge is done in float32 and the
+    result saved in `dtype`. An existing `out_dir` raises `FileExistsError` unless `overwrite`; it is then
+    replaced only once the new model is completely written. A `PeftModel` passed in is left untouched: its
+    adapter is saved to a temporary directory and merged from there. The tokenizer is the adapter
+    directory's (its chat template is the one training saved), else the base model's; with `template`, its chat
+    template is made to render prompts as that training template did (see `save_final_model`).
     """
     if isinstance(adapter_dir_or_model, PeftModel):
         with tempfile.TemporaryDirectory(prefix="lora-adapter-") as tmp:
             adapter_dir_or_model.save_pretrained(tmp)
-            return merge_lora(tmp, out_dir, base_model, template)
+            return merge_lora(tmp, out_dir, base_model, template, dtype=dtype, overwrite=overwrite)
 
     adapter_dir = Path(adapter_dir_or_model)
     refuse_pickled_weights(adapter_dir)
@@ -528,6 +546,11 @@ def merge_lora(
         raise FileNotFoundError(
             f"{adapter_dir} has no adapter_config.json; it is not a LoRA adapter directory."
         )
+    if dtype not in _MERGE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_MERGE_DTYPES)}; got {dtype!r}")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (sft merge --force) to replace it")
     if base_model is None:
         base_model = json.loads(adapter_config_file.read_text()).get("base_model_name_or_path")
         if not base_model:
@@ -535,18 +558,47 @@ def merge_lora(
                 f"{adapter_config_file} does not name its base model; pass base_model explicitly."
             )
 
-    with _hub_access(base_model) as hub:
-        base = AutoModelForCausalLM.from_pretrained(model_path(base_model), dtype="auto", **hub)
-    with quiet_peft_deprecations():
-        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    with phase(f"Merging {adapter_dir} into {base_model}"), _hub_access(base_model) as hub:
+        base = AutoModelForCausalLM.from_pretrained(model_path(base_model), dtype=_MERGE_DTYPES[dtype] or "auto",
+                                                    **hub)
+        with quiet_peft_deprecations():
+            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        if dtype not in ("auto", "fp32"):
+            merged = merged.to(_MERGE_DTYPES[dtype])
+    merged.name_or_path = merged.config.name_or_path = base_model
     if (adapter_dir / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     else:
         tokenizer = load_tokenizer(base_model)
     chat_template = _parity_chat_template(template, tokenizer)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    _save_tokenizer(tokenizer, out, chat_template)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        with phase(f"Saving the merged model to {out}"):
+            merged.save_pretrained(tmp)
+            _save_tokenizer(tokenizer, tmp, chat_template)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
+
+
+_MERGE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+"""`merge_lora` dtypes; every explicit one merges in float32 first."""
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put the directory `new` at `target`; an existing `target` is removed only after `new` is in place."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = target.with_name(f".{target.name}-old-{os.getpid()}")
+    target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old)

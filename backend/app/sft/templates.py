@@ -358,3 +358,37 @@ default_registry = TemplateRegistry()
 for _template in (AlpacaTemplate(), ChatMLTemplate(), Llama2Template(), TokenizerChatTemplate()):
     default_registry.register(_template.name, _template)
 del _template
+
+
+_SAMPLE_CONVERSATION: list[Message] = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi!"},
+    {"role": "assistant", "content": "Hello."},
+]
+
+
+class _PlaceholderTokenizer:
+    """Stands in for a tokenizer where only its special tokens are read (`sft templates` without a model)."""
+
+    bos_token = "<s>"
+    eos_token = "</s>"
+    name_or_path = "(no model)"
+    chat_template = None
+
+
+def describe_templates(tokenizer: PreTrainedTokenizerBase | None = None) -> list[tuple[str, str]]:
+    """Each registered template with a one-line rendering of a short conversation (trained text in `[...]`,
+    line breaks as `\\n`). Without `tokenizer`, `<s>`/`</s>` stand for its BOS/EOS tokens and the `tokenizer`
+    template (which needs a real chat template) says so."""
+    rows = []
+    for name in default_registry.names():
+        template = default_registry.get(name)
+        try:
+            segments = template.render(_SAMPLE_CONVERSATION, tokenizer or _PlaceholderTokenizer())  # type: ignore[arg-type]
+        except TemplateError as error:
+            rows.append((name, f"({error})" if tokenizer is not None else "(the model's own chat template; "
+                         "see it with: sft templates --model MODEL)"))
+            continue
+        text = "".join(f"[{part}]" if trained else part for part, trained in segments)
+        rows.append((name, text.replace("\n", "\\n")))
+    return rows

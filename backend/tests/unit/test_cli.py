@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -193,11 +195,12 @@ def test_chat_answers_each_line_until_exit(trained, capsys, monkeypatch):
     _, run = trained
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n\n/reset\n{QUESTION}\n/exit\nnever read\n"))
     assert main(["chat", str(run), "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.split() == [ANSWER, ANSWER]
+    assert capsys.readouterr().out.splitlines() == [f"assistant> {ANSWER}", "(conversation reset)",
+                                                    f"assistant> {ANSWER}"]
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n"))  # ends at end of input too
     assert main(["chat", str(run), "--max-new-tokens", "4", "--system", "answer in one word"]) == 0
-    assert capsys.readouterr().out.split() == [ANSWER]
+    assert capsys.readouterr().out.splitlines() == [f"assistant> {ANSWER}"]
 
 
 def test_merge_writes_a_model_that_needs_no_adapter(trained, tmp_path, capsys):
@@ -269,16 +272,19 @@ def test_example_configs_are_valid():
 # ---------------------------------------------------------------------------------------------- subprocesses
 
 
-def run_sft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_sft(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app.sft", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=None if env is None else {**os.environ, **env})
 
 
 def test_python_dash_m_trains_and_refuses_a_bad_config(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir)
-    result = run_sft("train", str(config), "--set", "max_steps=2", cwd=tmp_path)
+    result = run_sft("train", str(config), "--set", "max_steps=2", cwd=tmp_path,
+                     env={"LLM_PLAYGROUND_CACHE": str(tmp_path / "cache")})  # its tokenized data stays here
     assert result.returncode == 0, result.stderr
     assert "Trained 2 steps" in result.stdout and "step 2/2" in result.stderr
+    assert "Loading weights" not in result.stderr  # no library bars when stderr is not a terminal
+    assert re.search(r"INFO Loading .*: done in [0-9.]+ s", result.stderr)  # one line per phase instead
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 
     bad = tmp_path / "bad.yaml"
@@ -305,3 +311,166 @@ def test_demo_config_trains_two_steps(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Trained 2 steps" in result.stdout
     assert (tmp_path / "demo" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- issue 16
+
+
+COMMANDS = ["train", "validate", "preview", "eval", "generate", "chat", "merge", "report", "init", "config",
+            "templates"]
+
+
+def test_help_and_version_answer_without_heavy_imports(capsys):
+    script = ("import sys, time; t = time.perf_counter(); from app.sft.cli import main; code = main(sys.argv[1:]); "
+              "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets', 'matplotlib') if m in sys.modules]; "
+              "print('HEAVY', heavy, file=sys.stderr); sys.exit(code)")
+    for argv in (["--help"], ["train", "--help"], ["chat", "--help"], ["--version"]):
+        result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "HEAVY []" in result.stderr
+    assert result.stdout.startswith("sft ") and result.stdout.split()[1][0].isdigit()
+    for name in [None, *COMMANDS]:
+        assert main([name, "--help"] if name else ["--help"]) == 0
+        out = capsys.readouterr().out
+        examples = out[out.index("examples:") :]
+        assert examples.count("\n  sft ") >= 1 + (name in ("train", "generate", "chat", "init"))
+
+
+def test_chat_streams_labels_and_handles_its_commands(trained, capsys, monkeypatch):
+    _, run = trained
+    lines = [QUESTION, "/help", "/bogus what is the capital of france ?", "/system answer in one word", QUESTION,
+             "/reset", "/system", "/exit", QUESTION]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    streamed = []
+    real = Generator.generate
+
+    def spy(self, conversation, **kwargs):
+        streamed.append(kwargs.get("on_text") is not None)
+        return real(self, conversation, **kwargs)
+
+    monkeypatch.setattr(Generator, "generate", spy)
+    assert main(["chat", str(run), "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert out.count(f"assistant> {ANSWER}") == 2 and streamed == [True, True]  # /bogus never reached the model
+    assert "/reset" in captured.out and "/system TEXT" in captured.out  # /help lists the commands
+    assert "(system message set: answer in one word; conversation reset)" in out
+    assert "(conversation reset)" in out and "(system message removed; conversation reset)" in out
+    assert "unknown command /bogus" in captured.err
+
+
+def test_chat_on_a_folder_without_a_model_says_what_it_expected(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["chat", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds no model" in err and "config.json" in err
+
+
+def test_generate_and_eval_on_a_plain_model_folder_and_a_merged_run(trained, tiny_model_dir, tmp_path, capsys):
+    from app.sft.generation import load_run_config
+
+    config, run = trained
+    assert main(["generate", str(tiny_model_dir), "--prompt", QUESTION, "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.strip()  # a random model says something
+    merged = tmp_path / "merged"
+    assert main(["merge", str(run), "--out", str(merged)]) == 0
+    assert main(["generate", str(merged), "--prompt", QUESTION, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ANSWER  # merged/ keeps the run's template
+    val = yaml.safe_load(config.read_text())["eval_dataset_name"]
+    assert main(["eval", str(merged), "--set", f"eval_dataset_name={val}"]) == 0
+    assert main(["eval", str(run)]) == 0
+    merged_loss, run_loss = (line.split("val_loss ")[1].split()[0] for line in capsys.readouterr().out.splitlines())
+    assert abs(float(merged_loss) - float(run_loss)) < 1e-3
+    assert load_run_config("org/some-model").base_model == "org/some-model"  # a Hub id (not downloaded here)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert load_run_config(gguf).base_model == str(gguf) and load_run_config(gguf).dataset_format == "chat"
+
+
+def test_merge_dtype_and_refusing_to_overwrite(trained, tmp_path, capsys):
+    from safetensors import safe_open
+
+    _, run = trained
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--out", str(out), "--dtype", "bf16"]) == 0
+    weights = next(out.glob("*.safetensors"))
+    with safe_open(str(weights), framework="pt") as file:
+        assert {file.get_tensor(name).dtype for name in file.keys()} == {torch.bfloat16}
+    before = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
+    assert main(["merge", str(run), "--out", str(out), "--dtype", "fp16"]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert {path.name: path.stat().st_mtime_ns for path in out.iterdir()} == before  # untouched
+    assert main(["merge", str(run), "--out", str(out), "--dtype", "fp16", "--force"]) == 0
+    with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as file:
+        assert {file.get_tensor(name).dtype for name in file.keys()} == {torch.float16}
+
+
+def test_outputs_name_the_base_model_as_given_and_the_card_describes_the_run(tmp_path, tiny_model_dir, monkeypatch,
+                                                                              capsys):
+    import shutil
+
+    package = tmp_path / "site" / "tiny_models_pkg"
+    shutil.copytree(tiny_model_dir, package / "tiny")
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    base = "package://tiny_models_pkg/tiny"
+    config = write_config(tmp_path, tiny_model_dir, base_model=base, max_steps=4)
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    card = (run / "README.md").read_text()
+    summary = json.loads((run / "training_summary.json").read_text())
+    assert "[More Information Needed]" not in card and f"base_model: {base}" in card
+    assert str(tmp_path / "train.jsonl") in card and "LoRA: r 8, alpha 64" in card
+    assert f"Steps: {summary['global_step']}" in card and f"{summary['best_val_loss']:.4f}" in card
+    assert f"sft chat {run}" in card
+    assert main(["merge", str(run)]) == 0  # the recorded name is resolved again
+    assert (run / "merged" / "config.json").is_file()
+
+
+def test_init_writes_a_valid_commented_config_and_never_overwrites(tmp_path, capsys):
+    for data_format in ("chat", "alpaca", "completion"):
+        path = tmp_path / f"{data_format}.yaml"
+        assert main(["init", str(path), "--format", data_format, "--model", "org/model"]) == 0
+        config = SFTConfig.from_yaml(path)
+        assert (config.dataset_format, config.base_model) == (data_format, "org/model")
+        assert path.read_text().count("\n#") >= 5
+    path.write_text("mine")
+    assert main(["init", str(path)]) == 2
+    assert "already exists" in capsys.readouterr().err and path.read_text() == "mine"
+
+
+def test_config_defaults_and_templates_list_what_there_is(capsys):
+    from app.sft.templates import default_registry
+
+    assert main(["config", "--defaults"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("batch_size: 4  # ") for line in lines)
+    assert {line.split(":")[0] for line in lines} >= set(SFTConfig.model_fields) - {"distributed"}
+    assert main(["templates"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == default_registry.names()
+    assert any("[Hello.<|im_end|>]" in line for line in out if line.startswith("chatml"))
+
+
+def test_validate_twice_uses_the_tokenized_cache_and_no_cache_skips_it(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir, max_seq_length=48)
+    assert main(["validate", str(config)]) == 0
+    first = capsys.readouterr()
+    assert "from the cache" not in first.err
+    assert re.search(r"INFO Tokenizing .*train\.jsonl: 16 rows in [0-9.]+ s \([0-9]+ rows/s\)", first.err)
+    assert main(["validate", str(config)]) == 0
+    second = capsys.readouterr()
+    assert second.err.count("from the cache") == 2 and second.out == first.out
+    assert main(["validate", str(config), "--no-cache"]) == 0
+    third = capsys.readouterr()
+    assert "from the cache" not in third.err and third.out == first.out
+
+
+def test_preview_of_a_datasets_list_shows_its_first_source_with_columns_mapped(tmp_path, tiny_model_dir, capsys):
+    rows = [{"question": QUESTION, "answer": ANSWER}] * 2
+    source = write_jsonl(tmp_path / "qa.jsonl", rows)
+    config = write_config(tmp_path, tiny_model_dir, dataset_name=None, datasets=[
+        {"path": str(source), "format": "alpaca", "columns": {"instruction": "question", "output": "answer"}}])
+    assert main(["preview", str(config), "-n", "1"]) == 0
+    assert f"[[{ANSWER} {EOS_TOKEN}]]" in capsys.readouterr().out.replace("[[ ", "[[")

@@ -287,3 +287,80 @@ def test_resolve_detects_the_machine_when_not_told() -> None:
     config = SFTConfig(base_model="m", mixed_precision="fp16")
     expected = "fp16" if torch.cuda.is_available() else None
     assert resolve(config)[0].mixed_precision == expected
+
+
+# ---------------------------------------------------------------------------------------------- other tools' names
+
+
+def test_trl_and_axolotl_names_are_read_as_our_fields() -> None:
+    config = SFTConfig(
+        base_model="m",
+        per_device_train_batch_size=8,
+        num_train_epochs=3,
+        lr_scheduler_type="linear",
+        bf16=True,
+        sequence_len=256,
+        val_set_size=0.05,
+        chat_template="tokenizer_default",
+        gradient_accumulation_steps=2,
+    )
+    assert (config.batch_size, config.num_epochs, config.scheduler_type, config.mixed_precision) == (
+        8, 3, "linear", "bf16")
+    assert (config.max_seq_length, config.validation_split, config.template_name) == (256, 0.05, "tokenizer")
+    assert SFTConfig(base_model="m", micro_batch_size=2, fp16=True, max_length=99).model_dump()["batch_size"] == 2
+    assert SFTConfig(base_model="m", fp16=True).mixed_precision == "fp16"
+    assert SFTConfig(base_model="m", bf16=False).mixed_precision is None
+    assert SFTConfig(base_model="m", max_seq_len=77).max_seq_length == 77
+    assert "per_device_train_batch_size" not in SFTConfig(base_model="m", per_device_train_batch_size=8).to_dict()
+    assert SFTConfig(base_model="m").with_overrides(["bf16=true"]).mixed_precision == "bf16"
+
+
+def test_an_alias_given_with_its_field_is_an_error_naming_both(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        SFTConfig(base_model="m", per_device_train_batch_size=8, batch_size=4)
+    (problem,) = problems_of(excinfo)
+    assert "per_device_train_batch_size" in problem and "batch_size are both set" in problem
+    path = tmp_path / "c.yaml"
+    path.write_text("base_model: m\nbf16: true\nfp16: true\n")
+    with pytest.raises(ConfigError, match="fp16 and bf16 are both set"):
+        SFTConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [
+        ("per_device_batch_size", "batch_size"),
+        ("train_batch_size", "batch_size"),
+        ("sequence_length", "max_seq_length"),
+        ("num_train_epoch", "num_epochs"),
+        ("lora_rank", "lora_r"),
+        ("learning_rat", "learning_rate"),
+    ],
+)
+def test_did_you_mean_suggests_the_field_that_means_the_same(key: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        SFTConfig(base_model="m", **{key: 1})
+    assert problems_of(excinfo) == [f"{key}: unknown setting; did you mean {suggestion!r}?"]
+
+
+def test_datasets_entries_are_validated_with_their_index() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        SFTConfig(base_model="m", datasets=[{"path": "a.jsonl"}, {"path": "b.jsonl", "weight": 0}, {"pth": "c"}])
+    problems = problems_of(excinfo)
+    assert any(p.startswith("datasets[1].weight:") for p in problems)
+    assert "datasets[2].path: required setting is missing" in problems
+    assert "datasets[2].pth: unknown setting; did you mean 'path'?" in problems
+    with pytest.raises(ConfigError, match=r"datasets\[0\].columns: 'prompt' is not a field of alpaca rows"):
+        SFTConfig(base_model="m", datasets=[{"path": "a.jsonl", "columns": {"prompt": "q"}}])
+    with pytest.raises(ConfigError, match="dataset_name and datasets are both set"):
+        SFTConfig(base_model="m", dataset_name="x.jsonl", datasets=[{"path": "a.jsonl"}])
+
+
+def test_describe_fields_gives_every_setting_its_default_and_help() -> None:
+    from app.sft.config import describe_fields
+
+    rows = {name: (default, help_) for name, default, help_ in describe_fields()}
+    assert set(rows) >= set(SFTConfig.model_fields) - {"distributed"} | {"distributed.strategy"}
+    assert all(help_ for _, help_ in rows.values()), [name for name, (_, h) in rows.items() if not h]
+    assert rows["batch_size"][0] == "4" and rows["base_model"][0] == "(required)"
+    assert rows["lora_r"][1] == SFTConfig.model_fields["lora_r"].description

@@ -15,7 +15,7 @@ import pytest
 import torch
 from _data_helpers import bpe_tokenizer, trained_text
 
-from app.sft.config import ConfigError, SFTConfig
+from app.sft.config import ConfigError, DatasetSource, SFTConfig
 from app.sft.data import (
     DataError,
     DataWarning,
@@ -589,3 +589,141 @@ def test_padded_collator_keeps_an_examples_own_attention_mask():
     batch = PaddedCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 0]}, {"input_ids": [8]}])
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0]]
     assert batch["labels"].tolist() == [[5, 6, -100], [8, -100, -100]]  # masked positions are never labels
+
+
+# ---------------------------------------------------------------------------------------------- several sources
+
+
+def _mixed_config(tmp_path: Path, **overrides: Any) -> SFTConfig:
+    """Two sources: alpaca rows under other column names (4 rows) and chat rows (10 rows)."""
+    alpaca = tmp_path / "qa.jsonl"
+    alpaca.write_text("".join(json.dumps({"question": f"Count to {i}.", "answer": f"{i}."}) + "\n"
+                              for i in range(4)), encoding="utf-8")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Hello {i}"},
+                                                     {"role": "assistant", "content": "Hello there."}]}) + "\n"
+                            for i in range(10)), encoding="utf-8")
+    settings: dict[str, Any] = {
+        "base_model": "m",
+        "datasets": [
+            {"path": str(alpaca), "format": "alpaca", "columns": {"instruction": "question", "output": "answer"},
+             "weight": 2},
+            {"path": str(chat), "format": "chat", "weight": 0.5},
+        ],
+        "validation_split": 0.0,
+        "max_seq_length": 64,
+    }
+    settings.update(overrides)
+    return SFTConfig(**settings)
+
+
+def test_datasets_sources_are_renamed_and_mixed_by_weight_deterministically(tmp_path: Path) -> None:
+    tokenizer = bpe_tokenizer()
+    config = _mixed_config(tmp_path)
+    train, val = build_datasets(config, tokenizer)
+    assert val is None and len(train) == 2 * 4 + 5  # every qa row twice, half of the chat rows
+    texts = [tokenizer.decode(ids) for ids in train.input_ids]
+    assert sum("### Response" in text for text in texts) == 8 and "Count to 3." in texts[3]
+    assert sum("<|im_start|>assistant" in text for text in texts) == 5
+    again, _ = build_datasets(config.model_copy(update={"cache_tokenized": False}), tokenizer)
+    assert again.input_ids == train.input_ids and again.labels == train.labels  # same seed, same mix
+    other, _ = build_datasets(config.model_copy(update={"seed": 7}), tokenizer)
+    assert other.input_ids[8:] != train.input_ids[8:]  # another seed picks another half
+
+    train, val = build_datasets(config.model_copy(update={"validation_split": 0.25}), tokenizer)
+    assert len(val) == 1 + 2  # a quarter of each source, held out before weighting
+    assert not {tuple(ids) for ids in val.input_ids} & {tuple(ids) for ids in train.input_ids}
+
+
+def test_datasets_entry_with_a_missing_column_names_its_index_and_the_columns_it_has(tmp_path: Path) -> None:
+    config = _mixed_config(tmp_path)
+    entries = [entry.model_dump() for entry in config.datasets]
+    entries[1]["columns"] = {"messages": "turns"}
+    with pytest.raises(DataError) as error:
+        build_datasets(config.model_copy(update={"datasets": [DatasetSource(**e) for e in entries]}),
+                       bpe_tokenizer())
+    assert "datasets[1]" in str(error.value) and "'turns'" in str(error.value)
+    assert "its columns are: messages" in str(error.value)
+    entries[1]["columns"] = {}
+    entries[0]["columns"] = {"instruction": "question"}  # output stays unmapped: 'answer' is not 'output'
+    with pytest.raises(DataError, match=r"datasets\[0\] .*no column 'output'.*its columns are: question, answer"):
+        build_datasets(config.model_copy(update={"datasets": [DatasetSource(**e) for e in entries]}),
+                       bpe_tokenizer())
+
+
+# ---------------------------------------------------------------------------------------------- tokenized cache
+
+
+def _alpaca_config(tmp_path: Path, rows: int = 6, **overrides: Any) -> SFTConfig:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Count to {i}.", "output": f"{i}."}) + "\n"
+                            for i in range(rows)), encoding="utf-8")
+    return SFTConfig(base_model="m", dataset_name=str(path), validation_split=0.0, max_seq_length=128, **overrides)
+
+
+def _entries(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.glob("*") if path.is_dir()) if directory.is_dir() else []
+
+
+def test_tokenized_data_is_cached_and_reused_only_for_the_same_key(
+    tmp_path: Path, _tokenized_cache_in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.sft.data as data_module
+
+    cache = _tokenized_cache_in_tmp
+    before = set(_entries(cache))
+    tokenizer = bpe_tokenizer()
+    config = _alpaca_config(tmp_path)
+    first, _ = build_datasets(config, tokenizer)
+    (entry,) = set(_entries(cache)) - before
+
+    calls = []
+    real = data_module.prepare_dataset
+    monkeypatch.setattr(data_module, "prepare_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second, _ = build_datasets(config, tokenizer)
+    assert calls == [] and vars(second) == vars(first)  # from the cache, every attribute the same
+
+    changes = [
+        config.model_copy(update={"max_seq_length": 100}),
+        config.model_copy(update={"train_on_inputs": True}),
+        config.model_copy(update={"template_name": "chatml"}),
+    ]
+    for changed in changes:
+        build_datasets(changed, tokenizer)
+    build_datasets(config, bpe_tokenizer(add_bos=True))  # another tokenizer
+    assert len(calls) == 4
+    Path(config.dataset_name).write_text(json.dumps({"instruction": "Hi.", "output": "Hello."}) + "\n",
+                                         encoding="utf-8")  # the data changed
+    changed_data, _ = build_datasets(config, tokenizer)
+    assert len(calls) == 5 and len(changed_data) == 1
+    assert entry.is_dir() and len(set(_entries(cache)) - before) == 6
+
+    build_datasets(config.model_copy(update={"cache_tokenized": False}), tokenizer)
+    assert len(calls) == 6 and len(set(_entries(cache)) - before) == 6  # --no-cache neither reads nor writes
+
+
+def test_a_corrupt_or_foreign_cache_entry_is_rebuilt_with_a_warning(
+    tmp_path: Path, _tokenized_cache_in_tmp: Path
+) -> None:
+    from app.sft.token_cache import CacheWarning
+
+    cache = _tokenized_cache_in_tmp
+    tokenizer = bpe_tokenizer()
+    config = _alpaca_config(tmp_path, rows=5)
+    before = set(_entries(cache))
+    expected, _ = build_datasets(config, tokenizer)
+    (entry,) = set(_entries(cache)) - before
+    (entry / "arrays.npz").write_bytes(b"not a numpy archive")
+    with pytest.warns(CacheWarning, match="unreadable"):
+        rebuilt, _ = build_datasets(config, tokenizer)
+    assert vars(rebuilt) == vars(expected)
+    assert vars(build_datasets(config, tokenizer)[0]) == vars(expected)  # the rebuilt entry is good again
+
+    (tmp_path / "other").mkdir()
+    other = _alpaca_config(tmp_path / "other", rows=3)  # an entry of another key, put under this key's name
+    build_datasets(other, tokenizer)
+    (other_entry,) = set(_entries(cache)) - before - {entry}
+    (entry / "meta.json").write_text((other_entry / "meta.json").read_text())
+    (entry / "arrays.npz").write_bytes((other_entry / "arrays.npz").read_bytes())
+    with pytest.warns(CacheWarning, match="different key"):
+        assert vars(build_datasets(config, tokenizer)[0]) == vars(expected)

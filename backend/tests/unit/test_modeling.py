@@ -411,7 +411,7 @@ def test_gguf_loads_once_converted_and_cached(gguf_file, gguf_cache):
     cached = gguf_cache_dir(path)
     assert cached.parent == gguf_cache / "gguf" and cached.name.startswith("tiny-")
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(cached))
-    assert model.name_or_path == str(cached)
+    assert model.name_or_path == str(path)  # the name the user gave, not the cache path (portable outputs)
     assert getattr(model, "hf_quantizer", None) is None
 
     ids = torch.tensor([tokenizer("hello world, the quick fox").input_ids])
@@ -450,7 +450,7 @@ def test_lora_on_a_gguf_base_merges_offline(gguf_file, tmp_path):
     randomize_lora(model)
     adapter_dir = save_final_model(model, tokenizer, tmp_path / "final")
     recorded = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert recorded == str(gguf_cache_dir(path))
+    assert recorded == str(path)  # the GGUF file as named, never its conversion cache; merging resolves it again
 
     merged = AutoModelForCausalLM.from_pretrained(merge_lora(adapter_dir, tmp_path / "merged"))
     ids = torch.tensor([tokenizer("the quick brown fox").input_ids])
