@@ -70,6 +70,7 @@ from app.sft.data import (
 from app.sft.distributed import make_accelerator
 from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, count_label_tokens
 from app.sft.metrics_log import MetricsLog
+from app.sft.model_card import write_model_card
 from app.sft.modeling import apply_lora, load_model, load_tokenizer, merge_lora, save_final_model
 from app.sft.report import render_report
 from app.sft.run_dir import run_folder
@@ -731,10 +732,11 @@ class SFTTrainer(TrainerAPI):
         self.accelerator.wait_for_everyone()
 
     def _write_summary_and_report(self, summary: dict[str, Any]) -> None:
-        """`training_summary.json` (written last of the outputs), then `report.html` and `loss.png`."""
+        """`training_summary.json` (written last of the outputs), the model card, `report.html` and `loss.png`."""
         if not self.is_main_process:
             return
         checkpointing.write_json(self.output_dir / SUMMARY_FILE, summary)
+        write_model_card(self.output_dir)
         try:
             render_report(self.output_dir)
         except Exception as exc:
