@@ -306,6 +306,7 @@ class SFTTrainer:
                 return self._summary(0.0)
         started = time.perf_counter()
         if self.is_main_process:
+            logger.info("%s", self.config.precision_choice.describe())
             resume_step = self.state.global_step if resume_from_checkpoint else None
             self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", resume_from_step=resume_step)
         error: BaseException | None = None
