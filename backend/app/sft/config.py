@@ -461,8 +461,9 @@ class SFTConfig(BaseModel):
 
         Each argument left as None is detected (torch for CUDA and bf16, an import for bitsandbytes).
         `mixed_precision: auto` becomes the faster precision of this machine (`precision.choose_mixed_precision`,
-        which times `model_config`'s products; None: the base model's config, if it is available locally), said in
-        one log line and recorded in `precision_choice`. Falls back: bf16 without bf16 support and fp16 without
+        which times `model_config`'s products; None: the base model's config, if it is available locally), recorded
+        in `precision_choice` (the trainer logs it in one line when training starts).
+        Falls back: bf16 without bf16 support and fp16 without
         CUDA to fp32; 8-bit/paged optimizers without bitsandbytes and CUDA, and the fused AdamW without CUDA, to
         `adamw`. Raises `ConfigError` for QLoRA without CUDA and bitsandbytes: 4-bit training cannot be emulated.
         """
@@ -492,7 +493,7 @@ class SFTConfig(BaseModel):
                 tokens=self.batch_size * self.max_seq_length,
             )
             changes["mixed_precision"] = precision.mixed_precision
-            logger.info("%s", precision.describe())
+            logger.debug("%s", precision.describe())  # the trainer says it at the start of training
         elif self.mixed_precision == "bf16":
             supported = _bf16_supported(cuda) if bf16_supported is None else bf16_supported
             if not supported:
@@ -735,7 +736,7 @@ def _local_model_config(config: SFTConfig) -> Any | None:
 
         return base_model_config(config, local_files_only=True)
     except Exception as error:  # any unreadable model: auto then trains in fp32 and says why
-        logger.info("mixed_precision auto: cannot read the shapes of %s (%s)", config.base_model, error)
+        logger.debug("mixed_precision auto: cannot read the shapes of %s (%s)", config.base_model, error)
         return None
 
 

@@ -352,6 +352,7 @@ class SFTTrainer(TrainerAPI):
                 return self._finish_ended_run()
         started = time.perf_counter()
         if self.is_main_process:
+            logger.info("%s", self.config.precision_choice.describe())
             resume_step = self.state.global_step if resume_from_checkpoint else None
             self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", resume_from_step=resume_step)
         error: BaseException | None = None
