@@ -316,3 +316,17 @@ class CallbackHandler:
                 by_key[key].load_state_dict(state)
             else:
                 logger.warning("Ignoring saved state of callback %r: no such callback is registered", key)
+
+
+class MonitoringCallback(SFTCallback):
+    """A callback that decides by one monitored metric (`self._monitor`, a `Monitor`): its `monitor` and `mode`."""
+
+    _monitor: Monitor
+
+    @property
+    def monitor(self) -> str:
+        return self._monitor.name
+
+    @property
+    def mode(self) -> str:
+        return self._monitor.mode

@@ -12,14 +12,14 @@ from typing import Any
 import torch
 
 from app.sft import checkpointing
-from app.sft.callbacks.base import Monitor, SFTCallback, TrainerAPI, trainer_api
+from app.sft.callbacks.base import Monitor, MonitoringCallback, TrainerAPI, trainer_api
 
 logger = logging.getLogger(__name__)
 
 _OWN_NAME = re.compile(r"^checkpoint_step_\d+(\.pt)?$")
 
 
-class CheckpointCallback(SFTCallback):
+class CheckpointCallback(MonitoringCallback):
     """Saves a checkpoint every `save_steps` steps into `output_dir` and keeps the newest few.
 
     Args:
@@ -80,14 +80,6 @@ class CheckpointCallback(SFTCallback):
         self._best_value: float | None = None  # the hand-written loop's record of the best
         self._best_path: str | None = None
         self._written: list[str] = []  # what this callback wrote itself in a hand-written loop, oldest first
-
-    @property
-    def monitor(self) -> str:
-        return self._monitor.name
-
-    @property
-    def mode(self) -> str:
-        return self._monitor.mode
 
     @property
     def best_val_loss(self) -> float:

@@ -6,12 +6,12 @@ import logging
 import math
 from typing import Any
 
-from app.sft.callbacks.base import Monitor, SFTCallback, trainer_api
+from app.sft.callbacks.base import Monitor, MonitoringCallback, trainer_api
 
 logger = logging.getLogger(__name__)
 
 
-class EarlyStoppingCallback(SFTCallback):
+class EarlyStoppingCallback(MonitoringCallback):
     """Asks the trainer to stop when `monitor` has not improved for `patience` evaluations in a row.
 
     Args:
@@ -41,14 +41,6 @@ class EarlyStoppingCallback(SFTCallback):
         self.wait_count = 0
         self.stopped_step: int | None = None
         self._last_checked_step: int | None = None
-
-    @property
-    def monitor(self) -> str:
-        return self._monitor.name
-
-    @property
-    def mode(self) -> str:
-        return self._monitor.mode
 
     @property
     def min_delta(self) -> float:
