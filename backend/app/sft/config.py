@@ -230,6 +230,7 @@ class SFTConfig(BaseModel):
     generation_eval_samples: int | None = Field(None, ge=1)
     """How many validation rows to answer (the first N); None: all."""
     generation_max_new_tokens: int = Field(128, ge=1)
+    """The longest answer generated for an evaluation prompt, in tokens."""
     generation_eval_steps: int | None = Field(None, ge=1)
     """None: every `eval_steps`."""
 

@@ -21,6 +21,7 @@ own format, split, column mapping and mixing weight), each tokenized source kept
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -444,6 +445,11 @@ class BoundaryToken:
     """How the mask labelled it."""
 
 
+_FACT_ARRAYS = {"length": np.int64, "response": np.int64, "trained": np.int64, "untrained_end": bool,
+                "double_bos": bool}
+"""DataFacts' array fields and their dtypes."""
+
+
 @dataclass
 class DataFacts:
     """What tokenization saw of every source row (dropped ones too), for the data audit (`app.sft.audit`).
@@ -471,6 +477,28 @@ class DataFacts:
     templated: bool = False
     """Some row was rendered by a prompt template (not pre-tokenized, not plain text): the saved tokenizer's chat
     template must then match that template."""
+
+    def __eq__(self, other: object) -> bool:  # numpy arrays compare element-wise: compare the JSON forms
+        return isinstance(other, DataFacts) and self.to_json() == other.to_json()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_json(self) -> dict[str, Any]:
+        """The facts as JSON types (the tokenized-data cache stores them so)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in _FACT_ARRAYS:
+            data[name] = data[name].tolist()
+        data["boundary"] = {str(row): dataclasses.asdict(token) for row, token in self.boundary.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DataFacts:
+        """The facts `to_json` returned."""
+        values = dict(data)
+        for name, dtype in _FACT_ARRAYS.items():
+            values[name] = np.array(values[name], dtype=dtype)
+        values["boundary"] = {int(row): BoundaryToken(**token) for row, token in values["boundary"].items()}
+        return cls(**values)
 
     @classmethod
     def of_examples(

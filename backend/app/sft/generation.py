@@ -101,7 +101,10 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfi
 def _gguf_has_chat_template(path: Path) -> bool:
     import gguf
 
-    return gguf.GGUFReader(path).get_field(gguf.Keys.Tokenizer.CHAT_TEMPLATE) is not None
+    try:
+        return gguf.GGUFReader(path).get_field(gguf.Keys.Tokenizer.CHAT_TEMPLATE) is not None
+    except (ValueError, IndexError, OSError):  # not readable as GGUF here: loading it will say why
+        return True
 
 
 def _is_model_folder(path: Path) -> bool:
@@ -131,7 +134,7 @@ def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel |
         elif (path / "config.json").is_file():
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device)
         elif path.is_dir():
-            raise FileNotFoundError(f"{path}: holds no model weights (expected adapter_config.json or "
+            raise FileNotFoundError(f"{path}: holds no model: no weights (expected adapter_config.json or "
                                     "config.json)")
         else:
             model = load_model(config, device=device)

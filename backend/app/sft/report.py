@@ -401,13 +401,8 @@ def render_report(output_dir: str | Path, *, title: str | None = None) -> tuple[
 
     png_path, html_path = output_dir / PLOT_FILE, output_dir / REPORT_FILE
     png = _plot(records, title)
-    page = _html(title, png, _summary_rows(records, run_summary), output_dir, run_summary)
+    page = _html(title, png, _summary_rows(records, run_summary), output_dir, run_summary,
+                 _generation_section(records, output_dir))
     _write_atomic(png_path, png)
     _write_atomic(html_path, page.encode("utf-8"))
-
-
-    _plot(records, png_path, title)
-    page = _html(title, png_path.read_bytes(), _summary_rows(records, run_summary), output_dir, run_summary,
-                 _generation_section(records, output_dir))
-    html_path.write_text(page, encoding="utf-8")
     return png_path, html_path

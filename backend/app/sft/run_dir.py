@@ -57,6 +57,9 @@ _CHECKPOINT_ENTRY = re.compile(r"^(\.tmp-|\.old-|\.deleting-)?checkpoint_step_\d
 _POINTER_FILES = frozenset({"latest", "best", ".tmp-latest", ".tmp-best"})
 _TENSORBOARD_FILE = re.compile(r"^events\.out\.tfevents\.")
 _METRICS_TMP = re.compile(r"^\.metrics\.jsonl\..*\.tmp$")
+_GENERATIONS_DIR = "generations"
+_GENERATIONS_FILE = re.compile(r"^(step_\d+|eval_[\w.-]+)\.jsonl$")
+"""The samples of evaluation by generation (`generations/step_<N>.jsonl`, `sft eval --generate`'s `eval_*.jsonl`)."""
 
 
 class RunLockedError(ConfigError):
@@ -206,6 +209,12 @@ def holds_run(output_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike |
     return any(_CHECKPOINT_ENTRY.match(name) or name in _POINTER_FILES for name in _names(checkpoint_dir))
 
 
+def _holds_only_generations(path: Path) -> bool:
+    """`path` is our `generations/` folder, holding nothing but samples files of ours."""
+    return (path.name == _GENERATIONS_DIR and path.is_dir() and not path.is_symlink()
+            and all(_GENERATIONS_FILE.match(name) and (path / name).is_file() for name in _names(path)))
+
+
 def _foreign_entries(folder: Path, checkpoint_dir: Path) -> list[str]:
     """Entries of `folder` that are not ours: anything but the lock, an empty checkpoint folder and our
     own temporary files."""
@@ -215,6 +224,8 @@ def _foreign_entries(folder: Path, checkpoint_dir: Path) -> list[str]:
         if name == LOCK_FILE or _METRICS_TMP.match(name):
             continue
         if path.is_dir() and not path.is_symlink() and _same(path, checkpoint_dir) and not _names(path):
+            continue
+        if _holds_only_generations(path):
             continue
         foreign.append(name)
     return foreign
@@ -239,6 +250,11 @@ def clear_run_files(output_dir: str | os.PathLike, checkpoint_dir: str | os.Path
     if merged.is_dir() and not merged.is_symlink():
         removed += _clear_model_files(merged)
         _rmdir_if_empty(merged)
+    generations = output_dir / _GENERATIONS_DIR
+    if _holds_only_generations(generations):
+        for name in _names(generations):
+            removed += _delete(generations / name, tree=False)
+        _rmdir_if_empty(generations)
     tensorboard = output_dir / "tensorboard"
     if tensorboard.is_dir() and not tensorboard.is_symlink():
         for name in _names(tensorboard):

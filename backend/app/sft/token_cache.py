@@ -32,7 +32,7 @@ from app.sft.modeling import CACHE_ENV_VAR
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped when the layout of an entry changes."""
 _META_FILE, _ARRAYS_FILE = "meta.json", "arrays.npz"
 
@@ -140,6 +140,7 @@ def _write(directory: Path, parts: Mapping[str, Any], dataset: Any, messages: li
     arrays: dict[str, np.ndarray] = {}
     columns: dict[str, str] = {}
     scalars: dict[str, Any] = {}
+    facts: dict[str, Any] = {}
     for attribute, value in vars(dataset).items():
         if isinstance(value, list) and value and all(isinstance(item, list) for item in value):
             flat = [x for item in value for x in item]
@@ -149,6 +150,8 @@ def _write(directory: Path, parts: Mapping[str, Any], dataset: Any, messages: li
         elif isinstance(value, list) and all(isinstance(item, (int, float, bool)) for item in value):
             arrays[f"{attribute}.values"] = np.asarray(value)
             columns[attribute] = "flat"
+        elif hasattr(value, "to_json"):  # the audit's DataFacts
+            facts[attribute] = value.to_json()
         else:
             json.dumps(value)  # raises TypeError for anything JSON cannot hold: not cached then
             scalars[attribute] = value
@@ -158,7 +161,7 @@ def _write(directory: Path, parts: Mapping[str, Any], dataset: Any, messages: li
         if array.dtype == np.int64 and array.size and -(2**31) <= array.min() and array.max() < 2**31:
             arrays[name] = array.astype(np.int32)  # token ids fit: half the disk and the read time
     meta = {"version": FORMAT_VERSION, "parts": dict(parts), "class": type(dataset).__qualname__,
-            "columns": columns, "scalars": scalars, "warnings": messages}
+            "columns": columns, "scalars": scalars, "facts": facts, "warnings": messages}
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
@@ -177,7 +180,7 @@ def _write(directory: Path, parts: Mapping[str, Any], dataset: Any, messages: li
 
 def _read(directory: Path, parts: Mapping[str, Any]) -> tuple[Any, list[str]]:
     """The dataset stored in `directory` and its warnings; raises on any mismatch or damage."""
-    from app.sft.data import TokenizedDataset
+    from app.sft.data import DataFacts, TokenizedDataset
 
     meta = json.loads((directory / _META_FILE).read_text(encoding="utf-8"))
     expected = json.loads(json.dumps(dict(parts), default=str))
@@ -199,6 +202,8 @@ def _read(directory: Path, parts: Mapping[str, Any]) -> tuple[Any, list[str]]:
             setattr(dataset, attribute, [flat[start:end] for start, end in zip(offsets[:-1], offsets[1:], strict=True)])
     for attribute, value in meta["scalars"].items():
         setattr(dataset, attribute, value)
+    for attribute, value in meta.get("facts", {}).items():
+        setattr(dataset, attribute, DataFacts.from_json(value))
     sizes = {len(value) for value in vars(dataset).values() if isinstance(value, list)}
     if len(sizes) > 1:
         raise ValueError(f"columns of different lengths {sorted(sizes)}")

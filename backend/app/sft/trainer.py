@@ -334,18 +334,20 @@ class SFTTrainer(TrainerAPI):
 
         A resumed run that a callback or early stopping ended stays ended unless `continue_after_stop` is set;
         one that reached its last step only completes what it had not written yet (final weights, summary,
-        report). The run holds `output_dir`'s lock throughout, and a new run refuses a folder that already holds
+        report). The data audit runs first (a failed check stops before any file is touched); the run holds
+        `output_dir`'s lock throughout, and a new run refuses a folder that already holds
         one unless `overwrite` (default: `config.overwrite_output_dir`) deletes that run's files (see `run_dir`).
         """
+        audit = run_audit(self.train_data, self.val_data, self.config, self.tokenizer, warn=self.is_main_process)
         overwrite = self.config.overwrite_output_dir if overwrite is None else overwrite
         with run_folder(self.config, resuming=bool(resume_from_checkpoint), overwrite=overwrite,
                         accelerator=self.accelerator):
-            return self._train(resume_from_checkpoint, continue_after_stop)
+            return self._train(resume_from_checkpoint, continue_after_stop, audit)
 
-    def _train(self, resume_from_checkpoint: str | bool | None, continue_after_stop: bool) -> dict[str, Any]:
+    def _train(self, resume_from_checkpoint: str | bool | None, continue_after_stop: bool,
+               audit: Any) -> dict[str, Any]:
         self._add_default_callbacks()
         self._choose_monitor()
-        audit = run_audit(self.train_data, self.val_data, self.config, self.tokenizer, warn=self.is_main_process)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
             if self._nothing_left_to_train(continue_after_stop):

@@ -309,7 +309,7 @@ def test_trl_and_axolotl_names_are_read_as_our_fields() -> None:
     assert (config.max_seq_length, config.validation_split, config.template_name) == (256, 0.05, "tokenizer")
     assert SFTConfig(base_model="m", micro_batch_size=2, fp16=True, max_length=99).model_dump()["batch_size"] == 2
     assert SFTConfig(base_model="m", fp16=True).mixed_precision == "fp16"
-    assert SFTConfig(base_model="m", bf16=False).mixed_precision is None
+    assert SFTConfig(base_model="m", bf16=False).mixed_precision == "auto"  # false sets nothing: the default stays
     assert SFTConfig(base_model="m", max_seq_len=77).max_seq_length == 77
     assert "per_device_train_batch_size" not in SFTConfig(base_model="m", per_device_train_batch_size=8).to_dict()
     assert SFTConfig(base_model="m").with_overrides(["bf16=true"]).mixed_precision == "bf16"

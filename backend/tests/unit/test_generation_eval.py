@@ -385,6 +385,7 @@ def test_two_processes_give_the_scores_of_one(tmp_path, tiny_model_dir):
 def test_sft_eval_generate_scores_a_base_model_and_a_trained_run(tmp_path, tiny_model_dir, capsys):
     settings = dict(base_model=str(tiny_model_dir), dataset_name=str(write_jsonl(tmp_path / "train.jsonl", TASK)),
                     eval_dataset_name=str(write_jsonl(tmp_path / "val.jsonl", TASK[:3])), max_seq_length=64,
+                    audit_max_duplicate_share=1.0,  # the validation rows repeat training rows on purpose
                     use_lora=False, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, max_steps=12,
                     eval_steps=12, save_steps=12, output_dir=str(tmp_path / "run"), generation_max_new_tokens=8,
                     disable_progress_bar=True)
