@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -145,11 +146,21 @@ def remove_pointer(checkpoint_dir: str | os.PathLike, name: str) -> None:
     (Path(checkpoint_dir) / name).unlink(missing_ok=True)
 
 
+@contextmanager
+def quiet_missing_base_config() -> Iterator[None]:
+    """Hide peft's warning that it finds no config.json at the base model's name: the name is the one the user
+    gave (a `.gguf` file, `package://...`), recorded on purpose so the adapter is portable."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+        yield
+
+
 def save_weights(model: nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write a model's weights in safetensors: a PEFT adapter or a transformers model via `save_pretrained`,
     any other module as `model.safetensors`."""
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+        with quiet_missing_base_config():
+            model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     else:
         tensors = state_dict if state_dict is not None else model.state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, directory / "model.safetensors")

@@ -38,6 +38,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from app.sft.checkpointing import quiet_missing_base_config
 from app.sft.config import ConfigError
 from app.sft.progress import phase
 
@@ -485,8 +486,7 @@ def save_final_model(
     chat_template = _parity_chat_template(template, tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # peft looks for a config.json at the base's name (a .gguf/package:// one)
-        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+    with quiet_missing_base_config():  # peft looks for a config.json at the base's name (a .gguf/package:// one)
         model.save_pretrained(out, state_dict=state_dict)
     _save_tokenizer(tokenizer, out, chat_template)
     return str(out)
