@@ -274,7 +274,7 @@ def test_example_configs_are_valid():
 
 def run_sft(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app.sft", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=None if env is None else {**os.environ, **env})
+                          timeout=600, env=None if env is None else {**os.environ, **env})
 
 
 def test_python_dash_m_trains_and_refuses_a_bad_config(tmp_path, tiny_model_dir):
