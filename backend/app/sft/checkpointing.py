@@ -200,7 +200,7 @@ def write_manifest(directory: Path) -> None:
     Called after all files but the trainer state (written last, it is checked as JSON when read).
     """
     files = {
-        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "xxh3_64": _checksum(path)}
+        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "xxh3_64": file_checksum(path)}
         for path in sorted(directory.rglob("*"))
         if path.is_file() and path.name not in (MANIFEST_FILE, TRAINER_STATE_FILE)
     }
@@ -261,7 +261,7 @@ def verify_checkpoint(path: str | os.PathLike, *, checksums: bool = True) -> str
         actual = file.stat().st_size
         if actual != size:
             return f"{file} is corrupt: it has {actual} bytes where {MANIFEST_FILE} recorded {size} (truncated?)"
-        if checksums and checksum is not None and _checksum(file) != checksum:
+        if checksums and checksum is not None and file_checksum(file) != checksum:
             return f"{file} is corrupt: its checksum differs from the one {MANIFEST_FILE} recorded"
     return None
 
@@ -428,7 +428,7 @@ def _is_inside(path: Path, root: Path) -> bool:
     return path.resolve().parent == root.resolve()
 
 
-def _checksum(path: Path) -> str:
+def file_checksum(path: Path) -> str:
     """xxh3-64 of a file's bytes, as hex (about 10 GB/s: sha256 would add ~0.75 s per GB to every save)."""
     digest = xxhash.xxh3_64()
     with open(path, "rb") as f:
