@@ -273,7 +273,7 @@ def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir()
-             if p.is_dir() and checkpoint_step(p) is not None and _is_inside(p, root) and is_complete(p)]
+             if p.is_dir() and checkpoint_step(p) is not None and is_inside(p, root) and is_complete(p)]
     return sorted(found, key=lambda p: checkpoint_step(p) or 0)
 
 
@@ -295,7 +295,7 @@ def read_pointer(checkpoint_dir: str | os.PathLike, name: str) -> tuple[Path | N
     named = Path(text)
     # An absolute path (older versions) is re-rooted by its folder name; a relative one must be a bare name.
     candidate = root / named.name if named.is_absolute() or len(named.parts) == 1 else None
-    if candidate is None or "\x00" in text or checkpoint_step(candidate) is None or not _is_inside(candidate, root):
+    if candidate is None or "\x00" in text or checkpoint_step(candidate) is None or not is_inside(candidate, root):
         return None, f"the pointer file {pointer} names {text[:200]!r}, which is not a checkpoint inside {root}"
     if not (candidate / TRAINER_STATE_FILE).is_file():
         return None, f"the pointer file {pointer} names {candidate.name}, which is incomplete or missing"
@@ -423,7 +423,7 @@ def load_rng_state(path: Path, process_index: int = 0) -> None:
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 
-def _is_inside(path: Path, root: Path) -> bool:
+def is_inside(path: Path, root: Path) -> bool:
     """Whether `path` is directly inside folder `root`, after resolving symlinks and `..` of both."""
     return path.resolve().parent == root.resolve()
 

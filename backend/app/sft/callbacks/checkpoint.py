@@ -151,7 +151,7 @@ class CheckpointCallback(MonitoringCallback):
         """True for an entry directly inside `output_dir` (links and `..` resolved) named like a checkpoint."""
         if os.path.islink(path) or not _OWN_NAME.match(os.path.basename(path)):
             return False
-        return os.path.dirname(os.path.realpath(path)) == os.path.realpath(self.output_dir)
+        return checkpointing.is_inside(Path(path), Path(self.output_dir))
 
     # --- a hand-written loop: decide, record and write here ----------------------------------------------------
 
