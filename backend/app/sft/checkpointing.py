@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from app.sft.layout import Layout
 from app.sft.state import TrainerState
 
 logger = logging.getLogger(__name__)
@@ -349,11 +350,24 @@ def read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, 
     problem = TrainerState.type_problem(trainer)
     if problem is None and not isinstance(trainer.get("num_processes", 1), int):
         problem = f"field 'num_processes' must be int, got {trainer['num_processes']!r}"
+    if problem is None and "layout" in trainer:
+        problem = _layout_problem(trainer["layout"], trainer.get("num_processes", 1))
     if problem is None and not isinstance(data.get("callbacks", {}), dict):
         problem = f"field 'callbacks' must be an object, got {data['callbacks']!r}"
     if problem is not None:
         raise CheckpointError(f"{path / TRAINER_STATE_FILE}: {problem} (the file is damaged or was edited)")
     return trainer, data.get("callbacks", {})
+
+
+def _layout_problem(data: Any, processes: int) -> str | None:
+    """What is wrong with a saved layout (see `layout.Layout`), or None."""
+    try:
+        layout = Layout.from_dict(data)
+    except ValueError as exc:
+        return str(exc)
+    if layout.processes != processes:
+        return f"field 'layout.processes' is {layout.processes} but 'num_processes' is {processes}"
+    return None
 
 
 def read_config(path: Path) -> dict[str, Any] | None:

@@ -171,7 +171,13 @@ class SFTConfig(BaseModel):
     eval_batch_size: int | None = Field(None, ge=1)
     """None: same as `batch_size`."""
     gradient_accumulation_steps: int = Field(1, ge=1)
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step on each process. The global batch (examples per optimizer step) is
+    batch_size × gradient_accumulation_steps × processes; a run resumed on another number of processes keeps
+    it by choosing the accumulation (or a smaller micro-batch) itself."""
+    allow_global_batch_change: bool = False
+    """On resume: train on with the global batch this launch gives (the config's accumulation × processes) when
+    it differs from the checkpoint's, instead of refusing. The learning-rate schedule is recomputed for the new
+    step count, and the rest of the run no longer matches an uninterrupted one."""
     learning_rate: float = Field(2e-4, gt=0.0)
     """The peak learning rate (after warmup)."""
     num_epochs: int = Field(1, ge=1)

@@ -1,13 +1,16 @@
-"""What a resumed run may change: fields that are refused, fields that are honoured, fields only noted."""
+"""What a resumed run may change: fields that are refused, fields that are honoured, fields only noted, and the
+layout of processes and micro-batches that keeps the global batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 from app.sft.checkpointing import CONFIG_FILE, CheckpointError
 from app.sft.config import SFTConfig
+from app.sft.layout import Layout, count_processes, keeping_global_batch
 
 logger = logging.getLogger(__name__)
 
@@ -25,29 +28,38 @@ SAFE_FIELDS = (
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "output_dir", "checkpoint_dir",
     "wandb_project", "wandb_entity", "wandb_run_name", "run_name", "report_to", "disable_progress_bar",
     "eval_batch_size", "dataloader_num_workers", "save_merged_model", "overwrite_output_dir",
+    "allow_global_batch_change",
 )
 """Fields whose change on resume is expected and only noted at info level."""
 
+LAYOUT_FIELDS = ("batch_size", "gradient_accumulation_steps")
+"""Fields a resumed run adapts to keep the global batch (`resume_layout`): their change is reported with it."""
 
-def check_config(path: Path, saved: dict[str, Any] | None, config: SFTConfig) -> dict[str, tuple[Any, Any]]:
-    """Refuse a resume whose config changes a locked field or the effective batch; return every other change.
+
+def check_config(path: Path, saved: dict[str, Any] | None, config: SFTConfig, then: Layout,
+                 processes: int) -> tuple[dict[str, tuple[Any, Any]], Layout, str | None]:
+    """Refuse a resume whose config changes a locked field or whose launch can't keep the global batch; return
+    every other change, the layout to train with (see `resume_layout`) and what it changed, if anything.
 
     Every returned change is applied from the resumed step on (schedule fields by a recomputed schedule); the
     log says so field by field.
     """
-    if saved is None:
-        return {}
-    saved_config = SFTConfig.from_dict(saved, source=str(path / CONFIG_FILE))
-    changed = saved_config.diff(config)
-    locked = {key: change for key, change in changed.items() if key in LOCKED_FIELDS}
-    before = saved_config.batch_size * saved_config.gradient_accumulation_steps
-    after = config.batch_size * config.gradient_accumulation_steps
-    if before != after:
-        locked["batch_size x gradient_accumulation_steps"] = (before, after)
-    if locked:
-        lines = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, (old, new) in locked.items())
+    changed = SFTConfig.from_dict(saved, source=str(path / CONFIG_FILE)).diff(config) if saved is not None else {}
+    problems = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items() if key in LOCKED_FIELDS]
+    layout, note = resume_layout(then, config, processes)
+    if layout is None:
+        asked = Layout.from_config(config, processes)
+        problems.append(
+            f"{note}\n  global batch: the checkpoint trained with {then.describe()}; this launch asks for "
+            f"{asked.describe()}. Set allow_global_batch_change: true to train on with the launch's global batch "
+            "(the learning-rate schedule is recomputed for the new step count, and the rest of the run is no "
+            "longer the one an uninterrupted run would train)")
+    if problems:
+        lines = "\n".join(f"  {line}" for line in problems)
         raise CheckpointError(f"cannot resume from {path}: the config changes what a resumed run must keep:\n{lines}")
     for key, (old, new) in changed.items():
+        if key in LAYOUT_FIELDS:
+            continue  # the layout's note says what the run trains with
         if key in SAFE_FIELDS:
             logger.info("Resuming with a changed config: %s %r -> %r", key, old, new)
         elif key in SCHEDULE_FIELDS:
@@ -56,4 +68,41 @@ def check_config(path: Path, saved: dict[str, Any] | None, config: SFTConfig) ->
         else:
             logger.warning("Resuming with a changed config: %s %r -> %r (applied from the resumed step on)",
                            key, old, new)
-    return changed
+    return changed, layout, note
+
+
+def resume_layout(then: Layout, config: SFTConfig, processes: int) -> tuple[Layout | None, str | None]:
+    """The layout a resumed run trains with on `processes` processes, and one line saying what it changed.
+
+    The checkpoint's global batch is kept whenever the config asks for it (its batch_size ×
+    gradient_accumulation_steps × processes, counted with the processes of then or of now): on another number
+    of processes the accumulation, or the micro-batch, is chosen to keep it. Otherwise, or when no integer
+    choice keeps it, the layout is None and the line says why, unless `config.allow_global_batch_change`, which
+    trains on with the config's accumulation on micro-batches of the checkpoint's size.
+    """
+    asked = Layout.from_config(config, processes)
+    if asked == then:
+        return then, None
+    if then.global_batch in (asked.global_batch, Layout.from_config(config, then.processes).global_batch):
+        kept = keeping_global_batch(then, config, processes)
+        if kept is not None:
+            changes = [f"{name} {old} -> {new}" for name, old, new in (
+                ("batch_size", config.batch_size, kept.micro_batch_size),
+                ("gradient_accumulation_steps", config.gradient_accumulation_steps, kept.accumulation)) if old != new]
+            return kept, (f"{', '.join(changes)} to keep the global batch of {kept.global_batch} "
+                          f"{'packs' if kept.packed else 'examples'} per step on {count_processes(processes)}"
+                          if changes else None)
+        problem = (f"processes: {then.processes} -> {processes}: no batch_size of at most {config.batch_size} "
+                   f"with a whole gradient_accumulation_steps spreads {then.units_per_step} micro-batches of "
+                   f"{then.unit_size} over {count_processes(processes)}")
+    else:
+        problem = (f"batch_size x gradient_accumulation_steps: {then.global_batch / then.processes:g} -> "
+                   f"{config.batch_size * config.gradient_accumulation_steps}")
+    if not config.allow_global_batch_change:
+        return None, problem
+    changed = dataclasses.replace(then, processes=processes, split=1,
+                                  units_per_step=config.gradient_accumulation_steps * processes)
+    logger.warning("Resuming with another global batch (allow_global_batch_change): %s; the learning-rate "
+                   "schedule is recomputed for the new step count, and the run differs from an uninterrupted one "
+                   "from here on", changed.describe())
+    return changed, f"global batch {then.global_batch} -> {changed.global_batch} (allow_global_batch_change)"

@@ -17,9 +17,10 @@ _RETIRED_FIELDS = ("best_checkpoint_metric",)
 class TrainerState:
     """Where the loop is and what it has seen.
 
-    `epoch` and `batch_in_epoch` give the data position: the next micro-batch to train on is number
-    `batch_in_epoch` of epoch `epoch`'s deterministic plan (see `data.epoch_batches`), which is what makes a
-    resumed run see exactly the batches an uninterrupted run would have seen.
+    `epoch` and `batch_in_epoch` give the data position in the run's sample order (see `layout`): the epoch's
+    first `batch_in_epoch` micro-batches of its deterministic plan (`data.epoch_batches`) are trained on, over
+    all processes together, which is what makes a resumed run, on any number of processes, see exactly the
+    batches an uninterrupted run would have seen.
 
     `best_metric`, `best_step` and `best_checkpoint` are the run's one record of the best: the best value of
     the monitored metric, the step of the evaluation that produced it, and the name (inside the checkpoint

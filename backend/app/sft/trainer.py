@@ -68,6 +68,7 @@ from app.sft.data import (
     resolve_template,
 )
 from app.sft.distributed import make_accelerator
+from app.sft.layout import Layout
 from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, count_label_tokens
 from app.sft.metrics_log import MetricsLog
 from app.sft.model_card import write_model_card
@@ -118,6 +119,7 @@ class SFTTrainer(TrainerAPI):
         self.config = config.resolve_for_hardware(model_config=getattr(model, "config", None))
         self.accelerator: Accelerator = make_accelerator(self.config)
         set_seed(self.config.seed)
+        self.layout = Layout.from_config(self.config, self.num_processes)  # a resume may choose another
         self.output_dir = Path(self.config.output_dir)
         self.checkpoint_dir = Path(self.config.resolved_checkpoint_dir)
         self.callback_handler = CallbackHandler(callbacks or ())
@@ -184,11 +186,14 @@ class SFTTrainer(TrainerAPI):
         self.lr_scheduler = optim.build_scheduler(self.optimizer, self.config, self.state.max_steps)
 
     def _total_steps(self) -> int:
-        """Optimizer steps in the run: `max_steps`, or every epoch's micro-batches over the accumulation."""
+        """Optimizer steps in the run: `max_steps`, or the steps taken plus those the rest of the epochs make."""
         if self.config.max_steps is not None:
             return self.config.max_steps
-        accumulation = self.config.gradient_accumulation_steps
-        return sum(math.ceil(len(self._epoch_plan(e)) / accumulation) for e in range(self.config.num_epochs))
+        state, per_step = self.state, self.layout.units_per_step
+        left = [len(self._epoch_units(e)) for e in range(state.epoch, self.config.num_epochs)]
+        if left:
+            left[0] = max(left[0] - state.batch_in_epoch, 0)
+        return state.global_step + sum(math.ceil(units / per_step) for units in left)
 
     # --- what callbacks see (TrainerAPI) -------------------------------------------------------------------------
 
@@ -390,33 +395,33 @@ class SFTTrainer(TrainerAPI):
         state = self.state
         with self._progress_bar() as progress:
             while state.stop_reason is None:
-                plan = self._epoch_plan(state.epoch)
-                if not plan:
-                    raise ValueError(f"{len(self.train_data)} training examples make no micro-batch for each of "
-                                     f"{self.num_processes} processes")
-                if state.batch_in_epoch >= len(plan):  # a checkpoint of an earlier version, saved before epoch end
+                units = self._epoch_units(state.epoch)
+                if state.batch_in_epoch >= len(units):  # a checkpoint of an earlier version, saved before epoch end
                     self._end_epoch(advance=True)
                     continue
                 if state.batch_in_epoch == 0:
                     self.callback_handler.fire("on_epoch_begin", self, epoch=state.epoch)
-                batches = iter(self._train_loader(plan[state.batch_in_epoch:]))
-                epoch_done = False
-                while state.stop_reason is None and not epoch_done:
-                    window = list(islice(batches, self.config.gradient_accumulation_steps))
-                    metrics = self._training_step(window, epoch_length=len(plan))
+                steps = [self.layout.share(units[first:end], self.process_index)
+                         for first, end in self.layout.steps(units, start=state.batch_in_epoch)]
+                batches = iter(self._train_loader([batch for share in steps for batch in share]))
+                for share in steps:
+                    window = list(islice(batches, len(share)))
+                    metrics = self._training_step(window, epoch_length=len(units))
                     self._step_eval_keys = set()
                     self.callback_handler.fire("on_step_end", self, step=state.global_step, metrics=metrics)
                     self._log_step(metrics, progress)
                     state.stop_reason = self._stop_reason()
-                    epoch_done = state.batch_in_epoch >= len(plan)
+                    epoch_done = state.batch_in_epoch >= len(units)
                     if epoch_done or state.stop_reason not in (None, "signal"):
                         self._end_epoch(advance=epoch_done)
                         state.stop_reason = state.stop_reason or self._stop_reason()
                     self._save_due_checkpoints()
+                    if state.stop_reason is not None:
+                        break
 
     def _train_loader(self, batch_plan: list[list[int]]) -> DataLoader:
         return DataLoader(
-            self.train_data,
+            _MaskedPadding(self.train_data),
             batch_sampler=batch_plan,
             collate_fn=self.collate_fn,
             num_workers=self.config.dataloader_num_workers,
@@ -425,7 +430,8 @@ class SFTTrainer(TrainerAPI):
         )
 
     def _training_step(self, window: list[dict[str, torch.Tensor]], epoch_length: int) -> dict[str, float]:
-        """One optimizer step over the micro-batches in `window`; returns the step's metrics."""
+        """One optimizer step over the micro-batches in `window` (this process's share of the step's units, of
+        `epoch_length` in the epoch); returns the step's metrics."""
         state = self.state
         started = time.perf_counter()
         # The step's loss is a mean over every labelled token of every micro-batch on every process, so each
@@ -457,7 +463,7 @@ class SFTTrainer(TrainerAPI):
         self.optimizer.zero_grad(set_to_none=True)
 
         state.global_step += 1
-        state.batch_in_epoch += len(window)
+        state.batch_in_epoch = min(state.batch_in_epoch + self.layout.units_per_step, epoch_length)
         state.train_tokens += tokens
         state.train_loss_sum += loss * tokens
         state.epoch_loss_sum += loss * tokens
@@ -538,20 +544,17 @@ class SFTTrainer(TrainerAPI):
                     disable=not self.is_main_process or self.config.disable_progress_bar
                     or not sys.stderr.isatty())
 
+    def _epoch_units(self, epoch: int) -> list[list[int]]:
+        """The run's sample order for `epoch`: its units (lists of example indices), the same on every layout."""
+        cfg, size = self.config, self.layout.unit_size
+        return epoch_batches(self.train_data.lengths, batch_size=size, epoch=epoch, seed=cfg.seed, shuffle=True,
+                             token_budget=size * cfg.max_seq_length if cfg.packing else None)
+
     def _epoch_plan(self, epoch: int) -> list[list[int]]:
-        """This process's micro-batches (lists of example indices) for `epoch`, the same on every run."""
-        cfg = self.config
-        plan = epoch_batches(
-            self.train_data.lengths,
-            batch_size=cfg.batch_size,
-            epoch=epoch,
-            seed=cfg.seed,
-            shuffle=True,
-            token_budget=cfg.batch_size * cfg.max_seq_length if cfg.packing else None,
-        )
-        world = self.num_processes
-        usable = len(plan) - len(plan) % world  # every process takes the same number of micro-batches
-        return plan[self.process_index:usable:world]
+        """This process's micro-batches of `epoch`, step after step (-1-i: a masked copy of example i)."""
+        units = self._epoch_units(epoch)
+        return [batch for first, end in self.layout.steps(units)
+                for batch in self.layout.share(units[first:end], self.process_index)]
 
     # --- callbacks and checkpoints -------------------------------------------------------------------------------
 
@@ -640,7 +643,8 @@ class SFTTrainer(TrainerAPI):
                     tmp,
                     optimizer_state=optimizer_state,
                     lr_scheduler=self.lr_scheduler,
-                    trainer_state={**self.state.to_dict(), "num_processes": self.num_processes},
+                    trainer_state={**self.state.to_dict(), "num_processes": self.num_processes,
+                                   "layout": self.layout.to_dict()},
                     callback_states=self.callback_handler.state_dict(),
                     config=self.config.to_dict(),
                 )
@@ -653,19 +657,14 @@ class SFTTrainer(TrainerAPI):
     # --- resume --------------------------------------------------------------------------------------------------
 
     def _resume(self, spec: str | bool) -> None:
-        """Restore weights, optimizer, schedule, random states, loop state, metrics and callback states."""
+        """Restore weights, optimizer, schedule, random states, loop state, metrics and callback states, on this
+        launch's processes (`resume.resume_layout` keeps the checkpoint's global batch on another number)."""
         path = checkpointing.resolve_checkpoint(self.checkpoint_dir, spec)
         trainer_state, callback_states = checkpointing.read_trainer_state(path)
-        changes = resume.check_config(path, checkpointing.read_config(path), self.config)
-        saved_processes = trainer_state.pop("num_processes", 1)
-        if saved_processes != self.num_processes:
-            raise checkpointing.CheckpointError(
-                f"checkpoint {path} was written by {saved_processes} processes and this run has "
-                f"{self.num_processes}: each step's batch is spread over the processes, each with its own random "
-                f"state, so an exact resume needs the same number; launch {saved_processes} processes "
-                f"(`torchrun --nproc_per_node {saved_processes} ...` or `accelerate launch --num_processes "
-                f"{saved_processes} ...`)"
-            )
+        saved_config = checkpointing.read_config(path)
+        then = self._saved_layout(path, trainer_state, saved_config)
+        changes, self.layout, layout_change = resume.check_config(path, saved_config, self.config, then,
+                                                                  self.num_processes)
         checkpointing.load_weights(self._unwrapped_model(), path)
         checkpointing.load_optimizer_and_scheduler(path, self.model, self.optimizer.optimizer, None)
         self.state = TrainerState.from_dict(trainer_state)
@@ -676,7 +675,7 @@ class SFTTrainer(TrainerAPI):
         self.lr_scheduler = optim.build_scheduler(self.optimizer, self.config, self.state.max_steps,
                                                   current_step=self.state.global_step)
         new_rate = self.lr_scheduler.get_last_lr()[0]
-        if any(key in resume.SCHEDULE_FIELDS for key in changes):
+        if any(key in resume.SCHEDULE_FIELDS for key in changes) or then.global_batch != self.layout.global_batch:
             logger.warning("Learning rate at step %d: %.3g before, %.3g with the new schedule (%d steps in all)",
                            self.state.global_step, old_rate, new_rate, self.state.max_steps)
         for record in self.state.log_history:  # the newest value of every metric, as the run had them
@@ -685,11 +684,53 @@ class SFTTrainer(TrainerAPI):
             self._metrics.update(values)
             self._metric_steps.update(dict.fromkeys(values, step))
         self.callback_handler.load_state_dict(callback_states)
-        checkpointing.load_rng_state(path, self.process_index)
+        if self.process_index < then.processes:
+            checkpointing.load_rng_state(path, self.process_index)
+        else:  # a process the checkpoint's run did not have
+            set_seed(self._derived_seed())
         checkpointing.check_manifest(path)  # after the loaders, whose messages say more about what they refuse
         self._stop_requested = None
-        logger.info("Resumed from %s at step %d (epoch %d, batch %d)", path, self.state.global_step,
-                    self.state.epoch, self.state.batch_in_epoch)
+        if self.is_main_process:
+            logger.info("%s", self._resume_summary(path, then, layout_change))
+
+    def _saved_layout(self, path: Path, trainer_state: dict[str, Any], saved_config: dict[str, Any] | None) -> Layout:
+        """The layout the checkpoint's run trained with (taken out of `trainer_state`). Checkpoints of earlier
+        versions have none: it is the one their config gives, and their data position, counted then in this
+        process's micro-batches, is converted to the run's."""
+        processes = trainer_state.pop("num_processes", 1)
+        if "layout" in trainer_state:
+            return Layout.from_dict(trainer_state.pop("layout"))
+        config = SFTConfig.from_dict(saved_config, source=str(path)) if saved_config is not None else self.config
+        trainer_state["batch_in_epoch"] = trainer_state.get("batch_in_epoch", 0) * processes
+        return Layout.from_config(config, processes)
+
+    def _derived_seed(self) -> int:
+        """The seed of a process the checkpoint has no random state for: `seed + 1000003 × process + step`."""
+        return self.config.seed + 1_000_003 * self.process_index + self.state.global_step
+
+    def _resume_summary(self, path: Path, then: Layout, layout_change: str | None) -> str:
+        """What a resume continues: checkpoint, step, data position, processes then and now, global batch, what
+        was changed to keep it, and where the random states come from."""
+        state, now = self.state, self.layout
+        units = len(self._epoch_units(state.epoch))
+        lines = [
+            f"Resumed from {path} at step {state.global_step} of {state.max_steps}: epoch {state.epoch}, "
+            f"{state.batch_in_epoch} of its {units} micro-batches of {now.unit_size} trained on",
+            f"  processes: {then.processes} then, {now.processes} now; global batch {now.global_batch} "
+            f"{'packs' if now.packed else 'examples'} per step ({now.describe()})",
+            f"  changed to keep it: {layout_change or 'nothing'}",
+        ]
+        if then.processes == now.processes:
+            lines.append("  random states: every process's own, from the checkpoint")
+        else:
+            dropout = _dropout_in(self._unwrapped_model())
+            lines.append(
+                f"  random states: processes below {then.processes} from the checkpoint, the others derived from "
+                f"the seed (seed + 1000003 × process + step); "
+                + (f"the model has dropout ({dropout}), so the run continues correctly but not bit for bit"
+                   if dropout else "the step draws no random numbers (no dropout), so the run continues exactly "
+                   "(up to the order of floating-point sums)"))
+        return "\n".join(lines)
 
     def _nothing_left_to_train(self, continue_after_stop: bool) -> bool:
         """True (and says why) when the resumed run has nothing left to train."""
@@ -760,7 +801,7 @@ class SFTTrainer(TrainerAPI):
             "best_step": state.best_step,
             "best_checkpoint": str(self.checkpoint_dir / state.best_checkpoint) if state.best_checkpoint else None,
             "global_step": state.global_step,
-            "epochs": state.epoch + state.batch_in_epoch / max(len(self._epoch_plan(state.epoch)), 1),
+            "epochs": state.epoch + state.batch_in_epoch / max(len(self._epoch_units(state.epoch)), 1),
             "train_tokens": state.train_tokens,
             "runtime_s": round(runtime_s, 3),
             "stop_reason": state.stop_reason,
@@ -790,6 +831,18 @@ class _MaskedPadding(Dataset):
         example = dict(self.data[-1 - index])
         example["labels"] = [IGNORE_INDEX] * len(example["input_ids"])
         return example
+
+
+def _dropout_in(model: torch.nn.Module) -> str | None:
+    """`lora_dropout 0.1`-like words for the first dropout with a non-zero rate in `model`, or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            return f"{name or 'dropout'} {module.p:g}"
+    settings = getattr(model, "config", None)
+    for key, value in (settings.to_dict() if hasattr(settings, "to_dict") else {}).items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0:
+            return f"{key} {value:g}"
+    return None
 
 
 def _compile_decoder_layers(model: torch.nn.Module) -> None:

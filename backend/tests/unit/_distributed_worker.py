@@ -4,6 +4,7 @@
 
 and asserts on what it leaves in OUT: each scenario's run folder and, per process, `<scenario>.rank<i>.json`
 with what the callbacks saw there. Several scenarios share one launch, as starting processes is the slow part.
+OUT starts with copies of one-process runs (`ONE_PROCESS_RUNS`), which some scenarios resume on two.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from torch.distributed.tensor import DTensor
 
 from app.sft import SFTCallback, SFTTrainer, checkpointing
+from app.sft.checkpointing import CheckpointError
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]  # run as a script by torchrun
 
@@ -28,6 +30,10 @@ STEPS = 6
 RESUME_FROM = 4  # the `full` run is also resumed from its checkpoint of this step, in a new folder
 EARLY_STOP_AT = 4  # a save step: the checkpoint written then must already record the stop
 SIGNAL_AT = 3
+ONE_PROCESS_RUNS = ("single_stopped", "single_stopped_same_config", "single_tiny_batch", "single_tiny_allowed")
+"""Copies of one-process runs that the launch resumes: stopped by SIGTERM at SIGNAL_AT (twice, for two configs),
+and with a global batch of one example, which two processes can't share (twice: refused, then allowed)."""
+TINY_BATCH = dict(batch_size=1, gradient_accumulation_steps=1)
 
 
 def scenario_config(out: Path, model_dir: str | Path, strategy: str, name: str, *, num_processes: int,
@@ -116,10 +122,16 @@ def main() -> None:
     def record(name: str, probe: Probe, result: dict) -> None:
         (out / f"{name}.rank{rank}.json").write_text(json.dumps({**probe.seen, "result": result}))
 
-    def scenario(name: str, callbacks=(), resume=None, folder: str | None = None, **overrides) -> None:
-        config = scenario_config(out, model_dir, strategy, folder or name, num_processes=world, **overrides)
+    def scenario(name: str, callbacks=(), resume=None, folder: str | None = None, config_for: int = world,
+                 **overrides) -> None:
+        """Run `name` (in `folder`) with the config written for `config_for` processes."""
+        config = scenario_config(out, model_dir, strategy, folder or name, num_processes=config_for, **overrides)
         probe = Probe(config.save_steps)
-        record(name, probe, run(config, [probe, *callbacks], resume=resume))
+        try:
+            result = run(config, [probe, *callbacks], resume=resume)
+        except CheckpointError as error:
+            result = {"error": str(error)}
+        record(name, probe, result)
 
     scenario("full")
     scenario("full_resumed", resume=str(out / "full" / "out" / "checkpoints" / f"checkpoint_step_{RESUME_FROM}"))
@@ -127,6 +139,14 @@ def main() -> None:
     scenario("lora", **LORA)
     scenario("lora_stopped", [StopOnOneProcess(SIGNAL_AT, rank=0, signum=signal.SIGTERM)], **LORA)
     scenario("lora_resumed", resume="latest", folder="lora_stopped", **LORA)
+    scenario("full_stopped", [StopOnOneProcess(SIGNAL_AT, rank=0, signum=signal.SIGTERM)])
+    # One-process runs continued on two: with the two-process config (batch_size 2: the trainer cuts each
+    # micro-batch of 4 in two) and with the one-process config (the trainer halves the accumulation).
+    scenario("single_resumed", resume="latest", folder="single_stopped")
+    scenario("single_resumed_same_config", resume="latest", folder="single_stopped_same_config", config_for=1)
+    scenario("tiny_refused", resume="latest", folder="single_tiny_batch", config_for=1, **TINY_BATCH)
+    scenario("tiny_allowed", resume="latest", folder="single_tiny_allowed", config_for=1, **TINY_BATCH,
+             allow_global_batch_change=True)
 
 
 if __name__ == "__main__":
