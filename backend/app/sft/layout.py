@@ -71,18 +71,22 @@ class Layout:
 
     @property
     def global_batch(self) -> int:
-        """Examples per optimizer step over all processes (packs with packing)."""
-        return self.units_per_step if self.packed else self.units_per_step * self.unit_size
+        """Examples per optimizer step over all processes (with packing: budgets of `max_seq_length` tokens)."""
+        return self.units_per_step * self.unit_size
+
+    def per_step(self) -> str:
+        """What a step trains on: `16 examples`, or `2 packs of up to 4 × max_seq_length tokens`."""
+        if self.packed:
+            return f"{self.units_per_step} packs of up to {self.unit_size} × max_seq_length tokens"
+        return f"{self.global_batch} examples"
 
     def describe(self) -> str:
-        """`2 processes × batch_size 4 × gradient_accumulation_steps 2 = 16 examples per step` (or packs)."""
-        processes = count_processes(self.processes)
+        """`2 processes × batch_size 4 × gradient_accumulation_steps 2 = 16 examples per step`."""
         size = f"batch_size {self.micro_batch_size}"
         if self.split > 1:
             size += f" (micro-batches of {self.unit_size} cut in {self.split})"
-        unit = "packs" if self.packed else "examples"
-        return (f"{processes} × {size} × gradient_accumulation_steps {self.accumulation} = {self.global_batch} "
-                f"{unit} per step")
+        return (f"{count_processes(self.processes)} × {size} × gradient_accumulation_steps {self.accumulation} = "
+                f"{self.per_step()} per step")
 
     def steps(self, units: Sequence, start: int = 0) -> list[tuple[int, int]]:
         """`(first, end)` unit ranges of the optimizer steps that train on `units[start:]` (the last may be short)."""

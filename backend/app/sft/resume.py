@@ -89,9 +89,8 @@ def resume_layout(then: Layout, config: SFTConfig, processes: int) -> tuple[Layo
             changes = [f"{name} {old} -> {new}" for name, old, new in (
                 ("batch_size", config.batch_size, kept.micro_batch_size),
                 ("gradient_accumulation_steps", config.gradient_accumulation_steps, kept.accumulation)) if old != new]
-            return kept, (f"{', '.join(changes)} to keep the global batch of {kept.global_batch} "
-                          f"{'packs' if kept.packed else 'examples'} per step on {count_processes(processes)}"
-                          if changes else None)
+            return kept, (f"{', '.join(changes)} to keep the global batch of {kept.per_step()} per step on "
+                          f"{count_processes(processes)}" if changes else None)
         problem = (f"processes: {then.processes} -> {processes}: no batch_size of at most {config.batch_size} "
                    f"with a whole gradient_accumulation_steps spreads {then.units_per_step} micro-batches of "
                    f"{then.unit_size} over {count_processes(processes)}")

@@ -19,7 +19,7 @@ Features and the config field that controls each:
   the best (`state.best_metric`, `best_step`, `best_checkpoint`) for the monitored metric (`best_metric`,
   `best_metric_mode`); CheckpointCallback decides when to save and what to keep, the trainer writes.
 - checkpoints hold the full training state (`checkpointing.py`); `train(resume_from_checkpoint=...)` continues
-  exactly where a run stopped; SIGTERM/SIGINT finish the step, save, and stop (a second signal aborts).
+  exactly where a run stopped, also on another number of processes (the sample order is the run's: `layout.py`); SIGTERM/SIGINT finish the step, save, and stop (a second signal aborts).
 - outputs in `output_dir`: the adapter or full model and the tokenizer, `merged/` (`save_merged_model`),
   `metrics.jsonl`, `report.html` + `loss.png`, `training_summary.json`, `config.yaml`.
 """
@@ -716,8 +716,8 @@ class SFTTrainer(TrainerAPI):
         lines = [
             f"Resumed from {path} at step {state.global_step} of {state.max_steps}: epoch {state.epoch}, "
             f"{state.batch_in_epoch} of its {units} micro-batches of {now.unit_size} trained on",
-            f"  processes: {then.processes} then, {now.processes} now; global batch {now.global_batch} "
-            f"{'packs' if now.packed else 'examples'} per step ({now.describe()})",
+            f"  processes: {then.processes} then, {now.processes} now; global batch {now.per_step()} per step "
+            f"({now.describe()})",
             f"  changed to keep it: {layout_change or 'nothing'}",
         ]
         if then.processes == now.processes:

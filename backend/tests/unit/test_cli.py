@@ -96,7 +96,10 @@ def test_resume_continues_from_the_latest_or_a_given_checkpoint(tmp_path, tiny_m
     run = tmp_path / "run"
     assert main(["train", str(config), "--set", "max_steps=4"]) == 0
     assert main(["train", str(config), "--set", "max_steps=6", "--resume"]) == 0
-    assert "Resumed from" in capsys.readouterr().err
+    said = capsys.readouterr().err  # before training: what it resumes, and on which layout
+    assert "Resumed from" in said and "at step 4 of 6" in said and "processes: 1 then, 1 now" in said
+    assert "global batch" in said and "changed to keep it: nothing" in said
+    assert said.index("Resumed from") < said.index("step 5/6")
     assert [r["step"] for r in metrics(run, "train")] == [1, 2, 3, 4, 5, 6]
 
     checkpoint = run / "checkpoints" / "checkpoint_step_4"
