@@ -60,7 +60,7 @@ class _Profile(SFTCallback):
         now = (time.perf_counter(), time.process_time())
         self.wall.append(now[0] - self._clocks[0])
         self.cpu.append(now[1] - self._clocks[1])
-        if step == self.unprofiled:
+        if step == self.unprofiled and self.profiled > 0:
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                    record_shapes=True)
             self.profiler.__enter__()
@@ -172,6 +172,8 @@ def profile(name: str, trainer: SFTTrainer, warmup: int, timed: int, profiled: i
     print(f"step (median of {timed} unprofiled): {wall:.2f} s wall, {cpu:.2f} CPU-s; matrix-product bound at "
           f"{precision}: {bound_wall:.2f} s wall, {bound_cpu:.2f} CPU-s; step / bound = {wall / bound_wall:.2f}x "
           f"(wall), {cpu / bound_cpu:.2f}x (CPU time)")
+    if recorder.profiler is None:  # --profiled 0: timings only
+        return
     totals: dict[str, float] = defaultdict(float)
     vocab = int(model_config.vocab_size)
     rank = cfg.lora_r if cfg.use_lora else None
