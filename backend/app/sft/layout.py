@@ -107,12 +107,16 @@ class Layout:
 
 
 def keeping_global_batch(then: Layout, config: SFTConfig, processes: int) -> Layout | None:
-    """The layout on `processes` processes that trains on the same units per step as `then`, with micro-batches
-    of at most `config.batch_size` and the fewest cuts, or None when no integer choice does (a unit can be cut
-    into at most `unit_size` pieces)."""
-    step = processes // math.gcd(then.units_per_step, processes)  # cuts must be a multiple of this to share evenly
-    split = step * math.ceil(math.ceil(then.unit_size / config.batch_size) / step)  # ... and small enough pieces
-    return dataclasses.replace(then, processes=processes, split=split) if split <= then.unit_size else None
+    """The layout on `processes` processes that trains on the same units per step as `then`, with whole equal
+    micro-batches of at most `config.batch_size` and the fewest cuts, or None when no integer choice does: the
+    cut must divide the unit (`batch_size` examples, or the pack's token budget) and spread the step's pieces
+    evenly over the processes."""
+    step = processes // math.gcd(then.units_per_step, processes)  # cuts must be a multiple of this
+    smallest = math.ceil(then.unit_size / config.batch_size)  # ... and give pieces no larger than batch_size
+    cuts = sorted(d for i in range(1, math.isqrt(then.unit_size) + 1) if then.unit_size % i == 0
+                  for d in (i, then.unit_size // i))
+    split = next((cut for cut in cuts if cut % step == 0 and cut >= smallest), None)
+    return dataclasses.replace(then, processes=processes, split=split) if split is not None else None
 
 
 def count_processes(count: int) -> str:

@@ -91,9 +91,9 @@ def resume_layout(then: Layout, config: SFTConfig, processes: int) -> tuple[Layo
                 ("gradient_accumulation_steps", config.gradient_accumulation_steps, kept.accumulation)) if old != new]
             return kept, (f"{', '.join(changes)} to keep the global batch of {kept.per_step()} per step on "
                           f"{count_processes(processes)}" if changes else None)
-        problem = (f"processes: {then.processes} -> {processes}: no batch_size of at most {config.batch_size} "
-                   f"with a whole gradient_accumulation_steps spreads {then.units_per_step} micro-batches of "
-                   f"{then.unit_size} over {count_processes(processes)}")
+        problem = (f"processes: {then.processes} -> {processes}: {then.per_step()} per step can't be shared by "
+                   f"{count_processes(processes)} in equal whole micro-batches of at most batch_size "
+                   f"{config.batch_size}")
     else:
         problem = (f"batch_size x gradient_accumulation_steps: {then.global_batch / then.processes:g} -> "
                    f"{config.batch_size * config.gradient_accumulation_steps}")

@@ -66,6 +66,9 @@ def test_the_layout_that_keeps_the_global_batch_changes_the_accumulation_first()
     smaller = keeping_global_batch(Layout(1, 2, 4), config(batch_size=2), 1)  # a config asking for batch 2
     assert (smaller.micro_batch_size, smaller.accumulation, smaller.global_batch) == (2, 4, 8)
     assert keeping_global_batch(Layout(1, 1, 1), config(batch_size=1), 2) is None  # 1 example, 2 processes
+    assert keeping_global_batch(Layout(1, 1, 3), config(batch_size=3), 2) is None  # 3 examples: 1.5 each
+    assert keeping_global_batch(Layout(1, 1, 6), config(batch_size=6), 4) is None  # 6 on 4: no whole batch
+    assert keeping_global_batch(Layout(1, 2, 6), config(batch_size=6), 4).micro_batch_size == 3  # 12 on 4
 
 
 def test_packing_keeps_the_packs_and_cuts_them_when_processes_outnumber_them():
