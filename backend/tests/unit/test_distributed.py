@@ -281,3 +281,17 @@ def test_resume_on_another_number_of_processes_with_a_config_changing_the_global
     assert "2 processes × batch_size 2 × gradient_accumulation_steps 2 = 8 examples per step" in message
     assert "1 process × batch_size 3 × gradient_accumulation_steps 2 = 6 examples per step" in message
     assert "allow_global_batch_change" in message
+
+
+def test_a_run_with_dropout_resumes_on_another_layout_and_says_it_is_not_bit_for_bit(launched, tiny_model_dir,
+                                                                                     tmp_path, caplog):
+    strategy, out = launched
+    shutil.copytree(out / "lora_stopped", tmp_path / "lora")
+    config = scenario_config(tmp_path, tiny_model_dir, strategy, "lora", num_processes=PROCESSES, **LORA)
+    caplog.set_level("INFO", logger="app.sft")
+    result = run(config, resume="latest")
+    assert result["global_step"] == STEPS and result["stop_reason"] == "max_steps"
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Resumed from"))
+    assert "lora_dropout" in summary and "continues correctly but not bit for bit" in summary
+    records = [r for r in read_metrics(tmp_path / "lora" / "out" / "metrics.jsonl") if r["type"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
