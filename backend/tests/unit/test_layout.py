@@ -145,13 +145,15 @@ def test_a_checkpoint_without_a_layout_resumes_exactly_as_before(tmp_path, tiny_
 @pytest.mark.parametrize("packing", [False, True])
 def test_resume_with_a_smaller_micro_batch_keeps_the_global_batch_and_the_losses(tmp_path, tiny_model_dir, caplog,
                                                                                 packing):
-    settings = dict(batch_size=4, gradient_accumulation_steps=1, packing=packing)
+    settings = dict(batch_size=4, gradient_accumulation_steps=1, packing=packing, max_steps=None, num_epochs=2)
     config = small_run(tmp_path, tiny_model_dir, **settings)
-    _, full, _ = run(small_run(tmp_path / "full", tiny_model_dir, **settings))
+    _, full, full_result = run(small_run(tmp_path / "full", tiny_model_dir, **settings))
     _, first, _ = run(config, callbacks=[SignalAt(3)])
     smaller = config.model_copy(update={"batch_size": 2, "gradient_accumulation_steps": 2})  # less memory
     caplog.set_level(logging.INFO, logger="app.sft")
-    _, second, _ = run(smaller, resume="latest")
-    losses = [m["loss"] for m in first.step_metrics() + second.step_metrics()]
-    assert losses == pytest.approx([m["loss"] for m in full.step_metrics()], rel=1e-5)
+    _, second, result = run(smaller, resume="latest")
+    for key in ("loss", "learning_rate"):  # the same examples in the same steps, on the same schedule
+        got = [m[key] for m in first.step_metrics() + second.step_metrics()]
+        assert got == pytest.approx([m[key] for m in full.step_metrics()], rel=1e-5)
+    assert result["global_step"] == full_result["global_step"] > 3 and result["epochs"] == full_result["epochs"]
     assert "batch_size 2 (micro-batches of 4 cut in 2) × gradient_accumulation_steps 2" in caplog.text
