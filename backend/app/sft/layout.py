@@ -24,6 +24,10 @@ from typing import Any
 from app.sft.config import SFTConfig
 
 
+_LARGEST = 2**31 - 1
+"""The largest count a saved layout may hold (a crafted one can't make the search for a cut take long)."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """How one optimizer step's `units_per_step` units of `unit_size` are spread over `processes` processes."""
@@ -47,8 +51,8 @@ class Layout:
             raise ValueError(f"field 'layout' must be an object, got {data!r}")
         for name in ("processes", "units_per_step", "unit_size", "split"):
             value = data.get(name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"field 'layout.{name}' must be an integer >= 1, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _LARGEST:
+                raise ValueError(f"field 'layout.{name}' must be an integer from 1 to {_LARGEST}, got {value!r}")
         if not isinstance(data.get("packed"), bool):
             raise ValueError(f"field 'layout.packed' must be true or false, got {data.get('packed')!r}")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})

@@ -102,6 +102,7 @@ def test_resume_layout_refuses_what_it_cannot_keep_unless_allowed():
 @pytest.mark.parametrize("data", [
     None, {"processes": 0, "units_per_step": 1, "unit_size": 1, "split": 1, "packed": False},
     {"processes": 1, "units_per_step": "2", "unit_size": 1, "split": 1, "packed": False},
+    {"processes": 1, "units_per_step": 1, "unit_size": 10**18, "split": 1, "packed": False},
     {"processes": 1, "units_per_step": 1, "unit_size": 1, "split": 1, "packed": False, "path": "/etc"},
 ])
 def test_a_saved_layout_that_is_not_one_is_refused_naming_the_field(data):
@@ -125,7 +126,7 @@ def test_a_crafted_layout_in_a_checkpoint_is_refused_naming_the_file_and_field(t
     state = json.loads(state_file.read_text())
     state["trainer"]["layout"]["unit_size"] = -3
     state_file.write_text(json.dumps(state))
-    with pytest.raises(CheckpointError, match=r"trainer_state.json: field 'layout.unit_size' must be an integer"):
+    with pytest.raises(CheckpointError, match=r"trainer_state.json: field 'layout.unit_size' must be an integer from 1"):
         run(config.model_copy(update={"max_steps": 3}), resume="latest")
 
 
