@@ -23,7 +23,6 @@ from typing import Any
 
 from app.sft.config import SFTConfig
 
-
 _LARGEST = 2**31 - 1
 """The largest count a saved layout may hold (a crafted one can't make the search for a cut take long)."""
 
