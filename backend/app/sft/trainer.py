@@ -402,8 +402,7 @@ class SFTTrainer(TrainerAPI):
                     continue
                 if state.batch_in_epoch == 0:
                     self.callback_handler.fire("on_epoch_begin", self, epoch=state.epoch)
-                steps = [self.layout.share(units[first:end], self.process_index)
-                         for first, end in self.layout.steps(units, start=state.batch_in_epoch)]
+                steps = self._shares(units, start=state.batch_in_epoch)
                 batches = iter(self._train_loader([batch for share in steps for batch in share]))
                 for share in steps:
                     window = list(islice(batches, len(share)))
@@ -551,11 +550,15 @@ class SFTTrainer(TrainerAPI):
         return epoch_batches(self.train_data.lengths, batch_size=size, epoch=epoch, seed=cfg.seed, shuffle=True,
                              token_budget=size * cfg.max_seq_length if cfg.packing else None)
 
+    def _shares(self, units: list[list[int]], start: int = 0) -> list[list[list[int]]]:
+        """This process's micro-batches of each step that trains on `units[start:]` (-1-i: a masked copy of
+        example i)."""
+        return [self.layout.share(units[first:end], self.process_index)
+                for first, end in self.layout.steps(units, start=start)]
+
     def _epoch_plan(self, epoch: int) -> list[list[int]]:
-        """This process's micro-batches of `epoch`, step after step (-1-i: a masked copy of example i)."""
-        units = self._epoch_units(epoch)
-        return [batch for first, end in self.layout.steps(units)
-                for batch in self.layout.share(units[first:end], self.process_index)]
+        """This process's micro-batches of `epoch`, step after step (what a callback can inspect)."""
+        return [batch for share in self._shares(self._epoch_units(epoch)) for batch in share]
 
     # --- callbacks and checkpoints -------------------------------------------------------------------------------
 
@@ -724,10 +727,14 @@ class SFTTrainer(TrainerAPI):
         if then.processes == now.processes:
             lines.append("  random states: every process's own, from the checkpoint")
         else:
+            kept = min(then.processes, now.processes)
+            source = (f"{_ranks(0, kept)} from the checkpoint (those of {_ranks(kept, then.processes)} are not used)"
+                      if now.processes < then.processes else
+                      f"{_ranks(0, kept)} from the checkpoint, {_ranks(kept, now.processes)} derived from the seed "
+                      "(seed + 1000003 × process + step)")
             dropout = _dropout_in(self._unwrapped_model())
             lines.append(
-                f"  random states: processes below {then.processes} from the checkpoint, the others derived from "
-                f"the seed (seed + 1000003 × process + step); "
+                f"  random states: {source}; "
                 + (f"the model has dropout ({dropout}), so the run continues correctly but not bit for bit"
                    if dropout else "the step draws no random numbers (no dropout), so the run continues exactly "
                    "(up to the order of floating-point sums)"))
@@ -832,6 +839,11 @@ class _MaskedPadding(Dataset):
         example = dict(self.data[-1 - index])
         example["labels"] = [IGNORE_INDEX] * len(example["input_ids"])
         return example
+
+
+def _ranks(first: int, end: int) -> str:
+    """`process 2` or `processes 2-3`: the process indices first..end-1."""
+    return f"process {first}" if end - first == 1 else f"processes {first}-{end - 1}"
 
 
 def _dropout_in(model: torch.nn.Module) -> str | None:
