@@ -102,11 +102,16 @@ class Layout:
         Every process gets the same number of micro-batches for the same units.
         """
         pieces = [piece for unit in units for piece in _split(list(unit), self.split)]
-        per_process = math.ceil(len(pieces) / self.processes)
-        mine = pieces[rank::self.processes]
-        mine += [[]] * (per_process - len(mine))
-        filler = [-1 - units[0][0]]
-        return [piece or filler for piece in mine]
+        return deal(pieces, rank, self.processes)
+
+
+def deal(batches: Sequence[list[int]], rank: int, processes: int) -> list[list[int]]:
+    """Process `rank`'s share of `batches` dealt to `processes` processes in turn, topped up so that every process
+    gets as many; an empty batch and a top-up are a masked copy of the first batch's first example (no token)."""
+    filler = [-1 - batches[0][0]]
+    mine = list(batches[rank::processes])
+    mine += [[]] * (math.ceil(len(batches) / processes) - len(mine))
+    return [batch or filler for batch in mine]
 
 
 def keeping_global_batch(then: Layout, config: SFTConfig, processes: int) -> Layout | None:

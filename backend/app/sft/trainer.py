@@ -69,7 +69,7 @@ from app.sft.data import (
     resolve_template,
 )
 from app.sft.distributed import make_accelerator
-from app.sft.layout import Layout
+from app.sft.layout import Layout, deal
 from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, count_label_tokens
 from app.sft.metrics_log import MetricsLog
 from app.sft.model_card import write_model_card
@@ -304,10 +304,7 @@ class SFTTrainer(TrainerAPI):
         budget = self.eval_batch_size * self.config.max_seq_length if self.config.packing else None
         plan = epoch_batches(data.lengths, batch_size=self.eval_batch_size, epoch=0, seed=self.config.seed,
                              shuffle=False, token_budget=budget)
-        world, rank = self.num_processes, self.process_index
-        per_process = math.ceil(len(plan) / world)
-        shard = plan[rank::world]
-        shard += [[-1 - i for i in plan[0]]] * (per_process - len(shard))  # negative index: masked copy
+        shard = deal(plan, self.process_index, self.num_processes)  # topped up with masked copies
         return DataLoader(_MaskedPadding(data), batch_sampler=shard, collate_fn=self.collate_fn,
                           num_workers=self.config.dataloader_num_workers,
                           generator=torch.Generator().manual_seed(self.config.seed))
