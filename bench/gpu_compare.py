@@ -1,11 +1,12 @@
-"""GPU side-by-side benchmark: this project's SFTTrainer against transformers' Trainer (padded, padding-free).
+"""GPU side-by-side benchmark: this project's SFTTrainer against transformers' Trainer, in one run.
 
 The work of the GPU anchor (shared/anchors/gpu_anchor.py): random-initialised models with the exact shapes of
-SmolLM2-135M (batch 16) and Llama-3.2-1B (batch 4 and 8), variable-length rows of random tokens with
-log-normal lengths (mean ~560, clipped to 32..2048), every token trained, sdpa attention, bf16 mixed
-precision, full fine-tuning. Each (shape, contender) runs in its own process; the table gives trained
-tokens/s over the timed steps, MFU (6N per token plus causal attention, against 989 TFLOP/s dense bf16) and
-peak GPU memory.
+SmolLM2-135M and Llama-3.2-1B, variable-length rows of random tokens with log-normal lengths (mean ~560,
+clipped to 32..2048), every token trained, bf16 mixed precision; full fine-tuning, and LoRA (r 16, alpha 32,
+every linear layer but the head) on cases named `shape:batch:lora`. Each (case, contender) cell runs in its own
+process, in the order of `PLAN` until the deadline; the table gives trained tokens/s over the timed steps, the
+ratio to HF padded and to the fastest HF configuration of the case, MFU (6N per token plus causal attention,
+against 989 TFLOP/s dense bf16), peak GPU memory, the final loss and the cell's wall time (start-up included).
 Run through bench/gpu.sh on the GPU machine; `--cpu` is a tiny smoke run of the same code on the CPU.
 """
 
@@ -28,6 +29,7 @@ from _workload import (
     run_child,
     run_hf,
     run_ours,
+    with_lora,
 )
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -60,8 +62,29 @@ SHAPES = {
         "num_key_value_heads": 2,
     },
 }
-CASES = ["smollm2-135m:16", "llama-1b:4", "llama-1b:8"]
-CONTENDERS = ["hf_padded", "hf_padfree", "ours_padded", "ours_packed"]
+CONTENDERS: dict[str, dict[str, Any]] = {
+    # transformers.Trainer: right-padded rows (sdpa), DataCollatorWithFlattening (sdpa), the same with
+    # flex_attention (the fastest HF configuration measured on an H100, shared/anchors/README.md)
+    "hf_padded": {"hf": True, "padding_free": False, "attn": "sdpa"},
+    "hf_padfree": {"hf": True, "padding_free": True, "attn": "sdpa"},
+    "hf_flex": {"hf": True, "padding_free": True, "attn": "flex_attention"},
+    # ours: padded rows, packed rows (one varlen attention call per layer on CUDA), and one lever each on top
+    "ours_padded": {"hf": False, "packing": False},
+    "ours_packed": {"hf": False, "packing": True},
+    "ours_packed_compile": {"hf": False, "packing": True, "torch_compile": True},
+    "ours_packed_liger": {"hf": False, "packing": True, "use_liger_kernel": True},
+}
+HF_CONTENDERS = [name for name, spec in CONTENDERS.items() if spec["hf"]]
+# The cells in the order they run: the issue's cases first, the levers and the batch-16 fit check last.
+PLAN: list[tuple[str, list[str]]] = [
+    ("smollm2-135m:16", ["hf_padded", "hf_padfree", "hf_flex", "ours_padded", "ours_packed"]),
+    ("llama-1b:8", ["hf_padded", "hf_flex", "ours_padded", "ours_packed"]),
+    ("llama-1b:8:lora", ["hf_padded", "hf_flex", "ours_packed"]),
+    ("llama-1b:4", ["hf_padded", "hf_padfree", "hf_flex", "ours_packed"]),
+    ("llama-1b:8", ["ours_packed_compile", "ours_packed_liger"]),
+    ("smollm2-135m:16", ["ours_packed_compile", "ours_packed_liger"]),
+    ("llama-1b:16", ["hf_padded", "ours_packed"]),
+]
 
 
 def synthetic_rows(n: int, vocab_size: int) -> list[dict[str, list[int]]]:
@@ -96,43 +119,28 @@ def flops_per_token(params: int, shape: dict[str, int], rows: list[dict]) -> flo
 
 def child(name: str, case: str, warmup: int, steps: int) -> None:
     """Train one contender on one case and print its result line (an `error` entry on out-of-memory)."""
-    shape_name, batch = case.split(":")
-    shape, batch_size = SHAPES[shape_name], int(batch)
+    shape_name, batch, *variant = case.split(":")
+    shape, batch_size, lora = SHAPES[shape_name], int(batch), variant == ["lora"]
+    spec = CONTENDERS[name]
     rows = synthetic_rows(batch_size * (warmup + steps), shape["vocab_size"])
-    config = LlamaConfig(
-        max_position_embeddings=4096, tie_word_embeddings=True, attn_implementation="sdpa", **shape
-    )
+    config = LlamaConfig(max_position_embeddings=4096, tie_word_embeddings=True,
+                         attn_implementation=spec.get("attn", "sdpa"), **shape)
     torch.manual_seed(SEED)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # built on the device: no copy
         model = LlamaForCausalLM(config)
     params = sum(p.numel() for p in model.parameters())
     bf16 = torch.cuda.is_available()
     clock = StepClock()
     result: dict[str, Any] = {"run": name, "case": case}
     try:
-        if name.startswith("hf_"):
-            run_hf(
-                model,
-                rows,
-                clock,
-                padding_free=name == "hf_padfree",
-                batch_size=batch_size,
-                max_steps=warmup + steps,
-                bf16=bf16,
-            )
+        if spec["hf"]:
+            run_hf(with_lora(model) if lora else model, rows, clock, padding_free=spec["padding_free"],
+                   batch_size=batch_size, max_steps=warmup + steps, bf16=bf16)
         else:
-            run_ours(
-                model,
-                placeholder_tokenizer(),
-                rows,
-                clock,
-                packing=name == "ours_packed",
-                batch_size=batch_size,
-                max_seq_length=MAX_LEN,
-                max_steps=warmup + steps,
-                lora=False,
-                mixed_precision="bf16" if bf16 else None,
-            )
+            levers = {k: spec[k] for k in ("torch_compile", "use_liger_kernel") if k in spec}
+            run_ours(model, placeholder_tokenizer(), rows, clock, packing=spec["packing"], batch_size=batch_size,
+                     max_seq_length=MAX_LEN, max_steps=warmup + steps, lora=lora,
+                     mixed_precision="bf16" if bf16 else None, **levers)
     except torch.OutOfMemoryError:
         emit_result({**result, "error": "out of memory", "peak_mib": peak_memory_mib()})
         return
@@ -142,85 +150,88 @@ def child(name: str, case: str, warmup: int, steps: int) -> None:
 
 
 def report(results: list[dict[str, Any]]) -> str:
-    """One row per (case, contender): tokens/s, ratio to HF padded on that case, MFU, peak memory, loss."""
-    padded = {r["case"]: r.get("tokens_per_s") for r in results if r["run"] == "hf_padded"}
+    """One row per cell: tokens/s, ratios to HF padded and to the fastest HF contender of the case, MFU, peak
+    memory (and its ratio to HF padded), final loss, tokens per step, the cell's wall time."""
+    def best_hf(case: str) -> float | None:
+        speeds = [r["tokens_per_s"] for r in results if r["case"] == case and r["run"] in HF_CONTENDERS
+                  and "error" not in r]
+        return max(speeds, default=None)
+
+    padded = {r["case"]: r for r in results if r["run"] == "hf_padded" and "error" not in r}
     rows = []
     for r in results:
+        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else "—"
         if "error" in r:
-            rows.append([r["case"], r["run"], *["—"] * 6, r["error"][:100]])
+            rows.append([r["case"], r["run"], *["—"] * 8, wall, r["error"][:100]])
             continue
-        base = padded.get(r["case"])
-        ratio = f"{r['tokens_per_s'] / base:.2f}×" if base else "—"
-        rows.append(
-            [
-                r["case"],
-                r["run"],
-                f"{r['tokens_per_s']:,.0f}",
-                ratio,
-                f"{r['mfu']:.1%}",
-                f"{r['peak_mib'] / 1024:.1f}",
-                f"{r['final_loss']:.4f}",
-                f"{r['tokens_per_step']:,.0f}",
-                "",
-            ]
-        )
-    headers = [
-        "shape:batch",
-        "contender",
-        "tokens/s",
-        "vs hf_padded",
-        "MFU",
-        "peak GiB",
-        "final loss",
-        "tokens/step",
-        "note",
-    ]
+        base, best = padded.get(r["case"]), best_hf(r["case"])
+        rows.append([
+            r["case"],
+            r["run"],
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base else "—",
+            f"{r['tokens_per_s'] / best:.2f}×" if best else "—",
+            f"{r['mfu']:.1%}",
+            f"{r['peak_mib'] / 1024:.1f}",
+            f"{r['peak_mib'] / base['peak_mib']:.2f}" if base else "—",
+            f"{r['final_loss']:.4f}",
+            f"{r['tokens_per_step']:,.0f}",
+            wall,
+            "",
+        ])
+    headers = ["case", "contender", "tokens/s", "vs hf_padded", "vs best HF", "MFU", "peak GiB",
+               "peak vs hf_padded", "final loss", "tokens/step", "cell s", "note"]
     return markdown_table(headers, rows)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="tiny smoke run on the CPU")
-    parser.add_argument(
-        "--cases", nargs="+", default=CASES, help=f"shape:batch cases (default {' '.join(CASES)})"
-    )
-    parser.add_argument("--only", nargs="+", choices=CONTENDERS, default=CONTENDERS, help="contenders to run")
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps, at least 1 (default 5)")
-    parser.add_argument(
-        "--deadline-s", type=float, default=420, help="start no new run after this many seconds (default 420)"
-    )
+    parser.add_argument("--cases", nargs="+", help="shape:batch[:lora] cases (default: every case of PLAN)")
+    parser.add_argument("--only", nargs="+", choices=list(CONTENDERS), help="contenders to run (default: PLAN's)")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps, at least 1 (default 3)")
+    parser.add_argument("--deadline-s", type=float, default=380,
+                        help="start no new cell after this many seconds (default 380)")
+    parser.add_argument("--json", type=Path, help="also write every result to this JSON file")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one contender in this process
     args = parser.parse_args()
-    if args.cpu:
-        args.cases, args.steps, args.warmup = ["tiny:4"], 2, 1
     if args.run:
         child(args.run, args.cases[0], args.warmup, args.steps)
         return
+    plan = [(case, names) for case, names in PLAN
+            if args.cases is None or case in args.cases]
+    if args.cases:
+        plan += [(case, list(CONTENDERS)) for case in args.cases if case not in dict(PLAN)]
+    if args.cpu:  # every contender the CPU can run, on a tiny model, full fine-tuning and LoRA
+        plan = [("tiny:4", ["hf_padded", "hf_padfree", "ours_padded", "ours_packed"]),
+                ("tiny:4:lora", ["hf_padded", "ours_packed"])]
+        args.steps, args.warmup = 2, 1
+    if args.only:
+        plan = [(case, [n for n in names if n in args.only]) for case, names in plan]
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     precision = "bf16" if torch.cuda.is_available() else "fp32"
-    print(
-        f"{device}, torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"{args.warmup} warm-up + {args.steps} timed steps, {precision}",
-        flush=True,
-    )
+    print(f"{device}, torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps, {precision}", flush=True)
     started = time.perf_counter()
     results = []
-    for case in args.cases:
-        for name in args.only:
+    for case, names in plan:
+        for name in names:
             left = args.deadline_s - (time.perf_counter() - started)
             if left <= 0:
                 results.append({"run": name, "case": case, "error": "skipped: past the deadline"})
                 continue
             child_args = ["--cases", case, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            cell_started = time.perf_counter()
             result = {"case": case, **run_child(Path(__file__), name, child_args, timeout_s=left + 60)}
+            result["wall_s"] = time.perf_counter() - cell_started
             results.append(result)
             print(json.dumps(result), flush=True)
     print()
     print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

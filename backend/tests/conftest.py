@@ -87,3 +87,15 @@ def _tokenized_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatc
     directory = tmp_path_factory.getbasetemp() / "tokenized-cache"
     monkeypatch.setattr(token_cache, "tokenized_cache_dir", lambda: directory)
     return directory
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need CUDA: skipped (with the reason shown) on machines without it, such as CI."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

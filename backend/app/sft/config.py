@@ -109,7 +109,14 @@ class SFTConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The dtype the base model is loaded in; auto: half precision for a LoRA base on CUDA, else float32."""
     attn_implementation: str | None = None
-    """`eager`, `sdpa`, `flash_attention_2`, ...; None: the model's default."""
+    """`eager`, `sdpa`, `flash_attention_2`, ...; None: the model's default (with `packing`: one variable-length
+    attention call per layer on CUDA, see `app.sft.attention`)."""
+    use_kernels: bool = False
+    """Let transformers swap in kernels downloaded from the Hugging Face Hub (needs the `kernels` package and the
+    network at load time). Off: loading never reaches the network for kernels."""
+    use_liger_kernel: bool = False
+    """CUDA only: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (needs `liger-kernel`, in the `gpu` extra).
+    The loss stays this library's own fused output layer + cross-entropy."""
 
     # Data
     dataset_name: str | None = None
@@ -203,7 +210,8 @@ class SFTConfig(BaseModel):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     torch_compile: bool = False
-    """Compile the model with torch.compile."""
+    """Compile each decoder layer with torch.compile (regional compilation; CUDA only, ignored on a CPU, where it
+    does not pay). Packed rows of changing length are compiled once with dynamic shapes."""
     dataloader_num_workers: int = Field(0, ge=0)
     """Worker processes that collate batches."""
     seed: int = Field(42, ge=0)
@@ -517,6 +525,12 @@ class SFTConfig(BaseModel):
         elif self.optimizer_type == "adamw_fused" and not cuda:
             changes["optimizer_type"] = "adamw"
             _warn("optimizer_type 'adamw_fused' needs a CUDA GPU; using 'adamw' instead")
+        if self.torch_compile and not cuda:
+            changes["torch_compile"] = False
+            _warn("torch_compile is for CUDA GPUs (on a CPU it costs compile time and gains nothing); off here")
+        if self.use_liger_kernel and not cuda:
+            changes["use_liger_kernel"] = False
+            _warn("use_liger_kernel needs a CUDA GPU (Triton kernels); using the stock layers instead")
         resolved = self.model_copy(update=changes, deep=True)
         if precision is not None:
             resolved._precision_choice = precision

@@ -1273,17 +1273,20 @@ class PaddedCollator:
 
 
 class PackedCollator:
-    """Examples -> ONE unpadded row: `input_ids`, `position_ids` and `labels` of shape [1, T].
+    """Examples -> ONE unpadded row: `input_ids`, `position_ids` and `labels` of shape [1, T], plus where the
+    examples start.
 
     Positions restart at 0 for each example and its first token's label is -100, so no example is trained
-    to predict across a boundary; the restarts are what keeps attention within each example
-    (`attention.document_causal_sdpa`). There is no `attention_mask`.
+    to predict across a boundary; attention is kept within each example (`attention.document_causal_sdpa`).
+    There is no `attention_mask`. The examples' cumulative offsets `cu_seq_lens_q`/`cu_seq_lens_k` (int32,
+    [examples + 1]) and the longest example `max_length_q`/`max_length_k` (an int) are computed here, on the
+    host, under the names transformers' flash-attention kwargs use, so the GPU never has to be asked for them.
     """
 
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not examples:
             raise ValueError("cannot collate an empty batch")
-        ids, positions, labels = [], [], []
+        ids, positions, labels, offsets = [], [], [], [0]
         for example in examples:
             example_ids = _ids(example["input_ids"])
             if not example_ids:
@@ -1292,8 +1295,15 @@ class PackedCollator:
             ids += example_ids
             positions += range(len(example_ids))
             labels += [IGNORE_INDEX, *example_labels[1:]]
+            offsets.append(len(ids))
+        cu_seq_lens = torch.tensor(offsets, dtype=torch.int32)
+        longest = max(end - start for start, end in itertools.pairwise(offsets))
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": longest,
+            "max_length_k": longest,
         }

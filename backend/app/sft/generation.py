@@ -31,7 +31,6 @@ import torch
 from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
     PreTrainedModel,
@@ -48,6 +47,7 @@ from app.sft.modeling import (
     ensure_pad_token,
     load_model,
     load_tokenizer,
+    pretrained_causal_lm,
     quiet_peft_deprecations,
     read_gguf,
     refuse_pickled_weights,
@@ -132,7 +132,7 @@ def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel |
             with quiet_peft_deprecations():
                 model = PeftModel.from_pretrained(load_model(config, device=device), path)
         elif (path / "config.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device)
+            model = pretrained_causal_lm(path, use_kernels=config.use_kernels, dtype="auto", device_map=device)
         elif path.is_dir():
             raise FileNotFoundError(f"{path}: holds no model: no weights (expected adapter_config.json or "
                                     "config.json)")

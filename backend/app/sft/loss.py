@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from torch import nn
 
 IGNORE_INDEX = -100
 LOSS_CHUNK_TOKENS = 2048  # positions whose float32 logits are held at once
+# What the model's forward takes from a batch; the offsets are those of packed rows (`attention.py`).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                "max_length_k")
 
 # Output layers whose model returns the layer's output untouched (True), or does something to it (False).
 _HEAD_OUTPUT_RETURNED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
@@ -38,40 +42,52 @@ def count_label_tokens(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def causal_lm_loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into `labels.flatten()`, int64) of the positions whose *next* label is trained: the positions
+    whose logits the loss scores. Computed on the host by the trainer's data loader, so that the step never
+    waits for the GPU to count them (a boolean selection on the GPU would)."""
+    width = labels.shape[-1]
+    rows, columns = torch.nonzero(labels.reshape(-1, width)[:, 1:] != IGNORE_INDEX, as_tuple=True)
+    return rows * width + columns
+
+
+def causal_lm_loss_sum(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropies over labelled positions, and how many positions that is.
 
     `batch` holds `input_ids` and `labels` (same shape, -100 where nothing is trained), plus optionally
-    `attention_mask` (padded batches) or `position_ids` (packed rows). Labels are shifted as Hugging Face causal
-    LMs do: the logits at position t are scored against `labels[t + 1]`.
+    `attention_mask` (padded batches) or `position_ids` and the examples' offsets (packed rows, see
+    `PackedCollator`), and `label_positions` (`label_positions(labels)`, computed here when absent). Labels are
+    shifted as Hugging Face causal LMs do: the logits at position t are scored against `labels[t + 1]`.
 
     Works with Hugging Face causal LMs (also PEFT-wrapped or inside DDP/FSDP wrappers) and with any module whose
     forward takes `input_ids`/`attention_mask` and returns logits (a tensor or an object with `.logits`).
     """
-    targets = batch["labels"][..., 1:]
-    keep = targets != IGNORE_INDEX
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    kept_targets = targets[keep]
+    labels = batch["labels"]
+    positions = batch.get("label_positions")
+    positions = label_positions(labels) if positions is None else positions.to(labels.device)
+    targets = labels.flatten()[positions + 1]
+    n_tokens = torch.full((), positions.numel(), dtype=torch.long, device=labels.device)
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
     head = _output_layer(model)
     if head is None:
         output = model(**inputs)
         logits = output if isinstance(output, torch.Tensor) else output.logits
-        return _chunked_cross_entropy_sum(logits[..., :-1, :][keep], kept_targets), keep.sum()
+        return _chunked_cross_entropy_sum(logits.flatten(0, 1)[positions], targets), n_tokens
     if _is_plain_linear(head) and _HEAD_OUTPUT_RETURNED.get(head, True):
-        loss_sum = _fused_head_loss_sum(model, head, inputs, keep, kept_targets)
+        loss_sum = _fused_head_loss_sum(model, head, inputs, positions, targets)
         if loss_sum is not None:
-            return loss_sum, keep.sum()
+            return loss_sum, n_tokens
 
     def keep_labelled_positions(_module: nn.Module, args: tuple) -> tuple:
-        return (args[0][:, :-1][keep].unsqueeze(0),) + tuple(args[1:])
+        return (args[0].flatten(0, 1)[positions].unsqueeze(0),) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(keep_labelled_positions)
     try:
         output = model(**inputs, use_cache=False)
     finally:
         handle.remove()
-    return _chunked_cross_entropy_sum(output.logits.flatten(0, 1), kept_targets), keep.sum()
+    return _chunked_cross_entropy_sum(output.logits.flatten(0, 1), targets), n_tokens
 
 
 def evaluation_totals(
@@ -179,19 +195,19 @@ def _linear_cross_entropy_chunks(
 def _fused_head_loss_sum(
     model: nn.Module,
     head: nn.Linear,
-    inputs: dict[str, torch.Tensor],
-    keep: torch.Tensor,
+    inputs: dict[str, Any],
+    positions: torch.Tensor,
     targets: torch.Tensor,
 ) -> torch.Tensor | None:
     """Run `model` with its output layer replaced by `linear_cross_entropy_sum` on the labelled positions, and
     return the loss sum; None (with the random state put back, as if nothing had run) when the model does not
     return the layer's output as is, which is then remembered so that the layer runs as usual from then on."""
     first_call = head not in _HEAD_OUTPUT_RETURNED
-    restore_rng = _rng_restorer(keep.device) if first_call else None
+    restore_rng = _rng_restorer(positions.device) if first_call else None
     returned: list[tuple[torch.Tensor, int]] = []
 
     def labelled_loss(hidden: torch.Tensor) -> torch.Tensor:
-        loss = linear_cross_entropy_sum(hidden[:, :-1][keep], head.weight, head.bias, targets)
+        loss = linear_cross_entropy_sum(hidden.flatten(0, 1)[positions], head.weight, head.bias, targets)
         returned.append((loss, loss._version))
         return loss
 

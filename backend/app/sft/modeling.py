@@ -266,7 +266,7 @@ def read_gguf(gguf_path: str | os.PathLike[str]) -> tuple[PreTrainedModel, PreTr
         raise ImportError(f"Loading {path} needs the 'gguf' package: pip install gguf")
     with _gguf_alone(path) as (folder, name):
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        model = pretrained_causal_lm(folder, gguf_file=name, dtype=torch.float32)
     # The weights are now plain float tensors; without this, save_pretrained refuses the model.
     model.hf_quantizer = None
     del model.config.quantization_config
@@ -351,6 +351,13 @@ def base_model_config(config: SFTConfig, *, local_files_only: bool = False) -> P
     )
 
 
+def pretrained_causal_lm(path: str | os.PathLike[str], *, use_kernels: bool = False, **kwargs: Any) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained` with an explicit `use_kernels` choice: transformers 5 turns Hub
+    kernels on by default on CUDA, which downloads code at load time; here they are off unless asked for. Every
+    model this library loads comes through this function."""
+    return AutoModelForCausalLM.from_pretrained(path, use_kernels=use_kernels, **kwargs)
+
+
 def load_model(config: SFTConfig, *, device: torch.device | str | None = None) -> PreTrainedModel:
     """Load the base causal LM described by `config` (no adapters yet; see `apply_lora`).
 
@@ -377,7 +384,7 @@ def load_model(config: SFTConfig, *, device: torch.device | str | None = None) -
         kwargs["device_map"] = device_map
     path = model_path(config.base_model)
     with phase(f"Loading {config.base_model}"), _hub_access(config.base_model) as hub:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **hub)
+        model = pretrained_causal_lm(path, use_kernels=config.use_kernels, **kwargs, **hub)
     # Record the base model as the user named it (a Hub id, `package://...`, the path given), not the
     # directory it was loaded from (a GGUF conversion cache): peft writes this name into adapter_config.json
     # and the model card, so the adapter loads on another machine; `model_path` resolves it again.
@@ -417,6 +424,20 @@ def default_lora_target_modules(model: nn.Module) -> list[str]:
             f"lora_target_modules: {type(model).__name__} has no linear layers to put LoRA on; name the modules."
         )
     return sorted(names)
+
+
+def apply_liger_kernels(model: PreTrainedModel) -> PreTrainedModel:
+    """Swap in Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (`use_liger_kernel`), leaving the output layer
+    and loss to `loss.causal_lm_loss_sum`. Liger patches the model's modeling module for RoPE (every model of
+    that type in this process), its layers in place for the rest."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as error:
+        raise ImportError("use_liger_kernel needs the 'liger-kernel' package: pip install 'llm-playground-sft[gpu]'"
+                          ) from error
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return model
 
 
 def apply_lora(model: PreTrainedModel, config: SFTConfig) -> PeftModel | PreTrainedModel:
@@ -559,8 +580,7 @@ def merge_lora(
             )
 
     with phase(f"Merging {adapter_dir} into {base_model}"), _hub_access(base_model) as hub:
-        base = AutoModelForCausalLM.from_pretrained(model_path(base_model), dtype=_MERGE_DTYPES[dtype] or "auto",
-                                                    **hub)
+        base = pretrained_causal_lm(model_path(base_model), dtype=_MERGE_DTYPES[dtype] or "auto", **hub)
         with quiet_peft_deprecations():
             merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         if dtype not in ("auto", "fp32"):

@@ -28,12 +28,13 @@ Features and the config field that controls each:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import signal
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,10 @@ from app.sft.data import (
 )
 from app.sft.distributed import make_accelerator
 from app.sft.layout import Layout, deal
-from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, count_label_tokens
+from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, label_positions
 from app.sft.metrics_log import MetricsLog
 from app.sft.model_card import write_model_card
-from app.sft.modeling import apply_lora, load_model, load_tokenizer, merge_lora, save_final_model
+from app.sft.modeling import apply_liger_kernels, apply_lora, load_model, load_tokenizer, merge_lora, save_final_model
 from app.sft.report import render_report
 from app.sft.run_dir import run_folder
 from app.sft.signals import StopSignals
@@ -170,6 +171,8 @@ class SFTTrainer(TrainerAPI):
             model = load_model(cfg)
         if cfg.packing and cfg.attn_implementation is None and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(register_document_attention())  # packed rows without a dense mask
+        if cfg.use_liger_kernel:
+            model = apply_liger_kernels(model)
         model = apply_lora(model, cfg)
         if cfg.torch_compile:
             _compile_decoder_layers(model)
@@ -420,7 +423,7 @@ class SFTTrainer(TrainerAPI):
         return DataLoader(
             _MaskedPadding(self.train_data),
             batch_sampler=batch_plan,
-            collate_fn=self.collate_fn,
+            collate_fn=functools.partial(_with_label_positions, collate=self.collate_fn),
             num_workers=self.config.dataloader_num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.config.seed),  # keeps the global RNG untouched
@@ -434,13 +437,15 @@ class SFTTrainer(TrainerAPI):
         # The step's loss is a mean over every labelled token of every micro-batch on every process, so each
         # micro-batch's summed loss is divided by the step's total token count (DDP then averages the gradients
         # over processes, which the factor num_processes undoes).
-        local_tokens = sum(count_label_tokens(batch["labels"]) for batch in window)
-        tokens = int(self.all_reduce_sum(torch.tensor(local_tokens, device=self.device)))
+        local_tokens = sum(len(batch["label_positions"]) for batch in window)  # counted on the host
+        tokens = (local_tokens if self.num_processes == 1
+                  else int(self.all_reduce_sum(torch.tensor(local_tokens, device=self.device))))
         scale = self.num_processes / max(tokens, 1)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(window):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in batch.items()}
             last = i == len(window) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
                 micro_loss, _ = causal_lm_loss_sum(self.model, batch)
@@ -819,6 +824,14 @@ class SFTTrainer(TrainerAPI):
 
     def _is_sharded(self) -> bool:
         return self.accelerator.distributed_type.name == "FSDP"
+
+
+def _with_label_positions(examples: list[dict[str, Any]], collate: Callable[[list], dict[str, Any]]) -> dict[str, Any]:
+    """`collate(examples)` plus the flat indices of its trained positions (`loss.label_positions`), computed in
+    the data loader (its workers, if any) rather than by the GPU during the step."""
+    batch = collate(examples)
+    batch["label_positions"] = label_positions(batch["labels"])
+    return batch
 
 
 class _MaskedPadding(Dataset):

@@ -544,10 +544,22 @@ def test_padded_collator_pads_right_and_ignores_padding() -> None:
 
 def test_packed_collator_is_one_row_with_restarting_positions() -> None:
     batch = PackedCollator()(EXAMPLES)
-    assert set(batch) == {"input_ids", "position_ids", "labels"}
+    assert set(batch) == {"input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                          "max_length_k"}
     assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22, 23, 24, 25, 31, 32]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
     assert batch["labels"].tolist() == [[-100, 12, 13, -100, -100, -100, 24, 25, -100, 32]]
+
+
+def test_packed_collator_gives_the_examples_offsets_computed_on_the_host() -> None:
+    """The varlen attention kernel's inputs: cumulative starts (int32, on the CPU) and the longest example as an
+    int, so the forward pass never reads them back from the GPU."""
+    batch = PackedCollator()(EXAMPLES)
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        assert batch[key].dtype == torch.int32 and batch[key].device.type == "cpu"
+        assert batch[key].tolist() == [0, 3, 8, 10]
+    assert batch["max_length_q"] == batch["max_length_k"] == 5
+    assert isinstance(batch["max_length_q"], int)
 
 
 def trained_pairs_padded(batch: dict[str, torch.Tensor]) -> Counter[tuple[tuple[int, ...], int]]:

@@ -468,3 +468,47 @@ def test_package_uri_names_a_file_inside_an_installed_package():
         resolve_model_source("package://not_a_package_xyz/model.gguf")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model_source("package://json/missing.gguf")
+
+
+# ---------------------------------------------------------------------------------------------- Hub kernels
+
+
+def test_every_model_load_says_use_kernels_explicitly_and_off_by_default(model_dir, monkeypatch):
+    """transformers 5 turns Hub kernels on by default on CUDA (a download at load time). Every load of ours names
+    `use_kernels`: off unless the config asks for them."""
+    from transformers import PreTrainedModel
+
+    from app.sft.generation import load_trained_model
+
+    original = PreTrainedModel.from_pretrained.__func__
+    calls: list[dict] = []
+
+    def recording(cls, *args, **kwargs):
+        calls.append(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(recording))
+    config = SFTConfig(base_model=str(model_dir), dataset_name="unused.jsonl")
+    load_model(config)
+    load_trained_model(model_dir, config)  # a model folder, loaded for generation
+    assert len(calls) == 2
+    assert all(call.get("use_kernels") is False for call in calls), calls
+
+
+def test_no_module_loads_a_model_around_the_explicit_use_kernels_choice():
+    """One place (`modeling.pretrained_causal_lm`) calls `AutoModelForCausalLM.from_pretrained` (or any other
+    `...ForCausalLM.from_pretrained`)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[2] / "app"
+    callers = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        functions = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained" and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id.endswith("ForCausalLM")):
+                owner = next(f.name for f in functions if f.lineno <= node.lineno <= f.end_lineno)
+                callers.append(f"{path.relative_to(package)}:{owner}")
+    assert callers == ["sft/modeling.py:pretrained_causal_lm"]

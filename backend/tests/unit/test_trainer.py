@@ -93,11 +93,13 @@ class _Examples(Dataset):
 
 
 def test_per_step_loss_matches_transformers_trainer(tmp_path, tiny_model_dir):
-    """Same weights, same batches in the same order, same optimizer and schedule: the same 20 losses."""
+    """Same weights, same batches in the same order, same optimizer and schedule, on the same device (the GPU when
+    there is one), in fp32: the same 20 losses."""
     steps, batch_size = 20, 4
     config = make_config(
         tmp_path,
         tiny_model_dir,
+        mixed_precision=None,
         max_steps=steps,
         batch_size=batch_size,
         learning_rate=1e-3,
@@ -148,7 +150,7 @@ def test_per_step_loss_matches_transformers_trainer(tmp_path, tiny_model_dir):
         report_to=[],
         save_strategy="no",
         logging_steps=1,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         seed=0,
         disable_tqdm=True,
     )

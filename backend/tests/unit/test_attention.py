@@ -1,0 +1,141 @@
+"""Packed attention: which kernel runs where, the variable-length path's layout, host-computed label positions.
+
+The CUDA kernel itself (`torch.nn.attention.varlen.varlen_attn`) runs only on a GPU; here a reference with its
+signature (causal sdpa on each example) stands in for it so that everything around the call (head layout,
+grouped key/value heads, the scale, the offsets the collator hands through the model) is checked on a CPU.
+`test_gpu.py` runs the real kernel against the per-example path on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_llama
+
+from app.sft import attention
+from app.sft.attention import document_causal_sdpa, packed_kernel, register_document_attention
+from app.sft.data import PackedCollator
+from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, label_positions
+
+EXAMPLES = [
+    {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+    {"input_ids": [9, 10], "labels": [9, 10]},
+    {"input_ids": [11, 12, 13, 14, 15, 16], "labels": [-100, 12, 13, -100, 15, 16]},
+]
+
+
+def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                     enable_gqa=False, calls=None):
+    """What `varlen_attn` computes ([T, heads, head_dim] in and out), one example at a time."""
+    assert window_size == (-1, 0), "the trainer only asks for causal attention"
+    assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and max_q == max_k
+    bounds = cu_seq_q.tolist()
+    assert max_q == max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    if calls is not None:
+        calls.append(bounds)
+    outputs = [
+        F.scaled_dot_product_attention(query[a:b].transpose(0, 1), key[a:b].transpose(0, 1),
+                                       value[a:b].transpose(0, 1), is_causal=True, scale=scale,
+                                       enable_gqa=enable_gqa).transpose(0, 1)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return torch.cat(outputs)
+
+
+def test_packed_rows_use_one_varlen_call_only_on_cuda_in_half_precision() -> None:
+    available = attention._VARLEN_ATTN is not None
+    cuda = torch.device("cuda")
+    assert packed_kernel(torch.device("cpu"), torch.bfloat16) == "per_example"  # the CPU keeps the exact path
+    assert packed_kernel(cuda, torch.bfloat16) == ("varlen" if available else "per_example")
+    assert packed_kernel(cuda, torch.float16) == ("varlen" if available else "per_example")
+    assert packed_kernel(cuda, torch.float32) == "per_example"  # flash attention has no fp32 kernel
+    assert packed_kernel(cuda, torch.bfloat16, dropout=0.1) == "per_example"
+
+
+@pytest.mark.parametrize("api", ["current", "is_causal"])
+@pytest.mark.parametrize("scaling", [None, 0.3])
+def test_varlen_path_equals_per_example_attention(monkeypatch, api, scaling) -> None:
+    """Grouped key/value heads (4 query heads, 2 key/value heads), a custom scale, and both signatures torch has
+    shipped (`window_size`/`enable_gqa`/`scale` since 2.10, `is_causal` before)."""
+    torch.manual_seed(0)
+    lengths = [3, 5, 1, 4]
+    total = sum(lengths)
+    query, key, value = torch.randn(1, 4, total, 8), torch.randn(1, 2, total, 8), torch.randn(1, 2, total, 8)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    offsets = torch.tensor([0, 3, 8, 9, 13], dtype=torch.int32)
+    expected, _ = document_causal_sdpa(None, query, key, value, None, scaling=scaling, position_ids=position_ids)
+
+    calls: list[list[int]] = []
+    if api == "current":
+        def kernel(q, k, v, cu_q, cu_k, max_q, max_k, **options):
+            return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, calls=calls, **options)
+        parameters = frozenset({"scale", "window_size", "enable_gqa"})
+    else:
+        def kernel(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
+            assert is_causal and q.shape[1] == k.shape[1]  # no grouped heads in the old signature
+            return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0), calls=calls)
+        parameters = frozenset({"is_causal"})
+    monkeypatch.setattr(attention, "_VARLEN_ATTN", kernel)
+    monkeypatch.setattr(attention, "_VARLEN_PARAMETERS", parameters)
+    monkeypatch.setattr(attention, "packed_kernel", lambda *args, **kwargs: "varlen")
+
+    got, _ = document_causal_sdpa(None, query, key, value, None, scaling=scaling, position_ids=position_ids,
+                                  cu_seq_lens_q=offsets, max_length_q=5)
+    assert got.shape == expected.shape == (1, total, 4, 8)
+    torch.testing.assert_close(got, expected)
+    assert calls == [[0, 3, 8, 9, 13]]  # one call for the whole row
+
+    calls.clear()  # without the collator's offsets they are found from the positions
+    got, _ = document_causal_sdpa(None, query, key, value, None, scaling=scaling, position_ids=position_ids)
+    torch.testing.assert_close(got, expected)
+    assert calls == [[0, 3, 8, 9, 13]]
+
+
+def test_the_collators_offsets_reach_the_kernel_through_the_model(monkeypatch) -> None:
+    """A packed batch straight from `PackedCollator` into a Llama: every layer's attention gets the collator's
+    offsets (no bounds are looked up on the device), and the loss and gradients equal the per-example path's."""
+    batch = PackedCollator()(EXAMPLES)
+    batch["label_positions"] = label_positions(batch["labels"])
+
+    def loss_and_grads(model):
+        loss, n_tokens = causal_lm_loss_sum(model, batch)
+        loss.backward()
+        return loss.detach(), int(n_tokens), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    reference = tiny_llama(seed=3).train()
+    reference.set_attn_implementation(register_document_attention())
+    expected = loss_and_grads(reference)
+
+    calls: list[list[int]] = []
+    monkeypatch.setattr(attention, "_VARLEN_ATTN",
+                        lambda *args, **options: reference_varlen(*args, calls=calls, **options))
+    monkeypatch.setattr(attention, "_VARLEN_PARAMETERS", frozenset({"scale", "window_size", "enable_gqa"}))
+    monkeypatch.setattr(attention, "packed_kernel", lambda *args, **kwargs: "varlen")
+    monkeypatch.setattr(attention, "_example_bounds", lambda *_: pytest.fail("bounds looked up on the device"))
+    model = tiny_llama(seed=3).train()
+    model.set_attn_implementation(register_document_attention())
+    loss, n_tokens, grads = loss_and_grads(model)
+
+    assert calls == [[0, 4, 6, 12]] * model.config.num_hidden_layers
+    assert n_tokens == expected[1] == 7
+    torch.testing.assert_close(loss, expected[0])
+    for got, want in zip(grads, expected[2], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_label_positions_are_the_positions_whose_next_label_is_trained() -> None:
+    labels = torch.tensor([[1, -100, 3, 4], [-100, 6, -100, -100]])
+    positions = label_positions(labels)
+    assert positions.tolist() == [1, 2, 4]  # row 0 scores t=1 (-> 3) and t=2 (-> 4); row 1 scores t=0 (-> 6)
+    assert labels.flatten()[positions + 1].tolist() == [3, 4, 6]
+    assert label_positions(torch.full((2, 3), IGNORE_INDEX)).numel() == 0
+
+
+def test_precomputed_label_positions_give_the_same_loss_and_token_count() -> None:
+    batch = PackedCollator()(EXAMPLES)
+    model = tiny_llama(seed=1)
+    without = causal_lm_loss_sum(model, batch)
+    with_positions = causal_lm_loss_sum(model, {**batch, "label_positions": label_positions(batch["labels"])})
+    torch.testing.assert_close(with_positions[0], without[0])
+    assert int(with_positions[1]) == int(without[1]) == 7
