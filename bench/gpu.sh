@@ -40,7 +40,7 @@ OUT=${OUT:-$(mktemp -d)}
       "cuda", torch.cuda.is_available() and torch.cuda.get_device_name())'
 
 echo "== gpu tests"
-timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider -c backend/pyproject.toml -o addopts="" \
+timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider -c backend/pyproject.toml -o addopts="" \
     backend/tests/unit/test_gpu.py backend/tests/unit/test_attention.py \
     backend/tests/unit/test_trainer.py::test_per_step_loss_matches_transformers_trainer 2>&1 \
     | tail -25 | tee "$OUT/gpu_tests.txt" || true

@@ -80,8 +80,8 @@ PLAN: list[tuple[str, list[str]]] = [
     ("smollm2-135m:16", ["hf_padded", "hf_padfree", "hf_flex", "ours_padded", "ours_packed"]),
     ("llama-1b:8", ["hf_padded", "hf_flex", "ours_padded", "ours_packed"]),
     ("llama-1b:8:lora", ["hf_padded", "hf_flex", "ours_packed"]),
-    ("llama-1b:4", ["hf_padded", "hf_padfree", "hf_flex", "ours_packed"]),
     ("llama-1b:8", ["ours_packed_compile", "ours_packed_liger"]),
+    ("llama-1b:4", ["hf_padded", "hf_padfree", "hf_flex", "ours_packed"]),
     ("smollm2-135m:16", ["ours_packed_compile", "ours_packed_liger"]),
     ("llama-1b:16", ["hf_padded", "ours_packed"]),
 ]
