@@ -374,16 +374,31 @@ def emit_result(result: dict[str, Any]) -> None:
 
 def run_child(script: Path, name: str, args: list[str], timeout_s: float | None = None) -> dict[str, Any]:
     """Run `script --run name *args` in a fresh interpreter and return its result, or an `error` entry."""
-    command = [sys.executable, str(script), "--run", name, *args]
+    return run_children(script, [name], args, timeout_s)[0]
+
+
+def run_children(
+    script: Path, names: list[str], args: list[str], timeout_s: float | None = None
+) -> list[dict[str, Any]]:
+    """Run `script --run name1,name2,... *args` in one fresh interpreter (the contenders one after another) and
+    return one result per name: what the child printed, or an `error` entry for those it did not finish."""
+    command = [sys.executable, str(script), "--run", ",".join(names), *args]
     try:
         proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"run": name, "error": f"timed out after {timeout_s:.0f} s"}
-    for line in proc.stdout.splitlines():
+        stdout, failure = proc.stdout, None
+    except subprocess.TimeoutExpired as expired:
+        proc = None
+        stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        failure = f"timed out after {timeout_s:.0f} s"
+    results = {}
+    for line in stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"run": name, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+            result = json.loads(line[len(RESULT_PREFIX) :])
+            results[result["run"]] = result
+    if failure is None and proc is not None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        failure = f"exit {proc.returncode}: " + " | ".join(tail)
+    return [results.get(name, {"run": name, "error": failure}) for name in names]
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -6,13 +6,15 @@ clipped to 32..2048), every token trained, bf16 mixed precision; full fine-tunin
 every linear layer but the head) on cases named `shape:batch:lora`. Each (case, contender) cell runs in its own
 process, in the order of `PLAN` until the deadline; the table gives trained tokens/s over the timed steps, the
 ratio to HF padded and to the fastest HF configuration of the case, MFU (6N per token plus causal attention,
-against 989 TFLOP/s dense bf16), peak GPU memory, the final loss and the cell's wall time (start-up included).
+against 989 TFLOP/s dense bf16), peak GPU memory, the final loss, the seconds from the model's build to the end of
+the first step, and the contender's whole time (model build to clean-up; the process's start-up not included).
 Run through bench/gpu.sh on the GPU machine; `--cpu` is a tiny smoke run of the same code on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from _workload import (
     emit_result,
     markdown_table,
     peak_memory_mib,
-    run_child,
+    run_children,
     run_hf,
     run_ours,
     with_lora,
@@ -75,15 +77,18 @@ CONTENDERS: dict[str, dict[str, Any]] = {
     "ours_packed_liger": {"hf": False, "packing": True, "use_liger_kernel": True},
 }
 HF_CONTENDERS = [name for name, spec in CONTENDERS.items() if spec["hf"]]
-# The cells in the order they run: the issue's cases first, the levers and the batch-16 fit check last.
-PLAN: list[tuple[str, list[str]]] = [
-    ("smollm2-135m:16", ["hf_padded", "hf_padfree", "hf_flex", "ours_padded", "ours_packed"]),
-    ("llama-1b:8", ["hf_padded", "hf_flex", "ours_padded", "ours_packed"]),
-    ("llama-1b:8:lora", ["hf_padded", "hf_flex", "ours_packed"]),
-    ("llama-1b:8", ["ours_packed_compile", "ours_packed_liger"]),
-    ("llama-1b:4", ["hf_padded", "hf_padfree", "hf_flex", "ours_packed"]),
-    ("smollm2-135m:16", ["ours_packed_compile", "ours_packed_liger"]),
-    ("llama-1b:16", ["hf_padded", "ours_packed"]),
+# The cells in the order they run, a process for each group (start-up is ~20 s of a cell on the GPU machine):
+# the issue's cases first, then the levers, then the contenders that compile (in processes of their own, as
+# Liger, which patches transformers' Llama module for the whole process) and the batch-16 fit check.
+PLAN: list[tuple[str, list[list[str]]]] = [
+    ("smollm2-135m:16", [["hf_padded", "hf_padfree", "ours_padded", "ours_packed"]]),
+    ("llama-1b:8", [["hf_padded", "ours_padded", "ours_packed"]]),
+    ("llama-1b:8:lora", [["hf_padded", "hf_padfree", "ours_packed"]]),
+    ("llama-1b:4", [["hf_padded", "hf_padfree", "ours_packed"]]),
+    ("llama-1b:8", [["ours_packed_liger"], ["ours_packed_compile"]]),
+    ("smollm2-135m:16", [["ours_packed_compile"], ["hf_flex"]]),
+    ("llama-1b:8", [["hf_flex"]]),
+    ("llama-1b:16", [["hf_padded", "ours_packed"]]),
 ]
 
 
@@ -117,36 +122,49 @@ def flops_per_token(params: int, shape: dict[str, int], rows: list[dict]) -> flo
     return 6 * params + attention
 
 
-def child(name: str, case: str, warmup: int, steps: int) -> None:
-    """Train one contender on one case and print its result line (an `error` entry on out-of-memory)."""
+def child(names: list[str], case: str, warmup: int, steps: int) -> None:
+    """Train each contender of `names` on one case, one after another in this process (a fresh seeded model each,
+    peak memory counted anew), and print a result line for each (an `error` entry on out-of-memory)."""
     shape_name, batch, *variant = case.split(":")
     shape, batch_size, lora = SHAPES[shape_name], int(batch), variant == ["lora"]
-    spec = CONTENDERS[name]
     rows = synthetic_rows(batch_size * (warmup + steps), shape["vocab_size"])
-    config = LlamaConfig(max_position_embeddings=4096, tie_word_embeddings=True,
-                         attn_implementation=spec.get("attn", "sdpa"), **shape)
-    torch.manual_seed(SEED)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # built on the device: no copy
-        model = LlamaForCausalLM(config)
-    params = sum(p.numel() for p in model.parameters())
     bf16 = torch.cuda.is_available()
-    clock = StepClock()
-    result: dict[str, Any] = {"run": name, "case": case}
-    try:
-        if spec["hf"]:
-            run_hf(with_lora(model) if lora else model, rows, clock, padding_free=spec["padding_free"],
-                   batch_size=batch_size, max_steps=warmup + steps, bf16=bf16)
-        else:
-            levers = {k: spec[k] for k in ("torch_compile", "use_liger_kernel") if k in spec}
-            run_ours(model, placeholder_tokenizer(), rows, clock, packing=spec["packing"], batch_size=batch_size,
-                     max_seq_length=MAX_LEN, max_steps=warmup + steps, lora=lora,
-                     mixed_precision="bf16" if bf16 else None, **levers)
-    except torch.OutOfMemoryError:
-        emit_result({**result, "error": "out of memory", "peak_mib": peak_memory_mib()})
-        return
-    summary = clock.summary(warmup, steps)
-    mfu = summary["tokens_per_s"] * flops_per_token(params, shape, rows) / PEAK_FLOPS
-    emit_result({**result, **summary, "mfu": mfu, "peak_mib": peak_memory_mib(), "params": params})
+    for name in names:
+        spec = CONTENDERS[name]
+        result: dict[str, Any] = {"run": name, "case": case}
+        started = time.perf_counter()
+        clock = StepClock()
+        params = 0
+        try:
+            config = LlamaConfig(max_position_embeddings=4096, tie_word_embeddings=True,
+                                 attn_implementation=spec.get("attn", "sdpa"), **shape)
+            torch.manual_seed(SEED)
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # built on the device: no copy
+                model = LlamaForCausalLM(config)
+            params = sum(p.numel() for p in model.parameters())
+            if spec["hf"]:
+                run_hf(with_lora(model) if lora else model, rows, clock, padding_free=spec["padding_free"],
+                       batch_size=batch_size, max_steps=warmup + steps, bf16=bf16)
+            else:
+                levers = {k: spec[k] for k in ("torch_compile", "use_liger_kernel") if k in spec}
+                run_ours(model, placeholder_tokenizer(), rows, clock, packing=spec["packing"],
+                         batch_size=batch_size, max_seq_length=MAX_LEN, max_steps=warmup + steps, lora=lora,
+                         mixed_precision="bf16" if bf16 else None, **levers)
+            summary = clock.summary(warmup, steps)
+            mfu = summary["tokens_per_s"] * flops_per_token(params, shape, rows) / PEAK_FLOPS
+            result.update(summary, mfu=mfu, peak_mib=peak_memory_mib(), params=params)
+        except torch.OutOfMemoryError:
+            result.update(error="out of memory", peak_mib=peak_memory_mib())
+        except Exception as error:  # noqa: BLE001 (one contender's failure is a result; the others still run)
+            result["error"] = f"{type(error).__name__}: {error}"[:300]
+        result["setup_s"] = (clock.times[0] - started) if clock.times else None  # model, set-up, first step
+        result["cell_s"] = time.perf_counter() - started
+        emit_result(result)
+        model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
 
 
 def report(results: list[dict[str, Any]]) -> str:
@@ -160,9 +178,10 @@ def report(results: list[dict[str, Any]]) -> str:
     padded = {r["case"]: r for r in results if r["run"] == "hf_padded" and "error" not in r}
     rows = []
     for r in results:
-        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else "—"
+        wall = f"{r['cell_s']:.0f}" if r.get("cell_s") else "—"
+        setup = f"{r['setup_s']:.0f}" if r.get("setup_s") else "—"
         if "error" in r:
-            rows.append([r["case"], r["run"], *["—"] * 8, wall, r["error"][:100]])
+            rows.append([r["case"], r["run"], *["—"] * 8, setup, wall, r["error"][:100]])
             continue
         base, best = padded.get(r["case"]), best_hf(r["case"])
         rows.append([
@@ -176,11 +195,12 @@ def report(results: list[dict[str, Any]]) -> str:
             f"{r['peak_mib'] / base['peak_mib']:.2f}" if base else "—",
             f"{r['final_loss']:.4f}",
             f"{r['tokens_per_step']:,.0f}",
+            setup,
             wall,
             "",
         ])
     headers = ["case", "contender", "tokens/s", "vs hf_padded", "vs best HF", "MFU", "peak GiB",
-               "peak vs hf_padded", "final loss", "tokens/step", "cell s", "note"]
+               "peak vs hf_padded", "final loss", "tokens/step", "to step 1 s", "cell s", "note"]
     return markdown_table(headers, rows)
 
 
@@ -197,18 +217,17 @@ def main() -> None:
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one contender in this process
     args = parser.parse_args()
     if args.run:
-        child(args.run, args.cases[0], args.warmup, args.steps)
+        child(args.run.split(","), args.cases[0], args.warmup, args.steps)
         return
-    plan = [(case, names) for case, names in PLAN
-            if args.cases is None or case in args.cases]
+    plan = [(case, groups) for case, groups in PLAN if args.cases is None or case in args.cases]
     if args.cases:
-        plan += [(case, list(CONTENDERS)) for case in args.cases if case not in dict(PLAN)]
+        plan += [(case, [[name] for name in CONTENDERS]) for case in args.cases if case not in dict(PLAN)]
     if args.cpu:  # every contender the CPU can run, on a tiny model, full fine-tuning and LoRA
-        plan = [("tiny:4", ["hf_padded", "hf_padfree", "ours_padded", "ours_packed"]),
-                ("tiny:4:lora", ["hf_padded", "ours_packed"])]
+        plan = [("tiny:4", [["hf_padded", "hf_padfree", "ours_padded", "ours_packed"]]),
+                ("tiny:4:lora", [["hf_padded", "ours_packed"]])]
         args.steps, args.warmup = 2, 1
     if args.only:
-        plan = [(case, [n for n in names if n in args.only]) for case, names in plan]
+        plan = [(case, [[n for n in group if n in args.only] for group in groups]) for case, groups in plan]
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     precision = "bf16" if torch.cuda.is_available() else "fp32"
@@ -216,18 +235,16 @@ def main() -> None:
           f"{args.warmup} warm-up + {args.steps} timed steps, {precision}", flush=True)
     started = time.perf_counter()
     results = []
-    for case, names in plan:
-        for name in names:
+    for case, groups in plan:
+        for names in filter(None, groups):
             left = args.deadline_s - (time.perf_counter() - started)
             if left <= 0:
-                results.append({"run": name, "case": case, "error": "skipped: past the deadline"})
+                results += [{"run": name, "case": case, "error": "skipped: past the deadline"} for name in names]
                 continue
             child_args = ["--cases", case, "--warmup", str(args.warmup), "--steps", str(args.steps)]
-            cell_started = time.perf_counter()
-            result = {"case": case, **run_child(Path(__file__), name, child_args, timeout_s=left + 60)}
-            result["wall_s"] = time.perf_counter() - cell_started
-            results.append(result)
-            print(json.dumps(result), flush=True)
+            for result in run_children(Path(__file__), names, child_args, timeout_s=left + 90):
+                results.append({"case": case, **result})
+                print(json.dumps(results[-1]), flush=True)
     print()
     print(report(results))
     if args.json:

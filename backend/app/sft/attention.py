@@ -74,7 +74,7 @@ def document_causal_sdpa(
 
 def packed_kernel(device: torch.device, dtype: torch.dtype, dropout: float = 0.0) -> str:
     """`"varlen"` (one flash-attention call over the packed row) where it runs, else `"per_example"`."""
-    usable = device.type == "cuda" and dtype in _HALF and dropout == 0.0 and _VARLEN_ATTN is not None
+    usable = device.type == "cuda" and dtype in _HALF and dropout == 0.0 and _VARLEN_CAUSAL
     return "varlen" if usable else "per_example"
 
 
@@ -91,20 +91,22 @@ def varlen_causal_attention(
     [1, heads, T, head_dim] (grouped key/value heads allowed), `offsets` the examples' cumulative starts
     (int32, [examples + 1], on the row's device), `longest` the longest example; returns [1, T, heads, head_dim]."""
     head_dim = query.shape[-1]
-    if scaling is not None and "scale" not in _VARLEN_PARAMETERS:  # older torch: fold the scale into the query
+    options: dict[str, Any] = {}
+    if "window_size" in _VARLEN_PARAMETERS:
+        options["window_size"] = (-1, 0)  # causal
+    else:
+        options["is_causal"] = True
+    if scaling is not None and "scale" in _VARLEN_PARAMETERS:
+        options["scale"] = scaling
+    elif scaling is not None:  # no `scale` keyword: fold the scale into the query
         query = query * (scaling * head_dim**0.5)
-    if "enable_gqa" not in _VARLEN_PARAMETERS:
+    if "enable_gqa" in _VARLEN_PARAMETERS:
+        options["enable_gqa"] = True
+    else:
         groups = query.shape[1] // key.shape[1]
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # [T, heads, head_dim]
     offsets = offsets.to(device=q.device, dtype=torch.int32)
-    options: dict[str, Any] = {}
-    if "window_size" in _VARLEN_PARAMETERS:
-        options.update(window_size=(-1, 0), enable_gqa=True)
-        if scaling is not None:
-            options["scale"] = scaling
-    else:
-        options["is_causal"] = True
     return _VARLEN_ATTN(q, k, v, offsets, offsets, longest, longest, **options).unsqueeze(0)
 
 
@@ -125,10 +127,12 @@ def _load_varlen_attn() -> Callable[..., torch.Tensor] | None:
     return varlen_attn
 
 
-# Looked up once at import (not inside the forward pass, which torch.compile traces); the keyword names of
-# `varlen_attn` changed between torch releases (`is_causal` first, then `window_size`, `scale`, `enable_gqa`).
+# Looked up once at import (not inside the forward pass, which torch.compile traces). The keywords of
+# `varlen_attn` changed between torch releases (`is_causal` in the first; `window_size`, `scale` and `enable_gqa`
+# later, and torch 2.11 takes `window_size` but not `enable_gqa`): each is passed only where this torch has it.
 _VARLEN_ATTN = _load_varlen_attn()
 _VARLEN_PARAMETERS = frozenset(inspect.signature(_VARLEN_ATTN).parameters) if _VARLEN_ATTN else frozenset()
+_VARLEN_CAUSAL = bool(_VARLEN_PARAMETERS & {"window_size", "is_causal"})
 
 
 _bounds_cache: tuple[torch.Tensor | None, list[int]] = (None, [])

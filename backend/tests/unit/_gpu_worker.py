@@ -1,9 +1,9 @@
 """Trains the tiny Llama for `test_gpu.py` in a process of its own (so the CPU run can hide the GPU) and prints
-the per-step losses as JSON: `python _gpu_worker.py OUT_DIR [--packing] [--resume]`."""
+the per-step losses as JSON: `python _gpu_worker.py OUT_DIR`. Padded and packed, each run for 8 steps and then
+resumed from its step-4 checkpoint, all in one process (start-up is most of the time on a GPU machine)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -44,16 +44,13 @@ def train(output_dir: Path, packing: bool, resume_from: str | None = None) -> li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--packing", action="store_true")
-    parser.add_argument("--resume", action="store_true", help="also resume from the step-4 checkpoint")
-    args = parser.parse_args()
-    result = {"device": "cuda" if torch.cuda.is_available() else "cpu",
-              "losses": train(args.out / "run", args.packing)}
-    if args.resume:
-        checkpoint = sorted((args.out / "run").rglob("checkpoint_step_4"))[0]
-        result["resumed"] = train(args.out / "run", args.packing, resume_from=str(checkpoint))
+    out = Path(sys.argv[1])
+    result: dict = {"device": "cuda" if torch.cuda.is_available() else "cpu"}
+    for name, packing in (("padded", False), ("packed", True)):
+        run = out / name
+        losses = train(run, packing)
+        checkpoint = sorted(run.rglob("checkpoint_step_4"))[0]
+        result[name] = {"losses": losses, "resumed": train(run, packing, resume_from=str(checkpoint))}
     print("RESULT " + json.dumps(result))
 
 

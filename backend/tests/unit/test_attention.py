@@ -25,10 +25,9 @@ EXAMPLES = [
 ]
 
 
-def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                     enable_gqa=False, calls=None):
-    """What `varlen_attn` computes ([T, heads, head_dim] in and out), one example at a time."""
-    assert window_size == (-1, 0), "the trainer only asks for causal attention"
+def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, enable_gqa=False,
+                     calls=None):
+    """What causal `varlen_attn` computes ([T, heads, head_dim] in and out), one example at a time."""
     assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and max_q == max_k
     bounds = cu_seq_q.tolist()
     assert max_q == max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
@@ -53,11 +52,33 @@ def test_packed_rows_use_one_varlen_call_only_on_cuda_in_half_precision() -> Non
     assert packed_kernel(cuda, torch.bfloat16, dropout=0.1) == "per_example"
 
 
-@pytest.mark.parametrize("api", ["current", "is_causal"])
+SIGNATURES = {  # the keywords `varlen_attn` has taken across torch releases
+    "2.13": frozenset({"scale", "window_size", "enable_gqa"}),
+    "2.11": frozenset({"scale", "window_size"}),
+    "window_only": frozenset({"window_size"}),
+    "2.9": frozenset({"is_causal"}),
+}
+
+
+def kernel_with(parameters: frozenset[str], calls: list[list[int]]):
+    """A stand-in for `varlen_attn` that accepts exactly `parameters` as keywords, as that torch's would."""
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, **options):
+        unknown = set(options) - parameters
+        if unknown:
+            raise TypeError(f"varlen_attn() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+        causal = options.get("window_size") == (-1, 0) or options.get("is_causal") is True
+        assert causal, "the trainer only asks for causal attention"
+        assert options.get("enable_gqa") or q.shape[1] == k.shape[1], "grouped heads without enable_gqa"
+        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=options.get("scale"),
+                                enable_gqa=bool(options.get("enable_gqa")), calls=calls)
+    return kernel
+
+
+@pytest.mark.parametrize("signature", list(SIGNATURES))
 @pytest.mark.parametrize("scaling", [None, 0.3])
-def test_varlen_path_equals_per_example_attention(monkeypatch, api, scaling) -> None:
-    """Grouped key/value heads (4 query heads, 2 key/value heads), a custom scale, and both signatures torch has
-    shipped (`window_size`/`enable_gqa`/`scale` since 2.10, `is_causal` before)."""
+def test_varlen_path_equals_per_example_attention(monkeypatch, signature, scaling) -> None:
+    """Grouped key/value heads (4 query heads, 2 key/value heads) and a custom scale, with every signature torch
+    has shipped: each keyword is passed only where that torch takes it."""
     torch.manual_seed(0)
     lengths = [3, 5, 1, 4]
     total = sum(lengths)
@@ -67,17 +88,8 @@ def test_varlen_path_equals_per_example_attention(monkeypatch, api, scaling) -> 
     expected, _ = document_causal_sdpa(None, query, key, value, None, scaling=scaling, position_ids=position_ids)
 
     calls: list[list[int]] = []
-    if api == "current":
-        def kernel(q, k, v, cu_q, cu_k, max_q, max_k, **options):
-            return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, calls=calls, **options)
-        parameters = frozenset({"scale", "window_size", "enable_gqa"})
-    else:
-        def kernel(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
-            assert is_causal and q.shape[1] == k.shape[1]  # no grouped heads in the old signature
-            return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0), calls=calls)
-        parameters = frozenset({"is_causal"})
-    monkeypatch.setattr(attention, "_VARLEN_ATTN", kernel)
-    monkeypatch.setattr(attention, "_VARLEN_PARAMETERS", parameters)
+    monkeypatch.setattr(attention, "_VARLEN_ATTN", kernel_with(SIGNATURES[signature], calls))
+    monkeypatch.setattr(attention, "_VARLEN_PARAMETERS", SIGNATURES[signature])
     monkeypatch.setattr(attention, "packed_kernel", lambda *args, **kwargs: "varlen")
 
     got, _ = document_causal_sdpa(None, query, key, value, None, scaling=scaling, position_ids=position_ids,
@@ -90,6 +102,13 @@ def test_varlen_path_equals_per_example_attention(monkeypatch, api, scaling) -> 
     got, _ = document_causal_sdpa(None, query, key, value, None, scaling=scaling, position_ids=position_ids)
     torch.testing.assert_close(got, expected)
     assert calls == [[0, 3, 8, 9, 13]]
+
+
+def test_the_installed_torchs_varlen_keywords_are_the_ones_we_handle() -> None:
+    """A torch whose `varlen_attn` takes neither causal keyword is not used (the per-example path runs)."""
+    if attention._VARLEN_ATTN is not None:
+        assert attention._VARLEN_PARAMETERS & {"window_size", "is_causal"}
+        assert attention._VARLEN_CAUSAL
 
 
 def test_the_collators_offsets_reach_the_kernel_through_the_model(monkeypatch) -> None:
@@ -108,9 +127,8 @@ def test_the_collators_offsets_reach_the_kernel_through_the_model(monkeypatch) -
     expected = loss_and_grads(reference)
 
     calls: list[list[int]] = []
-    monkeypatch.setattr(attention, "_VARLEN_ATTN",
-                        lambda *args, **options: reference_varlen(*args, calls=calls, **options))
-    monkeypatch.setattr(attention, "_VARLEN_PARAMETERS", frozenset({"scale", "window_size", "enable_gqa"}))
+    monkeypatch.setattr(attention, "_VARLEN_ATTN", kernel_with(SIGNATURES["2.11"], calls))
+    monkeypatch.setattr(attention, "_VARLEN_PARAMETERS", SIGNATURES["2.11"])
     monkeypatch.setattr(attention, "packed_kernel", lambda *args, **kwargs: "varlen")
     monkeypatch.setattr(attention, "_example_bounds", lambda *_: pytest.fail("bounds looked up on the device"))
     model = tiny_llama(seed=3).train()

@@ -27,33 +27,38 @@ WORKER = Path(__file__).with_name("_gpu_worker.py")
 BACKEND = Path(__file__).resolve().parents[2]
 
 
-def run_worker(out: Path, *args: str, cpu: bool = False) -> dict:
+def run_worker(out: Path, *, cpu: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BACKEND), os.environ.get("PYTHONPATH", "")])}
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([sys.executable, str(WORKER), str(out), *args], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_a_cuda_run_has_the_losses_of_the_cpu_run_in_fp32(tmp_path, packing):
-    flags = ["--packing"] if packing else []
-    on_cpu = run_worker(tmp_path / "cpu", *flags, cpu=True)
-    on_cuda = run_worker(tmp_path / "cuda", *flags)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The worker's padded and packed runs (and their resumes) on the CPU and on CUDA, fp32."""
+    on_cpu = run_worker(tmp_path_factory.mktemp("cpu"), cpu=True)
+    on_cuda = run_worker(tmp_path_factory.mktemp("cuda"), cpu=False)
     assert (on_cpu["device"], on_cuda["device"]) == ("cpu", "cuda")
-    assert len(on_cuda["losses"]) == len(on_cpu["losses"]) == 8
-    for step, (gpu, cpu) in enumerate(zip(on_cuda["losses"], on_cpu["losses"], strict=True), start=1):
+    return {"cpu": on_cpu, "cuda": on_cuda}
+
+
+@pytest.mark.parametrize("collation", ["padded", "packed"])
+def test_a_cuda_run_has_the_losses_of_the_cpu_run_in_fp32(runs, collation):
+    on_cpu, on_cuda = runs["cpu"][collation]["losses"], runs["cuda"][collation]["losses"]
+    assert len(on_cuda) == len(on_cpu) == 8
+    for step, (gpu, cpu) in enumerate(zip(on_cuda, on_cpu, strict=True), start=1):
         assert gpu == pytest.approx(cpu, rel=2e-3), f"step {step}: cuda {gpu} vs cpu {cpu}"
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_stop_and_resume_on_cuda_gives_the_uninterrupted_losses(tmp_path, packing):
-    result = run_worker(tmp_path, "--resume", *(["--packing"] if packing else []))
-    assert result["device"] == "cuda"
-    assert result["resumed"] == pytest.approx(result["losses"][4:], rel=1e-5)
+@pytest.mark.parametrize("collation", ["padded", "packed"])
+def test_stop_and_resume_on_cuda_gives_the_uninterrupted_losses(runs, collation):
+    run = runs["cuda"][collation]
+    assert run["resumed"] == pytest.approx(run["losses"][4:], rel=1e-5)
 
 
 def packed_batch(device: str) -> dict:
