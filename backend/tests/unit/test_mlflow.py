@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 from test_resume import SignalAt, lora_config, run
 
-from app.sft import MLflowCallback, SFTCallback
+from app.sft import GenerationEvalCallback, MLflowCallback, SFTCallback
 from app.sft.metrics_log import read_metrics
 
 
@@ -65,6 +65,8 @@ def test_a_stopped_crashed_and_resumed_run_is_one_mlflow_run_with_each_step_once
     params = mlflow_run.data.params
     assert params["learning_rate"] == str(config.learning_rate) and params["lora_r"] == "4"
     assert params["distributed.strategy"] == "auto" and params["report_to"] == "['mlflow']"
+    assert params["mixed_precision"] != "auto"  # the config as resolved for this machine
+    assert any(key.startswith("epoch/") for key in mlflow_run.data.metrics)
 
     records = read_metrics(Path(config.output_dir) / "metrics.jsonl")
     losses = [(r["step"], r["loss"]) for r in records if r["type"] == "train"]
@@ -147,3 +149,20 @@ def test_a_crafted_or_unknown_run_id_starts_a_new_run(tmp_path, caplog):
     client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
     assert steps_of(client, callback.run_id, "loss") == [(1, 2.0)]
     assert client.get_run(callback.run_id).info.status == "KILLED"  # no summary was written
+
+
+def test_generation_scores_and_samples_are_logged_at_their_step(tmp_path):
+    from test_generation_eval import ANSWER, QUESTION, TASK, train
+
+    callback = GenerationEvalCallback(TASK[:2], metrics=["exact_match"], eval_steps=2, max_new_tokens=6)
+    trainer, _ = train(tmp_path, [callback], max_steps=4, report_to=["mlflow"], run_name="gen-run")
+    client = local_store(trainer.config)
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("llm-playground-sft").experiment_id])
+    assert mlflow_run.info.run_name == "gen-run"
+    assert [step for step, _ in steps_of(client, mlflow_run.info.run_id, "gen_exact_match")] == [2, 4]
+    assert [a.path for a in client.list_artifacts(mlflow_run.info.run_id, "generations")] == [
+        "generations/step_2.json", "generations/step_4.json"]
+    path = client.download_artifacts(mlflow_run.info.run_id, "generations/step_4.json", str(tmp_path))
+    logged = json.loads(Path(path).read_text())
+    assert logged["step"] == 4 and [(s["prompt"], s["reference"]) for s in logged["samples"]] == [
+        (QUESTION, ANSWER)] * 2
