@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from app.sft import SFTCallback, SFTConfig, SFTTrainer
 from app.sft.checkpointing import CheckpointError
 from app.sft.config import ConfigError
+from app.sft.modeling import merge_lora
 
 STEPS = 6
 VARIANTS = {
@@ -58,8 +59,11 @@ def test_variant_trains_resumes_exactly_and_loads_in_plain_peft(variant, tmp_pat
     model = resumed.accelerator.unwrap_model(resumed.model).eval()
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
     ids = torch.tensor([[5, 9, 14, 22, 7, 3]])
+    merged_dir = merge_lora(out, tmp_path / "merged", str(tiny_model_dir))  # what `sft merge` writes
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, model(ids).logits)
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
     assert adapter["use_dora"] is VARIANTS[variant].get("use_dora", False)
     assert adapter["use_rslora"] is VARIANTS[variant].get("use_rslora", False)
     if variant == "dora":
