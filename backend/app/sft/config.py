@@ -49,8 +49,8 @@ logger = logging.getLogger(__name__)
 
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
-ReportTarget = Literal["wandb", "tensorboard"]
-_ALL_REPORT_TARGETS: list[str] = ["wandb", "tensorboard"]
+ReportTarget = Literal["wandb", "tensorboard", "mlflow"]
+_ALL_REPORT_TARGETS: list[str] = ["wandb", "tensorboard", "mlflow"]
 _BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
@@ -169,8 +169,16 @@ class SFTConfig(BaseModel):
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     """Dropout on the LoRA inputs."""
-    lora_target_modules: list[str] | None = None
-    """None: every linear projection of the model except the output head."""
+    lora_target_modules: list[str] | Literal["all-linear"] | None = None
+    """Module names to put LoRA on; `all-linear`: peft's choice of every linear layer except the output head;
+    None: every linear projection except the output head, by name."""
+    use_dora: bool = False
+    """DoRA (peft): each adapted weight is split into a magnitude, trained, and a LoRA-updated direction."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA (peft): the update is scaled by lora_alpha / sqrt(lora_r) instead of / lora_r."""
+    neftune_noise_alpha: float | None = Field(None, gt=0.0)
+    """NEFTune: uniform noise of this scale (alpha / sqrt(sequence length × hidden size)) on the input embeddings
+    while training, never at evaluation or generation (transformers' hook); None: off. Papers use 5 to 15."""
 
     # Optimisation
     batch_size: int = Field(4, ge=1)
@@ -276,7 +284,14 @@ class SFTConfig(BaseModel):
     wandb_run_name: str | None = None
     """The W&B run's name; None: run_name."""
     report_to: list[ReportTarget] = Field(default_factory=list)
-    """Like Hugging Face's `report_to`: a list, one name, "all" or "none"."""
+    """Like Hugging Face's `report_to`: a list of wandb, tensorboard, mlflow; one name, "all" or "none"."""
+    mlflow_tracking_uri: str | None = None
+    """Where `report_to: [mlflow]` logs: a server (`http://host:5000`), `databricks`, `sqlite:///path.db`; None:
+    the MLFLOW_TRACKING_URI environment variable, else a local store `sqlite:///<output_dir>/mlflow/mlflow.db`."""
+    mlflow_experiment: str | None = None
+    """The MLflow experiment (created when missing); None: MLFLOW_EXPERIMENT_NAME, else `llm-playground-sft`."""
+    mlflow_log_model: bool = False
+    """Also log the final adapter or model (with its tokenizer) as MLflow artifacts under `model/`."""
     run_name: str | None = None
     """A name for the run in logs and trackers."""
     disable_progress_bar: bool = False
@@ -450,7 +465,7 @@ class SFTConfig(BaseModel):
 
     def diff(self, other: SFTConfig) -> dict[str, tuple[Any, Any]]:
         """Settings that differ, as `{field: (self's value, other's value)}`; nested keys are dotted."""
-        mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
+        mine, theirs = flatten(self.to_dict()), flatten(other.to_dict())
         keys = list(mine) + [key for key in theirs if key not in mine]
         return {key: (mine.get(key), theirs.get(key)) for key in keys if mine.get(key) != theirs.get(key)}
 
@@ -651,6 +666,11 @@ ALIASES: dict[str, Alias] = {
                            lambda value: "tokenizer" if value == "tokenizer_default" else value),
     "sample_packing": Alias("packing", "Axolotl name"),
     "load_in_4bit": Alias("use_qlora", "Axolotl name"),
+    "lora_target_linear": Alias("lora_target_modules", "Axolotl name; lora_target_linear: true = all-linear",
+                                lambda value: "all-linear" if value is True else _SKIP if value in (False, None)
+                                else value),
+    "peft_use_dora": Alias("use_dora", "Axolotl name"),
+    "peft_use_rslora": Alias("use_rslora", "Axolotl name"),
     "completion_only_loss": Alias("train_on_inputs", "TRL name; completion_only_loss: false = train_on_inputs: true",
                                   lambda value: not value if isinstance(value, bool) else value),
 }
@@ -719,11 +739,13 @@ def describe_fields(model: type[BaseModel] | None = None, prefix: str = "") -> l
     return rows
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys (`{"distributed": {"strategy": "ddp"}}` ->
+    `{"distributed.strategy": "ddp"}`)."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -58,7 +58,10 @@ def render_model_card(run_dir: str | Path) -> str:
         targets = config.get("lora_target_modules") or "every linear projection except the output head"
         lines.append(f"- LoRA: r {config.get('lora_r')}, alpha {config.get('lora_alpha')}, dropout "
                      f"{config.get('lora_dropout')}, target modules {targets}"
+                     + "".join(f", {name}" for name in ("use_dora", "use_rslora") if config.get(name))
                      + (" (QLoRA, 4-bit base)" if config.get("use_qlora") else ""))
+        if config.get("neftune_noise_alpha"):
+            lines.append(f"- NEFTune noise alpha {config['neftune_noise_alpha']} on the input embeddings")
     lines += [
         f"- Optimisation: learning rate {config.get('learning_rate')} ({config.get('scheduler_type')}), "
         f"batch size {config.get('batch_size')} x {config.get('gradient_accumulation_steps')} accumulation, "

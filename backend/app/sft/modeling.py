@@ -473,7 +473,9 @@ def apply_lora(model: PreTrainedModel, config: SFTConfig) -> PeftModel | PreTrai
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=list(targets),
+            target_modules=targets if isinstance(targets, str) else list(targets),  # "all-linear": peft chooses
+            use_dora=config.use_dora,
+            use_rslora=config.use_rslora,
         )
         with quiet_peft_deprecations():
             model = get_peft_model(model, lora_config)

@@ -15,7 +15,8 @@ from app.sft.layout import Layout, count_processes, keeping_global_batch
 logger = logging.getLogger(__name__)
 
 LOCKED_FIELDS = (
-    "base_model", "use_lora", "use_qlora", "lora_r", "lora_alpha", "lora_target_modules", "max_seq_length",
+    "base_model", "use_lora", "use_qlora", "lora_r", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora",
+    "max_seq_length",
     "dataset_format", "template_name", "train_on_inputs", "packing", "seed",
 )
 """Fields a resumed run may not change: they change the model, its trainable shape or what a step means."""
@@ -27,6 +28,7 @@ step reached on is the new schedule's value there, as if the run had been config
 SAFE_FIELDS = (
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "output_dir", "checkpoint_dir",
     "wandb_project", "wandb_entity", "wandb_run_name", "run_name", "report_to", "disable_progress_bar",
+    "mlflow_tracking_uri", "mlflow_experiment", "mlflow_log_model",
     "eval_batch_size", "dataloader_num_workers", "save_merged_model", "overwrite_output_dir",
     "allow_global_batch_change",
 )

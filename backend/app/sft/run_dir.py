@@ -52,6 +52,9 @@ OUTPUT_FILES = frozenset({
 })
 """The files a run writes into `output_dir` (and `merged/`); `--overwrite` deletes these names only."""
 
+RECORD_FILES = frozenset({"metrics.jsonl", "training_summary.json", "report.html", "loss.png", "config.yaml"})
+"""The output names that record the run rather than hold its model (the rest of `OUTPUT_FILES`: `model_files`)."""
+
 _MODEL_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _CHECKPOINT_ENTRY = re.compile(r"^(\.tmp-|\.old-|\.deleting-)?checkpoint_step_\d+(\.pt|\.pt\.partial)?$")
 _POINTER_FILES = frozenset({"latest", "best", ".tmp-latest", ".tmp-best"})
@@ -265,6 +268,14 @@ def clear_run_files(output_dir: str | os.PathLike, checkpoint_dir: str | os.Path
         if _METRICS_TMP.match(name):
             removed += _delete(output_dir / name, tree=False)
     return removed
+
+
+def model_files(folder: str | os.PathLike) -> list[Path]:
+    """The saved adapter or model, its tokenizer and model card in `folder` (regular files only), sorted."""
+    folder = Path(folder)
+    names = [name for name in _names(folder)
+             if (name in OUTPUT_FILES and name not in RECORD_FILES) or _MODEL_SHARD.match(name)]
+    return sorted(folder / name for name in names if (folder / name).is_file() and not (folder / name).is_symlink())
 
 
 def _clear_model_files(folder: Path) -> int:

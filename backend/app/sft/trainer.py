@@ -45,6 +45,7 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers.integrations.neftune import activate_neftune, deactivate_neftune
 
 from app.sft import checkpointing, optim, resume
 from app.sft.attention import register_document_attention
@@ -53,6 +54,7 @@ from app.sft.callbacks import (
     CheckpointCallback,
     EarlyStoppingCallback,
     GenerationEvalCallback,
+    MLflowCallback,
     SFTCallback,
     TensorBoardCallback,
     ValidationCallback,
@@ -101,7 +103,7 @@ class SFTTrainer(TrainerAPI):
     was given, a `CheckpointCallback` (`save_steps`, `save_total_limit`, `checkpoint_dir`, monitoring
     `best_metric`/`best_metric_mode`) unless one was given, an `EarlyStoppingCallback` when
     `early_stopping_patience` is set, a `GenerationEvalCallback` when `generation_eval_metrics` is set, and
-    W&B / TensorBoard loggers from `wandb_project` / `report_to`.
+    W&B / TensorBoard / MLflow loggers from `wandb_project` / `report_to`.
     """
 
     managed = True
@@ -364,27 +366,32 @@ class SFTTrainer(TrainerAPI):
             resume_step = self.state.global_step if resume_from_checkpoint else None
             self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl", resume_from_step=resume_step)
         error: BaseException | None = None
+        alpha = self.config.neftune_noise_alpha  # noise on the input embeddings in train mode only (transformers')
+        neftune = activate_neftune(self.model, alpha, self.accelerator) if alpha is not None else None
         try:
             with self._signals, logging_redirect_tqdm():
                 self.callback_handler.fire("on_train_begin", self)
                 self._run_epochs()
-                if self.state.stop_reason != "signal":
+                finished = self.state.stop_reason != "signal"
+                if finished:
                     self._save_outputs()
+                summary = self._summary(time.perf_counter() - started)
+                summary["audit"] = audit.to_dict() if audit is not None else None
+                if finished:  # before on_train_end, so that trackers can log the summary and report
+                    self._write_summary_and_report(summary)
         except BaseException as exc:
             error = exc
             raise
         finally:
+            if neftune is not None:
+                deactivate_neftune(self.model, neftune, self.accelerator)
             self.callback_handler.fire("on_train_end", self, error=error)
             if self.metrics_log is not None:
                 self.metrics_log.close()
-        summary = self._summary(time.perf_counter() - started)
-        summary["audit"] = audit.to_dict() if audit is not None else None
         if self.state.stop_reason == "signal":
             logger.warning("Training stopped by %s at step %d; checkpoint saved. Resume with "
                            "train(resume_from_checkpoint='latest') or `sft train CONFIG --resume`.",
                            self._signals.name, self.state.global_step)
-        else:
-            self._write_summary_and_report(summary)
         return summary
 
     def _run_epochs(self) -> None:
@@ -593,6 +600,9 @@ class SFTTrainer(TrainerAPI):
                                             config=cfg.to_dict(), entity=cfg.wandb_entity))
         if "tensorboard" in cfg.report_to and missing(TensorBoardCallback):
             self.add_callback(TensorBoardCallback(log_dir=str(self.output_dir / "tensorboard")))
+        if "mlflow" in cfg.report_to and missing(MLflowCallback):
+            self.add_callback(MLflowCallback(tracking_uri=cfg.mlflow_tracking_uri, experiment=cfg.mlflow_experiment,
+                                             run_name=cfg.run_name, log_model=cfg.mlflow_log_model))
 
     def _savers(self) -> list[CheckpointCallback]:
         """The attached CheckpointCallbacks; the first one's folder is the run's checkpoint folder."""

@@ -83,7 +83,7 @@ def test_unknown_keys_get_a_did_you_mean_also_in_nested_sections() -> None:
         ("scheduler_type", "step"),
         ("mixed_precision", "fp8"),
         ("dtype", "int8"),
-        ("report_to", ["mlflow"]),
+        ("report_to", ["comet"]),
         ("use_lora", "maybe"),
     ],
 )
@@ -116,7 +116,8 @@ def test_contradictory_settings_are_refused() -> None:
     [
         ("none", []),
         (None, []),
-        ("all", ["wandb", "tensorboard"]),
+        ("all", ["wandb", "tensorboard", "mlflow"]),
+        (["mlflow", "none"], ["mlflow"]),
         ("wandb", ["wandb"]),
         (["tensorboard"], ["tensorboard"]),
     ],

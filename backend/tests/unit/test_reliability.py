@@ -348,9 +348,10 @@ def test_report_is_written_atomically(small_disk, finished_run):
 
 
 class _DamageMetricsLog(SFTCallback):
-    def on_train_end(self, trainer, **kw):
-        log = Path(trainer.output_dir) / "metrics.jsonl"
-        log.write_text("{damaged\n" + log.read_text())
+    def on_step_end(self, trainer, step, metrics, **kw):  # the last step: the report is rendered after it
+        if step == 2:
+            log = Path(trainer.output_dir) / "metrics.jsonl"
+            log.write_text("{damaged\n" + log.read_text())
 
 
 def test_a_failing_report_after_a_successful_training_is_a_warning(tmp_path, tiny_model_dir, caplog):

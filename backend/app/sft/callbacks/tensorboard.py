@@ -9,21 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
+from app.sft.callbacks.trackers import scalar
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 logger = logging.getLogger(__name__)
-
-
-def _scalar(value: Any) -> float | None:
-    """`value` as a float if it is a number (bools, strings and non-scalars give None)."""
-    if isinstance(value, (bool, str)):
-        return None
-    try:
-        return float(value)  # ints, floats, numpy scalars, one-element tensors
-    except (TypeError, ValueError, RuntimeError):
-        return None
 
 
 class TensorBoardCallback(SFTCallback):
@@ -93,7 +84,7 @@ class TensorBoardCallback(SFTCallback):
             return
         try:
             for name, value in metrics.items():
-                number = _scalar(value)
+                number = scalar(value)
                 if number is not None:
                     self.writer.add_scalar(tag_of(name), number, global_step=step)
         except Exception as err:

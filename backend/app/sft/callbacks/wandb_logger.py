@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
+from app.sft.callbacks.trackers import config_dict
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class WandBCallback(SFTCallback):
             return
         no_credentials = not os.environ.get("WANDB_MODE") and not _has_wandb_credentials()
         mode = "offline" if no_credentials else None
-        config = self.config if self.config is not None else _config_dict(api.config)
+        config = self.config if self.config is not None else config_dict(api.config)
         arguments = dict(project=self.project, name=self.run_name, config=config, entity=self.entity,
                          resume="allow", id=self.run_id)
         why_offline = "No W&B credentials found"
@@ -177,12 +177,3 @@ def _has_wandb_credentials() -> bool:
         except (OSError, netrc.NetrcParseError):
             continue
     return False
-
-
-def _config_dict(config: Any) -> dict[str, Any] | None:
-    """A trainer config as a plain dict: pydantic models are dumped, mappings copied, others dropped."""
-    if hasattr(config, "model_dump"):
-        return config.model_dump(mode="json")
-    if isinstance(config, Mapping):
-        return dict(config)
-    return None

@@ -1,0 +1,168 @@
+"""MLflow tracking: the real mlflow client against a local store in tmp_path, read back with `MlflowClient`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow import MlflowClient
+from test_resume import SignalAt, lora_config, run
+
+from app.sft import GenerationEvalCallback, MLflowCallback, SFTCallback
+from app.sft.metrics_log import read_metrics
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+
+
+class CrashAt(SFTCallback):
+    """Fails training at the end of `step`, after the loggers (order 95): a crash between two checkpoints."""
+
+    order = 95
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, step, metrics, **kw):
+        if step == self.step:
+            raise RuntimeError("crash")
+
+
+def local_store(config) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{Path(config.output_dir).resolve() / 'mlflow' / 'mlflow.db'}")
+
+
+def steps_of(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_a_stopped_crashed_and_resumed_run_is_one_mlflow_run_with_each_step_once(tmp_path, tiny_model_dir):
+    config = lora_config(tmp_path, tiny_model_dir, "m", max_steps=6, save_steps=2, eval_steps=2, logging_steps=1,
+                         report_to=["mlflow"], mlflow_experiment="tiny-exp", mlflow_log_model=True)
+    run(config, callbacks=[SignalAt(1)])  # stopped by a signal: checkpoint 1, no outputs
+    client = local_store(config)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "tiny-exp"]
+    (first,) = client.search_runs([experiment.experiment_id])
+    assert first.info.status == "KILLED"
+    assert not [a.path for a in client.list_artifacts(first.info.run_id)]
+    with pytest.raises(RuntimeError, match="crash"):  # resumed, logs step 3, then crashes after checkpoint 2
+        run(config, callbacks=[CrashAt(3)], resume="latest")
+    assert client.get_run(first.info.run_id).info.status == "FAILED"
+    _, _, result = run(config, resume="latest")  # from checkpoint 2: step 3 again
+    assert result["global_step"] == 6
+
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])  # one run throughout
+    run_id = mlflow_run.info.run_id
+    assert run_id == first.info.run_id and mlflow_run.info.status == "FINISHED"
+    params = mlflow_run.data.params
+    assert params["learning_rate"] == str(config.learning_rate) and params["lora_r"] == "4"
+    assert params["distributed.strategy"] == "auto" and params["report_to"] == "['mlflow']"
+    assert params["mixed_precision"] != "auto"  # the config as resolved for this machine
+    assert any(key.startswith("epoch/") for key in mlflow_run.data.metrics)
+
+    records = read_metrics(Path(config.output_dir) / "metrics.jsonl")
+    losses = [(r["step"], r["loss"]) for r in records if r["type"] == "train"]
+    assert [step for step, _ in steps_of(client, run_id, "loss")] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert dict(steps_of(client, run_id, "loss")) == pytest.approx(dict(losses))
+    val_losses = [(r["step"], r["val_loss"]) for r in records if r["type"] == "eval"]
+    assert dict(steps_of(client, run_id, "val_loss")) == pytest.approx(dict(val_losses))
+    assert {2, 4, 6} <= {step for step, _ in val_losses}  # and each epoch end
+
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"training_summary.json", "report.html", "loss.png", "config.yaml", "model"} <= artifacts
+    model = {a.path for a in client.list_artifacts(run_id, "model")}
+    assert {"model/adapter_model.safetensors", "model/adapter_config.json", "model/tokenizer.json"} <= model
+    summary = json.loads(Path(client.download_artifacts(run_id, "training_summary.json", str(tmp_path))).read_text())
+    assert summary["global_step"] == 6
+    store = (Path(config.output_dir) / "mlflow").resolve()
+    assert mlflow_run.info.artifact_uri.startswith(store.as_uri())  # everything stays inside the run folder
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_tracking_server_warns_once_and_training_goes_on(tmp_path, tiny_model_dir, caplog):
+    uri = f"http://user:secret@127.0.0.1:{closed_port()}"
+    config = lora_config(tmp_path, tiny_model_dir, "u", max_steps=3, report_to=["mlflow"], mlflow_tracking_uri=uri)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        _, _, result = run(config)
+    assert time.monotonic() - started < 60  # mlflow's own retries would wait minutes
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "MLflow tracking at http://127.0.0.1" in warning and "MLflow logging is off" in warning
+    assert "secret" not in caplog.text
+    assert result["global_step"] == 3  # nothing lost: every step and output is in the run folder
+    assert [r["step"] for r in read_metrics(Path(config.output_dir) / "metrics.jsonl") if r["type"] == "train"] == [
+        1, 2, 3]
+    assert (Path(config.output_dir) / "training_summary.json").is_file()
+    assert not (Path(config.output_dir) / "mlflow").exists()
+
+
+def test_without_mlflow_installed_one_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setitem(__import__("sys").modules, "mlflow", None)
+    callback = MLflowCallback()
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        callback.on_train_begin(trainer)
+        callback.on_step_end(trainer, 1, {"loss": 1.0})
+        callback.on_train_end(trainer)
+    assert caplog.text.count("mlflow is not installed") == 1 and callback.client is None
+
+
+def test_a_linked_local_store_is_refused_and_nothing_is_written_there(tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mlflow").symlink_to(elsewhere, target_is_directory=True)
+    callback = MLflowCallback()
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(out))
+    with caplog.at_level(logging.WARNING):
+        callback.on_train_begin(trainer)
+    assert callback.client is None and "not a folder of ours" in caplog.text
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_crafted_or_unknown_run_id_starts_a_new_run(tmp_path, caplog):
+    callback = MLflowCallback()
+    callback.load_state_dict({"run_id": "../../etc"})
+    assert callback.run_id is None
+    callback.load_state_dict({"run_id": "0123456789abcdef0123456789abcdef"})  # not in this store
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))
+    with caplog.at_level(logging.WARNING):
+        callback.on_train_begin(trainer)
+        callback.on_step_end(trainer, 1, {"loss": 2.0, "note": "text is not a metric"})
+        callback.on_train_end(trainer)
+    assert "not in this tracking store" in caplog.text
+    assert callback.run_id != "0123456789abcdef0123456789abcdef"
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
+    assert steps_of(client, callback.run_id, "loss") == [(1, 2.0)]
+    assert client.get_run(callback.run_id).info.status == "KILLED"  # no summary was written
+
+
+def test_generation_scores_and_samples_are_logged_at_their_step(tmp_path):
+    from test_generation_eval import ANSWER, QUESTION, TASK, train
+
+    callback = GenerationEvalCallback(TASK[:2], metrics=["exact_match"], eval_steps=2, max_new_tokens=6)
+    trainer, _ = train(tmp_path, [callback], max_steps=4, report_to=["mlflow"], run_name="gen-run")
+    client = local_store(trainer.config)
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("llm-playground-sft").experiment_id])
+    assert mlflow_run.info.run_name == "gen-run"
+    assert [step for step, _ in steps_of(client, mlflow_run.info.run_id, "gen_exact_match")] == [2, 4]
+    assert [a.path for a in client.list_artifacts(mlflow_run.info.run_id, "generations")] == [
+        "generations/step_2.json", "generations/step_4.json"]
+    path = client.download_artifacts(mlflow_run.info.run_id, "generations/step_4.json", str(tmp_path))
+    logged = json.loads(Path(path).read_text())
+    assert logged["step"] == 4 and [(s["prompt"], s["reference"]) for s in logged["samples"]] == [
+        (QUESTION, ANSWER)] * 2
