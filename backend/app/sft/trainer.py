@@ -177,7 +177,7 @@ class SFTTrainer(TrainerAPI):
             model = apply_liger_kernels(model)
         model = apply_lora(model, cfg)
         if cfg.torch_compile:
-            _compile_decoder_layers(model)
+            _compile_decoder_layers(model, dynamic=cfg.packing)
         # FSDP2 shards the model together with the optimizer (`_setup_optimizer`); DDP wraps it now.
         self.model = model if self.accelerator.is_fsdp2 else self.accelerator.prepare_model(model)
 
@@ -878,8 +878,10 @@ def _dropout_in(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _compile_decoder_layers(model: torch.nn.Module) -> None:
-    """Compile each transformer block on its own (regional compilation: fast to compile, hook-friendly)."""
+def _compile_decoder_layers(model: torch.nn.Module, dynamic: bool) -> None:
+    """Compile each transformer block on its own (regional compilation: fast to compile, hook-friendly; the
+    blocks share one compiled graph). `dynamic`: for packed rows, whose length changes every step, compile once
+    for any length rather than once per length."""
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
-            module.compile()
+            module.compile(dynamic=True if dynamic else None)

@@ -157,3 +157,20 @@ def test_precomputed_label_positions_give_the_same_loss_and_token_count() -> Non
     with_positions = causal_lm_loss_sum(model, {**batch, "label_positions": label_positions(batch["labels"])})
     torch.testing.assert_close(with_positions[0], without[0])
     assert int(with_positions[1]) == int(without[1]) == 7
+
+
+def test_the_trainers_batches_bring_their_label_positions_from_the_host(tmp_path) -> None:
+    """The step reads how many tokens it trains, and which, from the data loader: nothing to ask the GPU."""
+    from helpers import build_tiny_tokenizer
+
+    from app.sft import SFTConfig, SFTTrainer
+
+    config = SFTConfig(base_model="tiny", dataset_format="alpaca", output_dir=str(tmp_path / "out"), batch_size=2,
+                       max_steps=1, validation_split=0.0, packing=True, mixed_precision=None,
+                       disable_progress_bar=True, audit_max_duplicate_share=1.0)
+    rows = [{"instruction": "count to three", "output": "one two three"}, {"instruction": "hi", "output": "hello"}]
+    trainer = SFTTrainer(config, model=tiny_llama(), tokenizer=build_tiny_tokenizer(), train_dataset=rows)
+    batch = next(iter(trainer._train_loader([[0, 1]])))
+    assert batch["label_positions"].device.type == "cpu"
+    assert batch["label_positions"].tolist() == label_positions(batch["labels"]).tolist()
+    assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]

@@ -267,6 +267,20 @@ def test_fused_adamw_needs_cuda_and_each_fallback_warns_once() -> None:
     assert len(messages) == 2 and "adamw_fused" in messages[1]
 
 
+@pytest.mark.parametrize("field", ["torch_compile", "use_liger_kernel"])
+def test_gpu_speed_options_are_off_on_a_cpu_and_kept_on_cuda(field: str) -> None:
+    config = SFTConfig(base_model="m", mixed_precision=None, **{field: True})
+    resolved, messages = resolve(config, cuda=False)
+    assert getattr(resolved, field) is False
+    assert len(messages) == 1 and field in messages[0]
+    assert resolve(config, cuda=True) == (config, [])
+
+
+def test_hub_kernels_and_gpu_levers_are_off_by_default() -> None:
+    config = SFTConfig(base_model="m")
+    assert (config.use_kernels, config.torch_compile, config.use_liger_kernel) == (False, False, False)
+
+
 @pytest.mark.parametrize(
     ("machine", "missing"),
     [
