@@ -77,13 +77,13 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     tmp = final.parent / f".tmp-{final.name}"
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_leftover(tmp)
         tmp.mkdir()
         yield tmp
         _fsync_tree(tmp)
         if final.exists():  # re-saving the same step (after a resume): swap, then drop the old copy
             old = final.parent / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
+            discard_leftover(old)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -435,6 +435,15 @@ def load_rng_state(path: Path, process_index: int = 0) -> None:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def discard_leftover(path: str | os.PathLike[str]) -> None:
+    """Remove a leftover of an interrupted write or deletion (a `.tmp-`, `.old-` or `.deleting-` name): a folder
+    with its files, a file, or a link itself (never what it points to); a missing one is fine."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 def is_inside(path: Path, root: Path) -> bool:
