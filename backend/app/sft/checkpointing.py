@@ -121,12 +121,16 @@ def _write_failure(final: Path, tmp: Path, exc: BaseException) -> str | None:
     if not full:
         with contextlib.suppress(OSError):
             full = shutil.disk_usage(final.parent).free < 1 << 20
+    earlier = list_checkpoints(final.parent)
     if full:
-        return (f"no space left on device{where} (errno ENOSPC: {os.strerror(errno.ENOSPC)}). Earlier checkpoints "
-                "are untouched; free some space, then resume.")
+        return (f"no space left on device{where} (errno ENOSPC: {os.strerror(errno.ENOSPC)}). "
+                + ("Earlier checkpoints are untouched; free some space, then resume." if earlier else
+                   "There is no checkpoint to resume from: no checkpoint was saved yet; free some space, then "
+                   "start the run again."))
     if isinstance(exc, OSError) or "unexpected pos" in text or "serializ" in text.lower():
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else text.splitlines()[0] if text else exc
-        return f"could not write checkpoint {final}{where}: {reason}. Earlier checkpoints are untouched."
+        return (f"could not write checkpoint {final}{where}: {reason}. "
+                + ("Earlier checkpoints are untouched." if earlier else "No checkpoint was saved yet."))
     return None
 
 
@@ -287,6 +291,8 @@ def read_pointer(checkpoint_dir: str | os.PathLike, name: str) -> tuple[Path | N
     """
     root = Path(checkpoint_dir)
     pointer = root / name
+    if pointer.is_symlink():  # never read through it: it may lead to any file
+        return None, f"the pointer file {pointer} is a symbolic link, not a pointer written by a run"
     if not pointer.is_file():
         return None, f"there is no '{name}' pointer"
     try:
@@ -307,8 +313,9 @@ def resolve_checkpoint(checkpoint_dir: str | os.PathLike, spec: str | os.PathLik
     """Find the checkpoint to resume from.
 
     `spec` is `"latest"` or `True` (the `latest` pointer in `checkpoint_dir`, falling back with a warning to the
-    newest complete checkpoint whose files match its manifest when the pointer is missing, names anything but a
-    complete checkpoint inside `checkpoint_dir`, or names one with a damaged file) or a checkpoint path (whose
+    newest complete checkpoint whose files match its manifest and whose trainer state reads when the pointer is
+    missing or a link, names anything but a complete checkpoint inside `checkpoint_dir`, or names one with a
+    damaged file) or a checkpoint path (whose
     files the loaders and then `check_manifest` check, naming a damaged one in a `CheckpointError`).
     """
     if spec is True or spec == "latest":
@@ -317,7 +324,7 @@ def resolve_checkpoint(checkpoint_dir: str | os.PathLike, spec: str | os.PathLik
         candidates = [named] if named is not None else []
         candidates += [p for p in reversed(list_checkpoints(root)) if p != named]
         for candidate in candidates:
-            problem = verify_checkpoint(candidate)
+            problem = verify_checkpoint(candidate) or _trainer_state_problem(candidate)
             if problem is None:
                 if reason is not None:
                     logger.warning("%s; resuming from the newest complete checkpoint, %s", reason, candidate.name)
@@ -331,6 +338,15 @@ def resolve_checkpoint(checkpoint_dir: str | os.PathLike, spec: str | os.PathLik
     if not (path / TRAINER_STATE_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {TRAINER_STATE_FILE} is missing")
     return path
+
+
+def _trainer_state_problem(path: Path) -> str | None:
+    """Why the trainer state of checkpoint `path` cannot be read (naming the file), or None."""
+    try:
+        read_trainer_state(path)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
 
 
 def check_manifest(path: str | os.PathLike) -> None:

@@ -5,13 +5,15 @@
 1. refuses folders that would clobber the user's own files (`check_run_paths`): the current directory or one
    of its parents, the base model's folder, the dataset's folder, a `checkpoint_dir` that is a file;
 2. takes the lock file `output_dir/.sft-run.lock` for the whole run (`RunLock`, `fcntl.flock` on a file holding
-   the holder's pid, host name and start time as JSON). A second run on the same folder is refused with one
-   message naming the holder; the lock of a process that died (same host, pid gone) is taken over with a
-   warning; the lock is released on exit, also after an exception;
+   the holder's pid, host name and start time as JSON), and the same lock in a checkpoint folder outside
+   `output_dir`, so two runs never share one. A second run on a locked folder is refused with one message naming
+   the field and the holder; the lock of a process that died (same host, pid gone) is taken over with a
+   warning; the lock is released on exit, also after an exception; a lock file that is a link is refused;
 3. looks at what the folders hold (`prepare_run_folder`): a NEW run in a folder that already holds a run of ours
    is refused (offering `--resume`, a new `output_dir` or `--overwrite`); `overwrite` deletes only our own files
    (`clear_run_files`: the known output names, checkpoints named like ours); a non-empty folder holding no run
-   of ours is refused either way.
+   of ours is refused either way. The empty folders the run's CheckpointCallbacks made are the run's own. The
+   leftovers of an interrupted checkpoint deletion (`.deleting-checkpoint_step_<N>`) are removed.
 
 Every refusal is a `ConfigError` (exit code 2 on the command line) naming the field and the reason.
 """
@@ -26,13 +28,14 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from app.sft.checkpointing import discard_leftover
 from app.sft.config import ConfigError, SFTConfig
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ OUTPUT_FILES = frozenset({
 
 _MODEL_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _CHECKPOINT_ENTRY = re.compile(r"^(\.tmp-|\.old-|\.deleting-)?checkpoint_step_\d+(\.pt|\.pt\.partial)?$")
+_DELETION_LEFTOVER = re.compile(r"^\.deleting-checkpoint_step_\d+(\.pt)?$")
 _POINTER_FILES = frozenset({"latest", "best", ".tmp-latest", ".tmp-best"})
 _TENSORBOARD_FILE = re.compile(r"^events\.out\.tfevents\.")
 _METRICS_TMP = re.compile(r"^\.metrics\.jsonl\..*\.tmp$")
@@ -70,26 +74,31 @@ class RunLockedError(ConfigError):
 
 
 @contextlib.contextmanager
-def run_folder(config: SFTConfig, *, resuming: bool, overwrite: bool = False, accelerator: Any = None
-               ) -> Iterator[None]:
-    """Check the run's folders, hold the run lock and (with `overwrite`) clear the previous run's files.
+def run_folder(config: SFTConfig, *, resuming: bool, overwrite: bool = False, accelerator: Any = None,
+               checkpoint_dirs: Sequence[str | os.PathLike] = ()) -> Iterator[None]:
+    """Check the run's folders, hold the run locks and (with `overwrite`) clear the previous run's files.
 
-    Only the main process checks and locks (`accelerator.is_main_process`); under several processes its verdict
-    is broadcast, so every process raises the same `ConfigError` instead of the others waiting forever.
+    `checkpoint_dirs` are the folders of the CheckpointCallbacks the run was given (the first one is the run's
+    checkpoint folder); without any, the config's `checkpoint_dir`. Only the main process checks and locks
+    (`accelerator.is_main_process`); under several processes its verdict is broadcast, so every process raises
+    the same `ConfigError` instead of the others waiting forever.
     """
     is_main = accelerator is None or accelerator.is_main_process
-    lock: RunLock | None = None
+    locks: list[RunLock] = []
     failure: Exception | None = None
     if is_main:
+        folders = [Path(folder) for folder in checkpoint_dirs] or [Path(config.resolved_checkpoint_dir)]
         try:
-            check_run_paths(config)
-            lock = RunLock(config.output_dir)
-            lock.acquire()
-            prepare_run_folder(config, resuming=resuming, overwrite=overwrite)
+            check_run_paths(config, explicit_checkpoint_dir=bool(checkpoint_dirs))
+            for field, folder in _locked_folders(config, folders):
+                locks.append(RunLock(folder, field=field))
+                locks[-1].acquire()
+            prepare_run_folder(config, resuming=resuming, overwrite=overwrite, checkpoint_dirs=folders)
         except Exception as error:  # every process must learn of it, or the others wait forever
             failure = error
-            if lock is not None:
+            for lock in reversed(locks):
                 lock.release()
+            locks = []
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -103,19 +112,32 @@ def run_folder(config: SFTConfig, *, resuming: bool, overwrite: bool = False, ac
     try:
         yield
     finally:
-        if lock is not None:
+        for lock in reversed(locks):
             lock.release()
+
+
+def _locked_folders(config: SFTConfig, checkpoint_dirs: list[Path]) -> list[tuple[str, Path]]:
+    """(field, folder) of every folder the run locks: `output_dir`, and each checkpoint folder outside it."""
+    output_dir = Path(config.output_dir).expanduser().resolve()
+    found = [("output_dir", Path(config.output_dir))]
+    for folder in dict.fromkeys(checkpoint_dirs):
+        resolved = folder.expanduser().resolve()
+        if resolved != output_dir and output_dir not in resolved.parents:
+            found.append(("checkpoint_dir", folder))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- path checks
 
 
-def check_run_paths(config: SFTConfig) -> None:
+def check_run_paths(config: SFTConfig, *, explicit_checkpoint_dir: bool = False) -> None:
     """Refuse an `output_dir` / `checkpoint_dir` that would overwrite the user's files, naming field and reason.
 
     Refused: the current directory or one of its parents; the folder of a local `base_model`, `dataset_name`
     or `eval_dataset_name` (or a parent of it); an existing file. `checkpoint_dir` is checked the same way when
-    it is set, and reported under its own name.
+    it is set, and reported under its own name. The default `<output_dir>/checkpoints` may not be a symbolic
+    link (rotation and `--overwrite` delete in it; a folder elsewhere must be named as `checkpoint_dir`, which
+    then gets its own lock); `explicit_checkpoint_dir` says the run's CheckpointCallback named its folder.
     """
     cwd = Path.cwd().resolve()
     inputs = _input_folders(config)
@@ -129,6 +151,14 @@ def check_run_paths(config: SFTConfig) -> None:
             problems.append(f"{field}: {value!r} exists and is a file, not a folder")
             continue
         if field != "output_dir" and config.checkpoint_dir is None:
+            link = Path(value)
+            if link.is_symlink() and not explicit_checkpoint_dir:
+                problems.append(
+                    f"{field}: {value!r} is a symbolic link to {os.path.realpath(link)}; a run deletes old "
+                    "checkpoints in its checkpoint folder and never through a link it did not make. To keep the "
+                    "checkpoints there, set checkpoint_dir to that folder (it is then locked for the run), or "
+                    "remove the link"
+                )
             continue  # the default <output_dir>/checkpoints is covered by the checks of output_dir
         if folder == cwd or folder in cwd.parents:
             where = "the current directory" if folder == cwd else f"a parent of the current directory {cwd}"
@@ -172,32 +202,39 @@ def _input_folders(config: SFTConfig) -> list[tuple[str, Path]]:
 # ---------------------------------------------------------------------------------------------- what is there
 
 
-def prepare_run_folder(config: SFTConfig, *, resuming: bool, overwrite: bool) -> None:
+def prepare_run_folder(config: SFTConfig, *, resuming: bool, overwrite: bool,
+                       checkpoint_dirs: Sequence[Path] = ()) -> None:
     """Refuse a folder holding someone else's files, or (for a new run) a run of ours unless `overwrite`,
-    which then deletes that run's files."""
+    which then deletes that run's files; then remove the leftovers of interrupted checkpoint deletions.
+
+    `checkpoint_dirs`: the run's checkpoint folders, the first one the run's own (default: the config's)."""
     output_dir = Path(config.output_dir)
-    checkpoint_dir = Path(config.resolved_checkpoint_dir)
+    own = list(checkpoint_dirs) or [Path(config.resolved_checkpoint_dir)]
+    checkpoint_dir = own[0]
     has_run = holds_run(output_dir, checkpoint_dir)
+    if has_run and not resuming and not overwrite:
+        raise ConfigError(
+            f"output_dir: {str(output_dir)!r} already holds a run (its metrics.jsonl, checkpoints, outputs). "
+            "Continue it with --resume (train(resume_from_checkpoint='latest')), choose a new output_dir, or "
+            "replace it with --overwrite (overwrite_output_dir: true), which deletes that run's files only."
+        )
     if not has_run:
         for field, folder in (("output_dir", output_dir), ("checkpoint_dir", checkpoint_dir)):
-            foreign = _foreign_entries(folder, checkpoint_dir)
+            foreign = _foreign_entries(folder, own)
             if foreign:
                 shown = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
                 raise ConfigError(
                     f"{field}: {str(folder)!r} is not empty ({shown}) and holds no run of ours; a run would "
                     "overwrite or mix with those files. Use an empty or new folder."
                 )
-        return
-    if resuming:
-        return
-    if not overwrite:
-        raise ConfigError(
-            f"output_dir: {str(output_dir)!r} already holds a run (its metrics.jsonl, checkpoints, outputs). "
-            "Continue it with --resume (train(resume_from_checkpoint='latest')), choose a new output_dir, or "
-            "replace it with --overwrite (overwrite_output_dir: true), which deletes that run's files only."
-        )
-    removed = clear_run_files(output_dir, checkpoint_dir)
-    logger.warning("overwrite: deleted %d files and folders of the previous run in %s", removed, output_dir)
+    elif not resuming:
+        removed = clear_run_files(output_dir, checkpoint_dir)
+        logger.warning("overwrite: deleted %d files and folders of the previous run in %s", removed, output_dir)
+    for folder in own:
+        for name in _names(folder):
+            if _DELETION_LEFTOVER.match(name):
+                logger.info("Removing %s, left by an interrupted checkpoint deletion", folder / name)
+                discard_leftover(folder / name)
 
 
 def holds_run(output_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None) -> bool:
@@ -215,20 +252,32 @@ def _holds_only_generations(path: Path) -> bool:
             and all(_GENERATIONS_FILE.match(name) and (path / name).is_file() for name in _names(path)))
 
 
-def _foreign_entries(folder: Path, checkpoint_dir: Path) -> list[str]:
-    """Entries of `folder` that are not ours: anything but the lock, an empty checkpoint folder and our
-    own temporary files."""
+def _foreign_entries(folder: Path, own: list[Path]) -> list[str]:
+    """Entries of `folder` that are not ours: anything but the lock, the empty checkpoint folders of the run
+    (and folders holding nothing but those), and our own temporary files."""
     foreign = []
+    own_resolved = {path.resolve() for path in own}
     for name in _names(folder):
         path = folder / name
         if name == LOCK_FILE or _METRICS_TMP.match(name):
             continue
-        if path.is_dir() and not path.is_symlink() and _same(path, checkpoint_dir) and not _names(path):
+        if _made_for_checkpoints(path, own_resolved):
             continue
         if _holds_only_generations(path):
             continue
         foreign.append(name)
     return foreign
+
+
+def _made_for_checkpoints(path: Path, own: set[Path]) -> bool:
+    """`path` is an empty checkpoint folder of the run, or a folder holding nothing but such folders (the
+    parents a CheckpointCallback made with its folder); never a link."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = [name for name in _names(path) if name != LOCK_FILE]
+    if path.resolve() in own:
+        return not names
+    return bool(names) and all(_made_for_checkpoints(path / name, own) for name in names)
 
 
 def clear_run_files(output_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None) -> int:
@@ -323,10 +372,6 @@ def _names(folder: Path) -> list[str]:
         return []
 
 
-def _same(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve()
-
-
 # ---------------------------------------------------------------------------------------------- the lock
 
 
@@ -337,11 +382,13 @@ class RunLock:
     naming the holder when a live process has it; a lock left by a dead process (same host, its pid gone, its
     flock released by the kernel) is taken over with a warning. A lock written on another host is never taken
     over (its process cannot be checked from here); the message says which file to delete if that run is gone.
-    Usable as a context manager.
+    A lock file that is a symbolic link is refused (it is never written through). Messages name `field`, the
+    config field of the folder. Usable as a context manager.
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, field: str = "output_dir") -> None:
         self.folder = Path(folder)
+        self.field = field
         self.path = self.folder / LOCK_FILE
         self._fd: int | None = None
 
@@ -365,14 +412,19 @@ class RunLock:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ConfigError(f"output_dir: {str(self.folder)!r} cannot be created: {error.strerror or error}"
+            raise ConfigError(f"{self.field}: {str(self.folder)!r} cannot be created: {error.strerror or error}"
                               ) from None
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as error:
-                raise ConfigError(f"output_dir: cannot create the run lock {self.path}: {error.strerror or error}"
-                                  ) from None
+                if self.path.is_symlink():
+                    raise ConfigError(
+                        f"{self.field}: the run lock {self.path} is a symbolic link (to {os.readlink(self.path)}); "
+                        "a run's lock is a file of its own and is never written through a link. Remove the link"
+                    ) from None
+                raise ConfigError(f"{self.field}: cannot create the run lock {self.path}: "
+                                  f"{error.strerror or error}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
@@ -447,8 +499,8 @@ class RunLock:
         remote = holder is not None and holder.get("host") != socket.gethostname()
         hint = (f"; if that run is no longer running, delete {self.path}" if remote
                 else "; wait for it to finish, or stop it (then resume with --resume)")
-        return (f"output_dir: {str(self.folder)!r} is in use by another training run: {who} holds {self.path}"
-                f"{hint}, or use another output_dir")
+        return (f"{self.field}: {str(self.folder)!r} is in use by another training run: {who} holds {self.path}"
+                f"{hint}, or use another {self.field}")
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:

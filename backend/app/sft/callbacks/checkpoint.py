@@ -95,8 +95,8 @@ class CheckpointCallback(MonitoringCallback):
     def best_checkpoint(self) -> str | None:
         """The path of the best checkpoint, or None while none holds the best evaluation."""
         if self._trainer is not None:
-            name = self._trainer.best_checkpoint
-            return os.path.join(self.output_dir, name) if name else None
+            best = self._trainer.best_checkpoint
+            return os.path.join(self.output_dir, os.path.basename(best)) if best else None
         return self._best_path
 
     @property
@@ -143,7 +143,8 @@ class CheckpointCallback(MonitoringCallback):
         if self.save_total_limit is None or not api.is_main_process:
             return
         kept = self._own_checkpoints()
-        protected = {kept[-1].name if kept else None, api.best_checkpoint}
+        best = api.best_checkpoint
+        protected = {kept[-1].name if kept else None, os.path.basename(best) if best else None}
         excess = len(kept) - self.save_total_limit
         for path in [p for p in kept if p.name not in protected][: max(excess, 0)]:
             logger.info("Deleting old checkpoint %s (save_total_limit=%d)", path, self.save_total_limit)
