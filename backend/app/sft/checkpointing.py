@@ -137,13 +137,7 @@ def _write_failure(final: Path, tmp: Path, exc: BaseException) -> str | None:
 def write_pointer(checkpoint_dir: str | os.PathLike, name: str, target: str | os.PathLike) -> None:
     """Atomically make `checkpoint_dir/name` (e.g. `latest`) name the checkpoint directory `target`, by its
     folder name (so the run folder can be copied or moved and still resumes)."""
-    pointer = Path(checkpoint_dir) / name
-    tmp = pointer.with_name(f".tmp-{name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(Path(target).name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, pointer)
+    write_text(Path(checkpoint_dir) / name, Path(target).name + "\n", fsync=True)
 
 
 def remove_pointer(checkpoint_dir: str | os.PathLike, name: str) -> None:
@@ -477,13 +471,23 @@ def file_checksum(path: Path) -> str:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as indented JSON through a temporary sibling, so `path` is never left half written."""
+    """Write `data` as indented JSON with `write_text`."""
+    write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> None:
+    """Write `text` to `path` through a new temporary sibling renamed into place: `path` is never left half
+    written, and a link at `path` or at the temporary name is replaced, never written through."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, allow_nan=True)
-        f.write("\n")
+    discard_leftover(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

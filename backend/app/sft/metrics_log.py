@@ -89,6 +89,8 @@ class MetricsLog:
                 self._elapsed_before = self._truncate_after(resume_from_step)
                 self._file = self.path.open("a", encoding="utf-8")
             else:
+                if self.path.is_symlink():  # replaced by our own file, never written through
+                    self.path.unlink()
                 self._file = self.path.open("w", encoding="utf-8")
         except (OSError, ValueError) as err:
             self._fail(err)

@@ -51,7 +51,7 @@ OUTPUT_FILES = frozenset({
     "adapter_model.safetensors", "adapter_config.json", "README.md",
     "model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "sft_merge.json",
 })
 """The files a run writes into `output_dir` (and `merged/`); `--overwrite` deletes these names only."""
 
@@ -64,6 +64,10 @@ _METRICS_TMP = re.compile(r"^\.metrics\.jsonl\..*\.tmp$")
 _GENERATIONS_DIR = "generations"
 _GENERATIONS_FILE = re.compile(r"^(step_\d+|eval_[\w.-]+)\.jsonl$")
 """The samples of evaluation by generation (`generations/step_<N>.jsonl`, `sft eval --generate`'s `eval_*.jsonl`)."""
+
+
+STAGING_DIR = ".tmp-outputs"
+"""Where a run writes its final outputs before moving each file into `output_dir` (`staged_outputs`)."""
 
 
 class RunLockedError(ConfigError):
@@ -125,6 +129,32 @@ def _locked_folders(config: SFTConfig, checkpoint_dirs: list[Path]) -> list[tupl
         if resolved != output_dir and output_dir not in resolved.parents:
             found.append(("checkpoint_dir", folder))
     return found
+
+
+@contextlib.contextmanager
+def staged_outputs(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder inside `folder`; when the block succeeds, move each file written there into
+    `folder` with one rename (a link of the same name in `folder` is replaced, never written through)."""
+    folder = Path(folder)
+    staging = folder / STAGING_DIR
+    discard_leftover(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        _move_into(staging, folder)
+    finally:
+        discard_leftover(staging)
+
+
+def _move_into(source: Path, target: Path) -> None:
+    for entry in sorted(source.iterdir()):
+        destination = target / entry.name
+        if entry.is_dir() and destination.is_dir() and not destination.is_symlink():
+            _move_into(entry, destination)
+            continue
+        if entry.is_dir() and destination.is_symlink():
+            destination.unlink()  # a folder cannot be renamed over a link
+        os.replace(entry, destination)
 
 
 # ---------------------------------------------------------------------------------------------- path checks
@@ -313,6 +343,8 @@ def clear_run_files(output_dir: str | os.PathLike, checkpoint_dir: str | os.Path
     for name in _names(output_dir):
         if _METRICS_TMP.match(name):
             removed += _delete(output_dir / name, tree=False)
+    if (output_dir / STAGING_DIR).is_dir():
+        removed += _delete(output_dir / STAGING_DIR, tree=True)
     return removed
 
 

@@ -75,7 +75,7 @@ from app.sft.metrics_log import MetricsLog
 from app.sft.model_card import write_model_card
 from app.sft.modeling import apply_lora, load_model, load_tokenizer, merge_lora, save_final_model
 from app.sft.report import render_report
-from app.sft.run_dir import run_folder
+from app.sft.run_dir import run_folder, staged_outputs
 from app.sft.signals import StopSignals
 from app.sft.state import TrainerState
 
@@ -776,8 +776,9 @@ class SFTTrainer(TrainerAPI):
         if self.is_main_process:
             model = self._unwrapped_model()
             template = resolve_template(self.config, self.tokenizer) if self.train_data.facts.templated else None
-            save_final_model(model, self.tokenizer, self.output_dir, state_dict=full_state, template=template)
-            self.config.to_yaml(self.output_dir / "config.yaml")
+            with staged_outputs(self.output_dir) as staging:  # links in output_dir are replaced, not written
+                save_final_model(model, self.tokenizer, staging, state_dict=full_state, template=template)
+                self.config.to_yaml(staging / "config.yaml")
             if self.config.save_merged_model and hasattr(model, "peft_config"):
                 merge_lora(self.output_dir, self.output_dir / "merged")
         self.accelerator.wait_for_everyone()

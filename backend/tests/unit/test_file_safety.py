@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
