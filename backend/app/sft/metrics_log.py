@@ -85,12 +85,12 @@ class MetricsLog:
         self._started = time.monotonic()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.is_symlink():  # not a log of ours: replaced by our own file, never read or written through
+                self.path.unlink()
             if resume_from_step is not None and self.path.exists():
                 self._elapsed_before = self._truncate_after(resume_from_step)
                 self._file = self.path.open("a", encoding="utf-8")
             else:
-                if self.path.is_symlink():  # replaced by our own file, never written through
-                    self.path.unlink()
                 self._file = self.path.open("w", encoding="utf-8")
         except (OSError, ValueError) as err:
             self._fail(err)

@@ -5,9 +5,9 @@
 1. refuses folders that would clobber the user's own files (`check_run_paths`): the current directory or one
    of its parents, the base model's folder, the dataset's folder, a `checkpoint_dir` that is a file;
 2. takes the lock file `output_dir/.sft-run.lock` for the whole run (`RunLock`, `fcntl.flock` on a file holding
-   the holder's pid, host name and start time as JSON), and the same lock in a checkpoint folder outside
-   `output_dir`, so two runs never share one. A second run on a locked folder is refused with one message naming
-   the field and the holder; the lock of a process that died (same host, pid gone) is taken over with a
+   the holder's pid, host name and start time as JSON), and the same lock in every checkpoint folder, so two
+   runs never share one. A second run on a locked folder is refused with one message naming the field and the
+   holder; the lock of a process that died (same host, pid gone) is taken over with a
    warning; the lock is released on exit, also after an exception; a lock file that is a link is refused;
 3. looks at what the folders hold (`prepare_run_folder`): a NEW run in a folder that already holds a run of ours
    is refused (offering `--resume`, a new `output_dir` or `--overwrite`); `overwrite` deletes only our own files
@@ -121,12 +121,14 @@ def run_folder(config: SFTConfig, *, resuming: bool, overwrite: bool = False, ac
 
 
 def _locked_folders(config: SFTConfig, checkpoint_dirs: list[Path]) -> list[tuple[str, Path]]:
-    """(field, folder) of every folder the run locks: `output_dir`, and each checkpoint folder outside it."""
-    output_dir = Path(config.output_dir).expanduser().resolve()
+    """(field, folder) of every folder the run locks: `output_dir` and each checkpoint folder (also the default
+    one inside it, so that a run naming another run's checkpoint folder as its `checkpoint_dir` is refused)."""
     found = [("output_dir", Path(config.output_dir))]
-    for folder in dict.fromkeys(checkpoint_dirs):
+    seen = {found[0][1].expanduser().resolve()}
+    for folder in checkpoint_dirs:
         resolved = folder.expanduser().resolve()
-        if resolved != output_dir and output_dir not in resolved.parents:
+        if resolved not in seen:
+            seen.add(resolved)
             found.append(("checkpoint_dir", folder))
     return found
 
@@ -423,6 +425,7 @@ class RunLock:
         self.field = field
         self.path = self.folder / LOCK_FILE
         self._fd: int | None = None
+        self._made_folder = False  # the folder did not exist: removed again on release when it stays empty
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -442,6 +445,7 @@ class RunLock:
         if self._fd is not None:
             return
         try:
+            self._made_folder = not self.folder.exists()
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ConfigError(f"{self.field}: {str(self.folder)!r} cannot be created: {error.strerror or error}"
@@ -489,7 +493,8 @@ class RunLock:
             return
 
     def release(self) -> None:
-        """Remove the lock file and release the lock; safe to call twice."""
+        """Remove the lock file (and the folder when acquire made it and it stayed empty) and release the lock;
+        safe to call twice."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
@@ -498,6 +503,8 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
         finally:
             os.close(fd)  # closing releases the flock
+        if self._made_folder:
+            _rmdir_if_empty(self.folder)
 
     def _is_current_file(self, fd: int) -> bool:
         try:

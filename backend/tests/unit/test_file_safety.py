@@ -165,6 +165,26 @@ def test_a_shared_checkpoint_dir_is_locked_and_the_refusal_names_it(tmp_path, ti
     assert not (shared / LOCK_FILE).exists() and not (Path(second.output_dir) / "metrics.jsonl").exists()
 
 
+def test_a_run_naming_another_runs_default_checkpoint_folder_is_refused(tmp_path, tiny_model_dir):
+    first = lora_config(tmp_path, tiny_model_dir, "first", max_steps=3)
+    theirs = Path(first.resolved_checkpoint_dir)
+    intruder = _StartSecondRun(lora_config(tmp_path, tiny_model_dir, "second", max_steps=3,
+                                           checkpoint_dir=str(theirs)))
+    _, _, result = run(first, callbacks=[intruder])
+    assert result["global_step"] == 3
+    assert len(intruder.refusals) == 2 and all(r.startswith("checkpoint_dir: ") for r in intruder.refusals)
+    assert [p.name for p in list_checkpoints(theirs)] == [f"checkpoint_step_{s}" for s in (1, 2, 3)]
+
+
+def test_a_refused_run_leaves_no_folder_it_made(tmp_path, tiny_model_dir):
+    config = lora_config(tmp_path, tiny_model_dir, "run", max_steps=1)
+    Path(config.output_dir).mkdir(parents=True)
+    (Path(config.output_dir) / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds no run of ours"):
+        _trainer(config).train()
+    assert [p.name for p in Path(config.output_dir).iterdir()] == ["notes.txt"]
+
+
 # --- B.8 sft merge --force replaces only a merge of ours -------------------------------------------------------
 
 
