@@ -77,13 +77,13 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     tmp = final.parent / f".tmp-{final.name}"
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_leftover(tmp)
         tmp.mkdir()
         yield tmp
         _fsync_tree(tmp)
         if final.exists():  # re-saving the same step (after a resume): swap, then drop the old copy
             old = final.parent / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
+            discard_leftover(old)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -121,25 +121,23 @@ def _write_failure(final: Path, tmp: Path, exc: BaseException) -> str | None:
     if not full:
         with contextlib.suppress(OSError):
             full = shutil.disk_usage(final.parent).free < 1 << 20
+    earlier = list_checkpoints(final.parent)
     if full:
-        return (f"no space left on device{where} (errno ENOSPC: {os.strerror(errno.ENOSPC)}). Earlier checkpoints "
-                "are untouched; free some space, then resume.")
+        return (f"no space left on device{where} (errno ENOSPC: {os.strerror(errno.ENOSPC)}). "
+                + ("Earlier checkpoints are untouched; free some space, then resume." if earlier else
+                   "There is no checkpoint to resume from: no checkpoint was saved yet; free some space, then "
+                   "start the run again."))
     if isinstance(exc, OSError) or "unexpected pos" in text or "serializ" in text.lower():
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else text.splitlines()[0] if text else exc
-        return f"could not write checkpoint {final}{where}: {reason}. Earlier checkpoints are untouched."
+        return (f"could not write checkpoint {final}{where}: {reason}. "
+                + ("Earlier checkpoints are untouched." if earlier else "No checkpoint was saved yet."))
     return None
 
 
 def write_pointer(checkpoint_dir: str | os.PathLike, name: str, target: str | os.PathLike) -> None:
     """Atomically make `checkpoint_dir/name` (e.g. `latest`) name the checkpoint directory `target`, by its
     folder name (so the run folder can be copied or moved and still resumes)."""
-    pointer = Path(checkpoint_dir) / name
-    tmp = pointer.with_name(f".tmp-{name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(Path(target).name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, pointer)
+    write_text(Path(checkpoint_dir) / name, Path(target).name + "\n", fsync=True)
 
 
 def remove_pointer(checkpoint_dir: str | os.PathLike, name: str) -> None:
@@ -287,6 +285,8 @@ def read_pointer(checkpoint_dir: str | os.PathLike, name: str) -> tuple[Path | N
     """
     root = Path(checkpoint_dir)
     pointer = root / name
+    if pointer.is_symlink():  # never read through it: it may lead to any file
+        return None, f"the pointer file {pointer} is a symbolic link, not a pointer written by a run"
     if not pointer.is_file():
         return None, f"there is no '{name}' pointer"
     try:
@@ -307,8 +307,9 @@ def resolve_checkpoint(checkpoint_dir: str | os.PathLike, spec: str | os.PathLik
     """Find the checkpoint to resume from.
 
     `spec` is `"latest"` or `True` (the `latest` pointer in `checkpoint_dir`, falling back with a warning to the
-    newest complete checkpoint whose files match its manifest when the pointer is missing, names anything but a
-    complete checkpoint inside `checkpoint_dir`, or names one with a damaged file) or a checkpoint path (whose
+    newest complete checkpoint whose files match its manifest and whose trainer state reads when the pointer is
+    missing or a link, names anything but a complete checkpoint inside `checkpoint_dir`, or names one with a
+    damaged file) or a checkpoint path (whose
     files the loaders and then `check_manifest` check, naming a damaged one in a `CheckpointError`).
     """
     if spec is True or spec == "latest":
@@ -317,7 +318,7 @@ def resolve_checkpoint(checkpoint_dir: str | os.PathLike, spec: str | os.PathLik
         candidates = [named] if named is not None else []
         candidates += [p for p in reversed(list_checkpoints(root)) if p != named]
         for candidate in candidates:
-            problem = verify_checkpoint(candidate)
+            problem = verify_checkpoint(candidate) or _trainer_state_problem(candidate)
             if problem is None:
                 if reason is not None:
                     logger.warning("%s; resuming from the newest complete checkpoint, %s", reason, candidate.name)
@@ -331,6 +332,15 @@ def resolve_checkpoint(checkpoint_dir: str | os.PathLike, spec: str | os.PathLik
     if not (path / TRAINER_STATE_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {TRAINER_STATE_FILE} is missing")
     return path
+
+
+def _trainer_state_problem(path: Path) -> str | None:
+    """Why the trainer state of checkpoint `path` cannot be read (naming the file), or None."""
+    try:
+        read_trainer_state(path)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
 
 
 def check_manifest(path: str | os.PathLike) -> None:
@@ -437,6 +447,15 @@ def load_rng_state(path: Path, process_index: int = 0) -> None:
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 
+def discard_leftover(path: str | os.PathLike[str]) -> None:
+    """Remove a leftover of an interrupted write or deletion (a `.tmp-`, `.old-` or `.deleting-` name): a folder
+    with its files, a file, or a link itself (never what it points to); a missing one is fine."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
 def is_inside(path: Path, root: Path) -> bool:
     """Whether `path` is directly inside folder `root`, after resolving symlinks and `..` of both."""
     return path.resolve().parent == root.resolve()
@@ -452,13 +471,23 @@ def file_checksum(path: Path) -> str:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as indented JSON through a temporary sibling, so `path` is never left half written."""
+    """Write `data` as indented JSON with `write_text`."""
+    write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> None:
+    """Write `text` to `path` through a new temporary sibling renamed into place: `path` is never left half
+    written, and a link at `path` or at the temporary name is replaced, never written through."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, allow_nan=True)
-        f.write("\n")
+    discard_leftover(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

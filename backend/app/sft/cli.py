@@ -482,15 +482,22 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    from app.sft.config import ConfigError
     from app.sft.generation import load_run_config
     from app.sft.modeling import merge_lora
 
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else run_dir / "merged"
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        where = "the current directory" if out.resolve() == cwd else f"a parent of the current directory {cwd}"
+        raise ConfigError(f"--out: {args.out!r} is {where}; a merge is written into a folder of its own, e.g. "
+                          f"--out {run_dir / 'merged'}")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it (or --out DIR)")
     config = load_run_config(run_dir)
-    merged = merge_lora(run_dir, out, base_model=config.base_model, dtype=args.dtype or "auto", overwrite=True)
+    merged = merge_lora(run_dir, out, base_model=config.base_model, dtype=args.dtype or "auto",
+                        overwrite=args.force)
     config.to_yaml(Path(merged) / "config.yaml")  # so `sft chat DIR` renders prompts as the run trained
     print(f"Merged model written to {merged}")
     return 0

@@ -85,6 +85,8 @@ class MetricsLog:
         self._started = time.monotonic()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.is_symlink():  # not a log of ours: replaced by our own file, never read or written through
+                self.path.unlink()
             if resume_from_step is not None and self.path.exists():
                 self._elapsed_before = self._truncate_after(resume_from_step)
                 self._file = self.path.open("a", encoding="utf-8")

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from app.sft.checkpointing import write_text
+
 CARD_FILE = "README.md"
 
 
@@ -97,9 +99,10 @@ def render_model_card(run_dir: str | Path) -> str:
 
 
 def write_model_card(run_dir: str | Path) -> Path:
-    """Write `render_model_card(run_dir)` to `run_dir/README.md` and return its path."""
+    """Write `render_model_card(run_dir)` to `run_dir/README.md` (replacing a link there, never writing
+    through it) and return its path."""
     path = Path(run_dir) / CARD_FILE
-    path.write_text(render_model_card(run_dir), encoding="utf-8")
+    write_text(path, render_model_card(run_dir))
     return path
 
 

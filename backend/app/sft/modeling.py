@@ -551,11 +551,13 @@ def merge_lora(
     comes from `base_model` or the adapter's `adapter_config.json` (`base_model_name_or_path`: the name the
     run was given, resolved again with `model_path`, so a GGUF base is found in, or converted into, the
     cache). `dtype` "auto" keeps the base model's own dtype; otherwise the merge is done in float32 and the
-    result saved in `dtype`. An existing `out_dir` raises `FileExistsError` unless `overwrite`; it is then
-    replaced only once the new model is completely written. A `PeftModel` passed in is left untouched: its
-    adapter is saved to a temporary directory and merged from there. The tokenizer is the adapter
-    directory's (its chat template is the one training saved), else the base model's; with `template`, its chat
-    template is made to render prompts as that training template did (see `save_final_model`).
+    result saved in `dtype`. An existing, non-empty `out_dir` raises `FileExistsError` unless `overwrite`, and
+    even then unless it holds a previous merge and nothing else (`is_merge_folder`: its `sft_merge.json` lists
+    the files a merge wrote); it is then replaced only once the new model is completely written. A `PeftModel`
+    passed in is left untouched: its adapter is saved to a temporary directory and merged from there. The
+    tokenizer is the adapter directory's (its chat template is the one training saved), else the base model's;
+    with `template`, its chat template is made to render prompts as that training template did (see
+    `save_final_model`).
     """
     if isinstance(adapter_dir_or_model, PeftModel):
         with tempfile.TemporaryDirectory(prefix="lora-adapter-") as tmp:
@@ -572,8 +574,7 @@ def merge_lora(
     if dtype not in _MERGE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_MERGE_DTYPES)}; got {dtype!r}")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (sft merge --force) to replace it")
+    _check_merge_target(out, overwrite)
     if base_model is None:
         base_model = json.loads(adapter_config_file.read_text()).get("base_model_name_or_path")
         if not base_model:
@@ -600,10 +601,47 @@ def merge_lora(
         with phase(f"Saving the merged model to {out}"):
             merged.save_pretrained(tmp)
             _save_tokenizer(tokenizer, tmp, chat_template)
+            written = sorted(path.name for path in tmp.iterdir())
+            record = {"adapter": str(adapter_dir), "base_model": base_model, "dtype": dtype, "files": written}
+            (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
+
+
+MERGE_RECORD = "sft_merge.json"
+"""The file a merge writes into its folder, listing the files it wrote: what `--force` may replace."""
+_MERGE_EXTRAS = ("config.yaml",)
+"""Files `sft merge` adds to a merge after `merge_lora` (the run's config, for its prompt template)."""
+
+
+def is_merge_folder(folder: Path) -> bool:
+    """Whether `folder` (not a link) holds a merge written by `merge_lora` and nothing else."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        files = json.loads((folder / MERGE_RECORD).read_text(encoding="utf-8"))["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return False
+    allowed = {*map(str, files), MERGE_RECORD, *_MERGE_EXTRAS} if isinstance(files, list) else set()
+    return all(path.name in allowed and path.is_file() and not path.is_symlink() for path in folder.iterdir())
+
+
+def _check_merge_target(out: Path, overwrite: bool) -> None:
+    """Refuse to write a merge over anything but an empty folder or (with `overwrite`) a previous merge."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"{out} is {'a symbolic link' if out.is_symlink() else 'a file'}; write the merged "
+                              "model into a new folder (sft merge --out DIR)")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (sft merge --force) to replace it")
+    if not is_merge_folder(out):
+        raise FileExistsError(
+            f"{out} is not a merged model written by sft merge (no {MERGE_RECORD}, or files a merge did not "
+            "write); --force replaces only a previous merge. Choose a new folder with --out DIR"
+        )
 
 
 _MERGE_DTYPES: dict[str, torch.dtype | None] = {

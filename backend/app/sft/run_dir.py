@@ -5,13 +5,15 @@
 1. refuses folders that would clobber the user's own files (`check_run_paths`): the current directory or one
    of its parents, the base model's folder, the dataset's folder, a `checkpoint_dir` that is a file;
 2. takes the lock file `output_dir/.sft-run.lock` for the whole run (`RunLock`, `fcntl.flock` on a file holding
-   the holder's pid, host name and start time as JSON). A second run on the same folder is refused with one
-   message naming the holder; the lock of a process that died (same host, pid gone) is taken over with a
-   warning; the lock is released on exit, also after an exception;
+   the holder's pid, host name and start time as JSON), and the same lock in every checkpoint folder, so two
+   runs never share one. A second run on a locked folder is refused with one message naming the field and the
+   holder; the lock of a process that died (same host, pid gone) is taken over with a
+   warning; the lock is released on exit, also after an exception; a lock file that is a link is refused;
 3. looks at what the folders hold (`prepare_run_folder`): a NEW run in a folder that already holds a run of ours
    is refused (offering `--resume`, a new `output_dir` or `--overwrite`); `overwrite` deletes only our own files
    (`clear_run_files`: the known output names, checkpoints named like ours); a non-empty folder holding no run
-   of ours is refused either way.
+   of ours is refused either way. The empty folders the run's CheckpointCallbacks made are the run's own. The
+   leftovers of an interrupted checkpoint deletion (`.deleting-checkpoint_step_<N>`) are removed.
 
 Every refusal is a `ConfigError` (exit code 2 on the command line) naming the field and the reason.
 """
@@ -26,13 +28,14 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from app.sft.checkpointing import discard_leftover
 from app.sft.config import ConfigError, SFTConfig
 
 logger = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ OUTPUT_FILES = frozenset({
     "adapter_model.safetensors", "adapter_config.json", "README.md",
     "model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "sft_merge.json",
 })
 """The files a run writes into `output_dir` (and `merged/`); `--overwrite` deletes these names only."""
 
@@ -57,12 +60,17 @@ RECORD_FILES = frozenset({"metrics.jsonl", "training_summary.json", "report.html
 
 _MODEL_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _CHECKPOINT_ENTRY = re.compile(r"^(\.tmp-|\.old-|\.deleting-)?checkpoint_step_\d+(\.pt|\.pt\.partial)?$")
+_DELETION_LEFTOVER = re.compile(r"^\.deleting-checkpoint_step_\d+(\.pt)?$")
 _POINTER_FILES = frozenset({"latest", "best", ".tmp-latest", ".tmp-best"})
 _TENSORBOARD_FILE = re.compile(r"^events\.out\.tfevents\.")
 _METRICS_TMP = re.compile(r"^\.metrics\.jsonl\..*\.tmp$")
 _GENERATIONS_DIR = "generations"
 _GENERATIONS_FILE = re.compile(r"^(step_\d+|eval_[\w.-]+)\.jsonl$")
 """The samples of evaluation by generation (`generations/step_<N>.jsonl`, `sft eval --generate`'s `eval_*.jsonl`)."""
+
+
+STAGING_DIR = ".tmp-outputs"
+"""Where a run writes its final outputs before moving each file into `output_dir` (`staged_outputs`)."""
 
 
 class RunLockedError(ConfigError):
@@ -73,26 +81,31 @@ class RunLockedError(ConfigError):
 
 
 @contextlib.contextmanager
-def run_folder(config: SFTConfig, *, resuming: bool, overwrite: bool = False, accelerator: Any = None
-               ) -> Iterator[None]:
-    """Check the run's folders, hold the run lock and (with `overwrite`) clear the previous run's files.
+def run_folder(config: SFTConfig, *, resuming: bool, overwrite: bool = False, accelerator: Any = None,
+               checkpoint_dirs: Sequence[str | os.PathLike] = ()) -> Iterator[None]:
+    """Check the run's folders, hold the run locks and (with `overwrite`) clear the previous run's files.
 
-    Only the main process checks and locks (`accelerator.is_main_process`); under several processes its verdict
-    is broadcast, so every process raises the same `ConfigError` instead of the others waiting forever.
+    `checkpoint_dirs` are the folders of the CheckpointCallbacks the run was given (the first one is the run's
+    checkpoint folder); without any, the config's `checkpoint_dir`. Only the main process checks and locks
+    (`accelerator.is_main_process`); under several processes its verdict is broadcast, so every process raises
+    the same `ConfigError` instead of the others waiting forever.
     """
     is_main = accelerator is None or accelerator.is_main_process
-    lock: RunLock | None = None
+    locks: list[RunLock] = []
     failure: Exception | None = None
     if is_main:
+        folders = [Path(folder) for folder in checkpoint_dirs] or [Path(config.resolved_checkpoint_dir)]
         try:
-            check_run_paths(config)
-            lock = RunLock(config.output_dir)
-            lock.acquire()
-            prepare_run_folder(config, resuming=resuming, overwrite=overwrite)
+            check_run_paths(config, explicit_checkpoint_dir=bool(checkpoint_dirs))
+            for field, folder in _locked_folders(config, folders):
+                locks.append(RunLock(folder, field=field))
+                locks[-1].acquire()
+            prepare_run_folder(config, resuming=resuming, overwrite=overwrite, checkpoint_dirs=folders)
         except Exception as error:  # every process must learn of it, or the others wait forever
             failure = error
-            if lock is not None:
+            for lock in reversed(locks):
                 lock.release()
+            locks = []
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -106,19 +119,60 @@ def run_folder(config: SFTConfig, *, resuming: bool, overwrite: bool = False, ac
     try:
         yield
     finally:
-        if lock is not None:
+        for lock in reversed(locks):
             lock.release()
+
+
+def _locked_folders(config: SFTConfig, checkpoint_dirs: list[Path]) -> list[tuple[str, Path]]:
+    """(field, folder) of every folder the run locks: `output_dir` and each checkpoint folder (also the default
+    one inside it, so that a run naming another run's checkpoint folder as its `checkpoint_dir` is refused)."""
+    found = [("output_dir", Path(config.output_dir))]
+    seen = {found[0][1].expanduser().resolve()}
+    for folder in checkpoint_dirs:
+        resolved = folder.expanduser().resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            found.append(("checkpoint_dir", folder))
+    return found
+
+
+@contextlib.contextmanager
+def staged_outputs(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder inside `folder`; when the block succeeds, move each file written there into
+    `folder` with one rename (a link of the same name in `folder` is replaced, never written through)."""
+    folder = Path(folder)
+    staging = folder / STAGING_DIR
+    discard_leftover(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        _move_into(staging, folder)
+    finally:
+        discard_leftover(staging)
+
+
+def _move_into(source: Path, target: Path) -> None:
+    for entry in sorted(source.iterdir()):
+        destination = target / entry.name
+        if entry.is_dir() and destination.is_dir() and not destination.is_symlink():
+            _move_into(entry, destination)
+            continue
+        if entry.is_dir() and destination.is_symlink():
+            destination.unlink()  # a folder cannot be renamed over a link
+        os.replace(entry, destination)
 
 
 # ---------------------------------------------------------------------------------------------- path checks
 
 
-def check_run_paths(config: SFTConfig) -> None:
+def check_run_paths(config: SFTConfig, *, explicit_checkpoint_dir: bool = False) -> None:
     """Refuse an `output_dir` / `checkpoint_dir` that would overwrite the user's files, naming field and reason.
 
     Refused: the current directory or one of its parents; the folder of a local `base_model`, `dataset_name`
     or `eval_dataset_name` (or a parent of it); an existing file. `checkpoint_dir` is checked the same way when
-    it is set, and reported under its own name.
+    it is set, and reported under its own name. The default `<output_dir>/checkpoints` may not be a symbolic
+    link (rotation and `--overwrite` delete in it; a folder elsewhere must be named as `checkpoint_dir`, which
+    then gets its own lock); `explicit_checkpoint_dir` says the run's CheckpointCallback named its folder.
     """
     cwd = Path.cwd().resolve()
     inputs = _input_folders(config)
@@ -132,6 +186,14 @@ def check_run_paths(config: SFTConfig) -> None:
             problems.append(f"{field}: {value!r} exists and is a file, not a folder")
             continue
         if field != "output_dir" and config.checkpoint_dir is None:
+            link = Path(value)
+            if link.is_symlink() and not explicit_checkpoint_dir:
+                problems.append(
+                    f"{field}: {value!r} is a symbolic link to {os.path.realpath(link)}; a run deletes old "
+                    "checkpoints in its checkpoint folder and never through a link it did not make. To keep the "
+                    "checkpoints there, set checkpoint_dir to that folder (it is then locked for the run), or "
+                    "remove the link"
+                )
             continue  # the default <output_dir>/checkpoints is covered by the checks of output_dir
         if folder == cwd or folder in cwd.parents:
             where = "the current directory" if folder == cwd else f"a parent of the current directory {cwd}"
@@ -175,32 +237,39 @@ def _input_folders(config: SFTConfig) -> list[tuple[str, Path]]:
 # ---------------------------------------------------------------------------------------------- what is there
 
 
-def prepare_run_folder(config: SFTConfig, *, resuming: bool, overwrite: bool) -> None:
+def prepare_run_folder(config: SFTConfig, *, resuming: bool, overwrite: bool,
+                       checkpoint_dirs: Sequence[Path] = ()) -> None:
     """Refuse a folder holding someone else's files, or (for a new run) a run of ours unless `overwrite`,
-    which then deletes that run's files."""
+    which then deletes that run's files; then remove the leftovers of interrupted checkpoint deletions.
+
+    `checkpoint_dirs`: the run's checkpoint folders, the first one the run's own (default: the config's)."""
     output_dir = Path(config.output_dir)
-    checkpoint_dir = Path(config.resolved_checkpoint_dir)
+    own = list(checkpoint_dirs) or [Path(config.resolved_checkpoint_dir)]
+    checkpoint_dir = own[0]
     has_run = holds_run(output_dir, checkpoint_dir)
+    if has_run and not resuming and not overwrite:
+        raise ConfigError(
+            f"output_dir: {str(output_dir)!r} already holds a run (its metrics.jsonl, checkpoints, outputs). "
+            "Continue it with --resume (train(resume_from_checkpoint='latest')), choose a new output_dir, or "
+            "replace it with --overwrite (overwrite_output_dir: true), which deletes that run's files only."
+        )
     if not has_run:
         for field, folder in (("output_dir", output_dir), ("checkpoint_dir", checkpoint_dir)):
-            foreign = _foreign_entries(folder, checkpoint_dir)
+            foreign = _foreign_entries(folder, own)
             if foreign:
                 shown = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
                 raise ConfigError(
                     f"{field}: {str(folder)!r} is not empty ({shown}) and holds no run of ours; a run would "
                     "overwrite or mix with those files. Use an empty or new folder."
                 )
-        return
-    if resuming:
-        return
-    if not overwrite:
-        raise ConfigError(
-            f"output_dir: {str(output_dir)!r} already holds a run (its metrics.jsonl, checkpoints, outputs). "
-            "Continue it with --resume (train(resume_from_checkpoint='latest')), choose a new output_dir, or "
-            "replace it with --overwrite (overwrite_output_dir: true), which deletes that run's files only."
-        )
-    removed = clear_run_files(output_dir, checkpoint_dir)
-    logger.warning("overwrite: deleted %d files and folders of the previous run in %s", removed, output_dir)
+    elif not resuming:
+        removed = clear_run_files(output_dir, checkpoint_dir)
+        logger.warning("overwrite: deleted %d files and folders of the previous run in %s", removed, output_dir)
+    for folder in own:
+        for name in _names(folder):
+            if _DELETION_LEFTOVER.match(name):
+                logger.info("Removing %s, left by an interrupted checkpoint deletion", folder / name)
+                discard_leftover(folder / name)
 
 
 def holds_run(output_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None) -> bool:
@@ -218,20 +287,32 @@ def _holds_only_generations(path: Path) -> bool:
             and all(_GENERATIONS_FILE.match(name) and (path / name).is_file() for name in _names(path)))
 
 
-def _foreign_entries(folder: Path, checkpoint_dir: Path) -> list[str]:
-    """Entries of `folder` that are not ours: anything but the lock, an empty checkpoint folder and our
-    own temporary files."""
+def _foreign_entries(folder: Path, own: list[Path]) -> list[str]:
+    """Entries of `folder` that are not ours: anything but the lock, the empty checkpoint folders of the run
+    (and folders holding nothing but those), and our own temporary files."""
     foreign = []
+    own_resolved = {path.resolve() for path in own}
     for name in _names(folder):
         path = folder / name
         if name == LOCK_FILE or _METRICS_TMP.match(name):
             continue
-        if path.is_dir() and not path.is_symlink() and _same(path, checkpoint_dir) and not _names(path):
+        if _made_for_checkpoints(path, own_resolved):
             continue
         if _holds_only_generations(path):
             continue
         foreign.append(name)
     return foreign
+
+
+def _made_for_checkpoints(path: Path, own: set[Path]) -> bool:
+    """`path` is an empty checkpoint folder of the run, or a folder holding nothing but such folders (the
+    parents a CheckpointCallback made with its folder); never a link."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = [name for name in _names(path) if name != LOCK_FILE]
+    if path.resolve() in own:
+        return not names
+    return bool(names) and all(_made_for_checkpoints(path / name, own) for name in names)
 
 
 def clear_run_files(output_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None) -> int:
@@ -267,6 +348,8 @@ def clear_run_files(output_dir: str | os.PathLike, checkpoint_dir: str | os.Path
     for name in _names(output_dir):
         if _METRICS_TMP.match(name):
             removed += _delete(output_dir / name, tree=False)
+    if (output_dir / STAGING_DIR).is_dir():
+        removed += _delete(output_dir / STAGING_DIR, tree=True)
     return removed
 
 
@@ -334,10 +417,6 @@ def _names(folder: Path) -> list[str]:
         return []
 
 
-def _same(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve()
-
-
 # ---------------------------------------------------------------------------------------------- the lock
 
 
@@ -348,13 +427,16 @@ class RunLock:
     naming the holder when a live process has it; a lock left by a dead process (same host, its pid gone, its
     flock released by the kernel) is taken over with a warning. A lock written on another host is never taken
     over (its process cannot be checked from here); the message says which file to delete if that run is gone.
-    Usable as a context manager.
+    A lock file that is a symbolic link is refused (it is never written through). Messages name `field`, the
+    config field of the folder. Usable as a context manager.
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, field: str = "output_dir") -> None:
         self.folder = Path(folder)
+        self.field = field
         self.path = self.folder / LOCK_FILE
         self._fd: int | None = None
+        self._made_folder = False  # the folder did not exist: removed again on release when it stays empty
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -374,16 +456,22 @@ class RunLock:
         if self._fd is not None:
             return
         try:
+            self._made_folder = not self.folder.exists()
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ConfigError(f"output_dir: {str(self.folder)!r} cannot be created: {error.strerror or error}"
+            raise ConfigError(f"{self.field}: {str(self.folder)!r} cannot be created: {error.strerror or error}"
                               ) from None
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as error:
-                raise ConfigError(f"output_dir: cannot create the run lock {self.path}: {error.strerror or error}"
-                                  ) from None
+                if self.path.is_symlink():
+                    raise ConfigError(
+                        f"{self.field}: the run lock {self.path} is a symbolic link (to {os.readlink(self.path)}); "
+                        "a run's lock is a file of its own and is never written through a link. Remove the link"
+                    ) from None
+                raise ConfigError(f"{self.field}: cannot create the run lock {self.path}: "
+                                  f"{error.strerror or error}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
@@ -416,7 +504,8 @@ class RunLock:
             return
 
     def release(self) -> None:
-        """Remove the lock file and release the lock; safe to call twice."""
+        """Remove the lock file (and the folder when acquire made it and it stayed empty) and release the lock;
+        safe to call twice."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
@@ -425,6 +514,8 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
         finally:
             os.close(fd)  # closing releases the flock
+        if self._made_folder:
+            _rmdir_if_empty(self.folder)
 
     def _is_current_file(self, fd: int) -> bool:
         try:
@@ -458,8 +549,8 @@ class RunLock:
         remote = holder is not None and holder.get("host") != socket.gethostname()
         hint = (f"; if that run is no longer running, delete {self.path}" if remote
                 else "; wait for it to finish, or stop it (then resume with --resume)")
-        return (f"output_dir: {str(self.folder)!r} is in use by another training run: {who} holds {self.path}"
-                f"{hint}, or use another output_dir")
+        return (f"{self.field}: {str(self.folder)!r} is in use by another training run: {who} holds {self.path}"
+                f"{hint}, or use another {self.field}")
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:

@@ -23,8 +23,9 @@ class TrainerState:
     batches an uninterrupted run would have seen.
 
     `best_metric`, `best_step` and `best_checkpoint` are the run's one record of the best: the best value of
-    the monitored metric, the step of the evaluation that produced it, and the name (inside the checkpoint
-    folder) of the checkpoint written while that evaluation was the newest one (None until one is).
+    the monitored metric, the step of the evaluation that produced it, and the path of the checkpoint written
+    while that evaluation was the newest one (None until one is); `trainer_state.json` keeps its folder name
+    only, so a copied or moved run stays portable, and the trainer roots it in its checkpoint folder again.
     `log_history` holds every logged training record and every evaluation (`"type": "train" | "eval"`).
     """
 

@@ -78,7 +78,7 @@ from app.sft.metrics_log import MetricsLog
 from app.sft.model_card import write_model_card
 from app.sft.modeling import apply_liger_kernels, apply_lora, load_model, load_tokenizer, merge_lora, save_final_model
 from app.sft.report import render_report
-from app.sft.run_dir import run_folder
+from app.sft.run_dir import run_folder, staged_outputs
 from app.sft.signals import StopSignals
 from app.sft.state import TrainerState
 
@@ -250,7 +250,7 @@ class SFTTrainer(TrainerAPI):
 
     @property
     def best_checkpoint(self) -> str | None:
-        """The name of the best checkpoint inside `checkpoint_dir`, or None while no checkpoint holds the best."""
+        """The path of the best checkpoint (inside `checkpoint_dir`), or None while no checkpoint holds the best."""
         return self.state.best_checkpoint
 
     @property
@@ -349,7 +349,7 @@ class SFTTrainer(TrainerAPI):
         audit = run_audit(self.train_data, self.val_data, self.config, self.tokenizer, warn=self.is_main_process)
         overwrite = self.config.overwrite_output_dir if overwrite is None else overwrite
         with run_folder(self.config, resuming=bool(resume_from_checkpoint), overwrite=overwrite,
-                        accelerator=self.accelerator):
+                        accelerator=self.accelerator, checkpoint_dirs=[saver.output_dir for saver in self._savers()]):
             return self._train(resume_from_checkpoint, continue_after_stop, audit)
 
     def _train(self, resume_from_checkpoint: str | bool | None, continue_after_stop: bool,
@@ -629,7 +629,7 @@ class SFTTrainer(TrainerAPI):
             if due or (index == 0 and self.state.stop_reason == "signal"):
                 path = saver.checkpoint_path(step)
                 if index == 0 and self._holds_best():
-                    self.state.best_checkpoint = path.name
+                    self.state.best_checkpoint = str(path)
                 self.save_checkpoint(path)
                 self.callback_handler.fire("on_save", self, step=step, checkpoint_path=str(path))
                 saver.rotate(self)
@@ -659,13 +659,13 @@ class SFTTrainer(TrainerAPI):
                     tmp,
                     optimizer_state=optimizer_state,
                     lr_scheduler=self.lr_scheduler,
-                    trainer_state={**self.state.to_dict(), "num_processes": self.num_processes,
-                                   "layout": self.layout.to_dict()},
+                    trainer_state={**self.state.to_dict(), "best_checkpoint": self._best_name(),
+                                   "num_processes": self.num_processes, "layout": self.layout.to_dict()},
                     callback_states=self.callback_handler.state_dict(),
                     config=self.config.to_dict(),
                 )
             checkpointing.write_pointer(path.parent, checkpointing.LATEST_POINTER, path)
-            if self.state.best_checkpoint == path.name:
+            if self._best_name() == path.name:
                 checkpointing.write_pointer(path.parent, checkpointing.BEST_POINTER, path)
         self.accelerator.wait_for_everyone()
         return str(path)
@@ -684,6 +684,8 @@ class SFTTrainer(TrainerAPI):
         checkpointing.load_weights(self._unwrapped_model(), path)
         checkpointing.load_optimizer_and_scheduler(path, self.model, self.optimizer.optimizer, None)
         self.state = TrainerState.from_dict(trainer_state)
+        if self.state.best_checkpoint:  # saved as a name (a copied run stays portable), used as a path
+            self.state.best_checkpoint = str(self.checkpoint_dir / self.state.best_checkpoint)
         self.state.max_steps = self._total_steps()
         old_rate = self.optimizer.param_groups[0]["lr"]
         for group, decay in zip(self.optimizer.param_groups, (self.config.weight_decay, 0.0), strict=True):
@@ -789,8 +791,9 @@ class SFTTrainer(TrainerAPI):
         if self.is_main_process:
             model = self._unwrapped_model()
             template = resolve_template(self.config, self.tokenizer) if self.train_data.facts.templated else None
-            save_final_model(model, self.tokenizer, self.output_dir, state_dict=full_state, template=template)
-            self.config.to_yaml(self.output_dir / "config.yaml")
+            with staged_outputs(self.output_dir) as staging:  # links in output_dir are replaced, not written
+                save_final_model(model, self.tokenizer, staging, state_dict=full_state, template=template)
+                self.config.to_yaml(staging / "config.yaml")
             if self.config.save_merged_model and hasattr(model, "peft_config"):
                 merge_lora(self.output_dir, self.output_dir / "merged")
         self.accelerator.wait_for_everyone()
@@ -819,7 +822,7 @@ class SFTTrainer(TrainerAPI):
             "best_metric": state.best_metric,
             "best_metric_name": self.monitor,
             "best_step": state.best_step,
-            "best_checkpoint": str(self.checkpoint_dir / state.best_checkpoint) if state.best_checkpoint else None,
+            "best_checkpoint": state.best_checkpoint,
             "global_step": state.global_step,
             "epochs": state.epoch + state.batch_in_epoch / max(len(self._epoch_units(state.epoch)), 1),
             "train_tokens": state.train_tokens,
@@ -828,6 +831,10 @@ class SFTTrainer(TrainerAPI):
             "mixed_precision": self.config.precision_choice.to_dict(),
             "output_dir": str(self.output_dir),
         }
+
+    def _best_name(self) -> str | None:
+        """The best checkpoint's folder name (what `trainer_state.json` keeps), or None."""
+        return Path(self.state.best_checkpoint).name if self.state.best_checkpoint else None
 
     def _unwrapped_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)

@@ -371,7 +371,7 @@ def test_a_wrong_typed_trainer_state_field_is_one_checkpoint_error(tmp_path, fin
     state["trainer"]["global_step"] = "three"
     state_file.write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match=r"trainer_state.json: field 'global_step' must be int, got 'three'"):
-        run(config.model_copy(update={"max_steps": 4}), resume="latest")
+        run(config.model_copy(update={"max_steps": 4}), resume=str(state_file.parent))  # "latest" falls back
     assert "Logging error" not in capsys.readouterr().err
 
 

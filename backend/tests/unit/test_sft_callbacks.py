@@ -625,6 +625,32 @@ def test_rotation_never_deletes_what_is_not_its_own(tmp_path: Path, caplog: pyte
     assert "Not deleting" in caplog.text
 
 
+def test_rotation_of_checkpoints_listed_by_hand_like_the_quick_reference(tmp_path: Path) -> None:
+    """The quick reference's own test: five `torch.save` checkpoints listed in `checkpoints`, then rotation."""
+    callback = CheckpointCallback(output_dir=str(tmp_path), save_total_limit=3)
+    for step in (10, 20, 30, 40, 50):
+        path = os.path.join(str(tmp_path), f"checkpoint_step_{step}.pt")
+        torch.save({"step": step}, path)
+        callback.checkpoints.append(path)
+    foreign = tmp_path / "mine" / "checkpoint_step_5.pt"
+    foreign.parent.mkdir()
+    foreign.write_text("mine")
+    callback.checkpoints.append(str(foreign))  # not a checkpoint of ours: dropped from the list, left on disk
+    callback._rotate_checkpoints()
+
+    assert callback.checkpoints == [os.path.join(str(tmp_path), f"checkpoint_step_{s}.pt") for s in (30, 40, 50)]
+    assert not os.path.exists(os.path.join(str(tmp_path), "checkpoint_step_10.pt"))
+    assert not os.path.exists(os.path.join(str(tmp_path), "checkpoint_step_20.pt"))
+    assert foreign.read_text() == "mine"
+
+    callback.checkpoints = [str(tmp_path / "checkpoint_step_40.pt"), str(tmp_path / "checkpoint_step_50.pt")]
+    callback.save_total_limit = 1
+    callback._rotate_checkpoints()  # an assigned list rotates the same way
+    assert callback.checkpoints == [str(tmp_path / "checkpoint_step_50.pt")]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_step_*")) == ["checkpoint_step_30.pt",
+                                                                          "checkpoint_step_50.pt"]
+
+
 def test_checkpoint_state_round_trip_drops_deleted_checkpoints(tmp_path: Path) -> None:
     callback = CheckpointCallback(tmp_path, save_steps=1, save_total_limit=None)
     trainer = bare_trainer()

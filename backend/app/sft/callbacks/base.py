@@ -68,7 +68,7 @@ class TrainerAPI:
 
     @property
     def best_checkpoint(self) -> str | None:
-        """The best checkpoint's folder name inside the checkpoint folder, or None."""
+        """The path of the best checkpoint (inside the checkpoint folder), or None."""
         return None
 
     def metric_step(self, name: str) -> int | None:

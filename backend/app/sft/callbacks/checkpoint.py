@@ -95,16 +95,22 @@ class CheckpointCallback(MonitoringCallback):
     def best_checkpoint(self) -> str | None:
         """The path of the best checkpoint, or None while none holds the best evaluation."""
         if self._trainer is not None:
-            name = self._trainer.best_checkpoint
-            return os.path.join(self.output_dir, name) if name else None
+            best = self._trainer.best_checkpoint
+            return os.path.join(self.output_dir, os.path.basename(best)) if best else None
         return self._best_path
 
     @property
     def checkpoints(self) -> list[str]:
-        """The checkpoints kept, oldest first."""
+        """The checkpoints kept, oldest first. In a hand-written loop this is the callback's own list: paths
+        appended to it (or a list assigned to it) are rotated by `_rotate_checkpoints()`; with SFTTrainer it is
+        a fresh list of the checkpoints on disk."""
         if self._trainer is not None:
             return [str(path) for path in self._own_checkpoints()]
-        return list(self._written)
+        return self._written
+
+    @checkpoints.setter
+    def checkpoints(self, paths: list[str | os.PathLike[str]]) -> None:
+        self._written = [os.fspath(path) for path in paths]
 
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
         api = trainer_api(trainer)
@@ -137,7 +143,8 @@ class CheckpointCallback(MonitoringCallback):
         if self.save_total_limit is None or not api.is_main_process:
             return
         kept = self._own_checkpoints()
-        protected = {kept[-1].name if kept else None, api.best_checkpoint}
+        best = api.best_checkpoint
+        protected = {kept[-1].name if kept else None, os.path.basename(best) if best else None}
         excess = len(kept) - self.save_total_limit
         for path in [p for p in kept if p.name not in protected][: max(excess, 0)]:
             logger.info("Deleting old checkpoint %s (save_total_limit=%d)", path, self.save_total_limit)
@@ -198,7 +205,9 @@ class CheckpointCallback(MonitoringCallback):
         return target
 
     def _rotate_checkpoints(self) -> None:
-        """Delete the oldest checkpoints this callback wrote beyond `save_total_limit`, sparing best and newest."""
+        """Delete the oldest checkpoints listed in `checkpoints` beyond `save_total_limit`, sparing the best and
+        the newest; entries that are not checkpoints of ours are dropped from the list and left on disk."""
+        self._written[:] = [os.fspath(path) for path in self._written]
         for path in [p for p in self._written if not self._is_own(p)]:
             logger.warning("Not deleting %s: it is not a checkpoint inside %s", path, self.output_dir)
             self._written.remove(path)
@@ -256,7 +265,7 @@ def _remove(path: str) -> None:
     """
     if os.path.isdir(path) and not os.path.islink(path):
         doomed = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}")
-        shutil.rmtree(doomed, ignore_errors=True)
+        checkpointing.discard_leftover(doomed)
         os.replace(path, doomed)
         shutil.rmtree(doomed)
     elif os.path.lexists(path):
