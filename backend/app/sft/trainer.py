@@ -58,7 +58,7 @@ from app.sft.callbacks import (
     WandBCallback,
 )
 from app.sft.callbacks.base import CallbackHandler, Monitor, TrainerAPI
-from app.sft.config import ConfigError, SFTConfig
+from app.sft.config import ConfigError, SFTConfig, warn_beyond_positions
 from app.sft.data import (
     PackedCollator,
     PaddedCollator,
@@ -168,6 +168,7 @@ class SFTTrainer(TrainerAPI):
         cfg = self.config
         if model is None:
             model = load_model(cfg)
+        warn_beyond_positions(cfg, getattr(model, "config", None))
         if cfg.packing and cfg.attn_implementation is None and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(register_document_attention())  # packed rows without a dense mask
         model = apply_lora(model, cfg)
