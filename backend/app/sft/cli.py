@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--overwrite", action="store_true",
                        help="start afresh in an output_dir that holds a run: delete that run's own files first")
+    train.add_argument("--allow-data-change", action="store_true",
+                       help="with --resume: train on when the data differs from what the checkpoint trained on "
+                       "(the sample order is rebuilt); same as --set allow_data_change=true")
     train.add_argument(
         "--continue",
         dest="continue_after_stop",
@@ -262,7 +265,8 @@ def _train(args: argparse.Namespace) -> int:
     from app.sft.model_card import write_model_card
     from app.sft.trainer import SFTTrainer
 
-    config = _load_config(args.config, args.overrides, no_cache=args.no_cache)
+    overrides = [*args.overrides, "allow_data_change=true"] if args.allow_data_change else args.overrides
+    config = _load_config(args.config, overrides, no_cache=args.no_cache)
     trainer = SFTTrainer(config)
     summary = trainer.train(resume_from_checkpoint=args.resume, continue_after_stop=args.continue_after_stop,
                             overwrite=True if args.overwrite else None)

@@ -182,6 +182,9 @@ class SFTConfig(BaseModel):
     """On resume: train on with the global batch this launch gives (the config's accumulation × processes) when
     it differs from the checkpoint's, instead of refusing. The learning-rate schedule is recomputed for the new
     step count, and the rest of the run no longer matches an uninterrupted one."""
+    allow_data_change: bool = False
+    """On resume: train on when the training or validation data differs from what the checkpoint trained on
+    (shrunk, grown or edited), instead of refusing; the sample order is rebuilt for the new data."""
     learning_rate: float = Field(2e-4, gt=0.0)
     """The peak learning rate (after warmup)."""
     num_epochs: int = Field(1, ge=1)

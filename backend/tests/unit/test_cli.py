@@ -111,6 +111,20 @@ def test_resume_continues_from_the_latest_or_a_given_checkpoint(tmp_path, tiny_m
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
+def test_resume_on_shrunk_data_is_refused_unless_allow_data_change(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir, eval_steps=100, save_steps=2)
+    assert main(["train", str(config), "--set", "max_steps=2"]) == 0
+    write_jsonl(tmp_path / "train.jsonl", [{"instruction": QUESTION, "output": ANSWER}] * 8)
+    capsys.readouterr()
+    assert main(["train", str(config), "--set", "max_steps=4", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "training data: 16 examples then, 8 now (shrunk)" in err and "--allow-data-change" in err
+    assert "Traceback" not in err
+    assert main(["train", str(config), "--set", "max_steps=4", "--resume", "--allow-data-change"]) == 0
+    err = capsys.readouterr().err
+    assert "the sample order is rebuilt for the new data" in err and "Resumed from" in err
+
+
 def test_validate_counts_examples_without_loading_weights(tmp_path, tiny_model_dir, capsys):
     # A model folder with config and tokenizer but no weights: validate works, training could not.
     model_dir = tmp_path / "no_weights"
