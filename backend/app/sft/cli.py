@@ -40,6 +40,7 @@ _USAGE_ERROR_CLASSES = (
     ("app.sft.data", "DataError"),
     ("app.sft.checkpointing", "CheckpointError"),
     ("app.sft.templates", "TemplateError"),
+    ("app.sft.report", "ReportError"),
 )
 """Errors in what the user gave (exit code 2, one message, no traceback), besides missing/existing files.
 Looked up only in modules already imported: an error class whose module was never loaded was never raised."""
@@ -510,13 +511,17 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from app.sft.model_card import write_model_card
-    from app.sft.report import render_report
+    from app.sft.model_card import CARD_FILE, write_model_card
+    from app.sft.report import ReportError, render_report
 
     png, html = render_report(args.run_dir)
     written = [html, png]
     if (Path(args.run_dir) / "training_summary.json").is_file():
-        written.append(write_model_card(args.run_dir))
+        try:
+            written.append(write_model_card(args.run_dir))
+        except OSError as error:
+            raise ReportError(f"{Path(args.run_dir) / CARD_FILE}: cannot write the model card "
+                              f"({error.strerror or error})") from error
     print(f"Wrote {', '.join(str(path) for path in written)}")
     return 0
 
