@@ -267,7 +267,8 @@ def _data_section(audit: dict[str, Any]) -> list[str]:
     ]
     checks = "".join(
         f"<tr><th>{html.escape(c['name'])}</th><td class=\"{'' if c['passed'] else 'fail'}\">"
-        f"{'ok' if c['passed'] else 'FAILED'}</td><td>{html.escape(c['message'])}</td></tr>"
+        f"{'ok' if c['passed'] else 'warning' if c.get('warning') else 'FAILED'}</td>"
+        f"<td>{html.escape(c['message'])}</td></tr>"
         for c in audit["checks"]
     )
     examples = []

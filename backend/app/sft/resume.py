@@ -146,8 +146,7 @@ def data_changes(path: Path, saved: Any, now: dict[str, Any], allow: bool) -> li
         if then == current:
             continue
         label = "training data" if name == "train" else "validation data"
-        count = lambda record: record["examples"] if record else 0  # noqa: E731
-        old, new = count(then), count(current)
+        old, new = (record["examples"] if record else 0 for record in (then, current))
         if old != new:
             changes.append(f"{label}: {old} examples then, {new} now ({'shrunk' if new < old else 'grown'})")
         else:
