@@ -264,6 +264,7 @@ def _data_section(audit: dict[str, Any]) -> list[str]:
         ("Padding share" if not batching["packing"] else "Fill rate (packed)",
          f"{batching['fill_rate' if batching['packing'] else 'padding_share']:.1%}"),
         ("Validation rows also in the training data", f"{audit['leakage']['duplicate_validation_rows']:,}"),
+        ("Copies of rows kept on one side of the split", f"{audit['leakage'].get('duplicates_kept_together', 0):,}"),
     ]
     checks = "".join(
         f"<tr><th>{html.escape(c['name'])}</th><td class=\"{'' if c['passed'] else 'fail'}\">"

@@ -248,6 +248,8 @@ def test_a_share_of_empty_replies_warns_once_and_trains(tmp_path: Path) -> None:
     with pytest.warns(AuditWarning, match=r"empty_replies: 2 of 16 replies") as caught:
         assert trainer.train()["global_step"] == 1
     assert len([w for w in caught if issubclass(w.category, AuditWarning)]) == 1
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert '<th>empty_replies</th><td class="fail">warning</td>' in page
 
 
 def test_special_tokens_in_text_names_the_token_and_plain_text_passes() -> None:
