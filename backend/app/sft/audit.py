@@ -19,6 +19,7 @@ import logging
 import math
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -56,6 +57,8 @@ class AuditCheck:
     first_rows: list[int] = field(default_factory=list)
     message: str = ""
     """Empty when the check passed."""
+    warning: bool = False
+    """A finding that only warns (whatever the mode) instead of failing the audit."""
 
 
 @dataclass
@@ -81,7 +84,13 @@ class AuditReport:
 
     @property
     def failed(self) -> list[AuditCheck]:
-        return [check for check in self.checks if not check.passed]
+        """The checks that failed (not those that only warn)."""
+        return [check for check in self.checks if not check.passed and not check.warning]
+
+    @property
+    def warnings(self) -> list[AuditCheck]:
+        """The findings that only warn."""
+        return [check for check in self.checks if not check.passed and check.warning]
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the time taken (so that every process of a distributed run reports the same)."""
@@ -92,9 +101,9 @@ class AuditReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def failure_message(self) -> str:
-        """One line per failed check: `name: message`."""
-        return "\n".join(f"  {check.name}: {check.message}" for check in self.failed)
+    def failure_message(self, checks: Sequence[AuditCheck] | None = None) -> str:
+        """One line per failed check (or per one of `checks`): `name: message`."""
+        return "\n".join(f"  {check.name}: {check.message}" for check in (self.failed if checks is None else checks))
 
     def format_table(self) -> str:
         """The audit as a short text table: per split counts, lengths, truncation, batching, leakage, checks."""
@@ -133,11 +142,12 @@ class AuditReport:
         if self.leakage["validation_rows"]:
             lines.append(f"  leakage: {self.leakage['duplicate_validation_rows']:,} of "
                          f"{self.leakage['validation_rows']:,} validation rows also in the training data "
-                         f"({self.leakage['training_rows_in_validation']:,} training rows)")
+                         f"({self.leakage['training_rows_in_validation']:,} training rows); "
+                         f"{self.leakage['duplicates_kept_together']:,} copies of rows kept on one side of the split")
         lines.append("  checks:")
         for check in self.checks:
-            lines.append(f"    {'ok  ' if check.passed else 'FAIL'} {check.name}" + (f": {check.message}"
-                                                                                     if check.message else ""))
+            mark = "ok  " if check.passed else "warn" if check.warning else "FAIL"
+            lines.append(f"    {mark} {check.name}" + (f": {check.message}" if check.message else ""))
         return "\n".join(lines)
 
 
@@ -184,6 +194,7 @@ def audit_data(
         *_row_checks(sources),
         _truncation_check(truncation, cut_away, facts, config),
         _leakage_check(leakage, val, config),
+        _empty_replies_check(sources),
     ]
     report = AuditReport(
         mode=config.audit,
@@ -260,23 +271,29 @@ def _leakage(train: TokenizedDataset, val: TokenizedDataset | None) -> dict[str,
     """Validation examples whose tokens are exactly those of a training example, and vice versa."""
     if val is None:
         return {"validation_rows": 0, "duplicate_validation_rows": 0, "training_rows_in_validation": 0,
-                "duplicate_rows": []}
+                "duplicates_kept_together": 0, "duplicate_rows": []}
     val_keys: dict[tuple[int, ...], list[int]] = {}
     for index, ids in enumerate(val.input_ids):
         val_keys.setdefault(tuple(ids), []).append(index)
     train_hits = 0
     duplicated: set[int] = set()
+    train_counts: Counter[tuple[int, ...]] = Counter()
     for ids in train.input_ids:
-        hit = val_keys.get(tuple(ids))
+        key = tuple(ids)
+        train_counts[key] += 1
+        hit = val_keys.get(key)
         if hit is not None:
             train_hits += 1
             duplicated.update(hit)
     rows = sorted(val.rows[index] for index in duplicated)
+    kept = sum(count for key, count in train_counts.items() if count > 1 and key not in val_keys)
+    kept += sum(len(hit) for key, hit in val_keys.items() if len(hit) > 1 and key not in train_counts)
     return {
         "validation_rows": len(val),
         "duplicate_validation_rows": len(rows),
         "duplicate_share": _share(len(rows), len(val)),
         "training_rows_in_validation": train_hits,
+        "duplicates_kept_together": kept,
         "duplicate_rows": rows,
     }
 
@@ -341,6 +358,10 @@ def _row_checks(sources: list[tuple[str, TokenizedDataset]]) -> list[AuditCheck]
     untrained_end = [(f.source, np.flatnonzero(f.untrained_end)) for f in distinct]
     double_bos = [(f.source, np.flatnonzero(f.double_bos)) for f in distinct]
     boundary = [(f.source, sorted(f.boundary)) for f in distinct]
+    special = [(f.source, sorted(f.special_text)) for f in distinct]
+    first_special = next(((f, sorted(f.special_text)[0]) for f in distinct if f.special_text), None)
+    typed = (f" (row {first_special[1] + 1}: {first_special[0].special_text[first_special[1]]!r})"
+             if first_special is not None else "")
     first_seam = next(((f, sorted(f.boundary)[0]) for f in distinct if f.boundary), None)
     seam = ""
     if first_seam is not None:
@@ -361,7 +382,36 @@ def _row_checks(sources: list[tuple[str, TokenizedDataset]]) -> list[AuditCheck]
         _check("single_bos", double_bos,
                "the row starts with two BOS tokens: the template writes one and the tokenizer adds another; set "
                "the template's add_special_tokens to False or leave the BOS out of the template"),
+        _check("special_tokens_in_text", special,
+               f"the text holds a special token of the tokenizer{typed}, which becomes the control token itself "
+               "(a reply could open a forged turn); remove or escape it in the data"),
     ]
+
+
+def _empty_replies_check(sources: list[tuple[str, TokenizedDataset]]) -> AuditCheck:
+    """A split whose replies are all empty trains on nothing but end-of-turn tokens: fails. Some empty replies
+    (the model learns to answer with nothing to those prompts) only warn, with their share and rows."""
+    found = []
+    for name, data in sources:
+        facts, rows = data.facts, np.asarray(data.rows, dtype=np.int64)
+        replies, empty = int(facts.replies[rows].sum()), int(facts.empty_replies[rows].sum())
+        if empty:
+            found.append((name, data, replies, empty, sorted(int(row) for row in rows[facts.empty_replies[rows] > 0])))
+    if not found:
+        return AuditCheck("empty_replies", True)
+    hopeless = [(name, data, replies) for name, data, replies, empty, _ in found if empty == replies]
+    if hopeless:
+        named = "; ".join(f"{data.facts.source}: all {replies} replies are empty" + (f" ({name} split)"
+                          if name != "train" else "") for name, data, replies in hopeless)
+        return AuditCheck("empty_replies", False, sum(len(rows) for *_, rows in found), [],
+                          f"{named}, so no token of an answer is trained (only end-of-turn tokens); check the "
+                          "reply field (output, or the assistant messages' content) of the data")
+    parts = [f"{empty} of {replies} replies ({_share(empty, replies):.1%}, {_rows_named(data.facts.source, rows)})"
+             for _, data, replies, empty, rows in found]
+    first = [row + 1 for *_, rows in found for row in rows][:FIRST_ROWS]
+    return AuditCheck("empty_replies", False, sum(len(rows) for *_, rows in found), first,
+                      f"{'; '.join(parts)} are empty: the model learns to answer those prompts with nothing; "
+                      "remove or fill those rows if that is not meant", warning=True)
 
 
 def _truncation_check(truncation: dict[str, Any], cut_away: np.ndarray, facts: DataFacts,
@@ -429,17 +479,22 @@ def run_audit(
 
 def enforce_audit(report: AuditReport, *, warn: bool = True) -> None:
     """Raise `AuditError` (mode `error`) or warn once (mode `warn`) when a check failed."""
-    if not report.failed or report.mode == "off":
+    if report.mode == "off" or not (report.failed or report.warnings):
         return
     count = len(report.failed)
     header = f"data audit: {count} check{'s' if count > 1 else ''} failed"
-    if report.mode == "error":
+    if report.failed and report.mode == "error":
         raise AuditError(f"{header} (nothing was trained):\n{report.failure_message()}\n"
                          "Fix the data or template, or set audit: warn to train anyway (audit: off skips the "
                          "audit); see docs/audit.md")
-    if warn:
-        warnings.warn(f"{header} (audit: warn, training anyway):\n{report.failure_message()}", AuditWarning,
-                      stacklevel=3)
+    if not warn:
+        return
+    if report.failed:
+        warnings.warn(f"{header} (audit: warn, training anyway):\n"
+                      f"{report.failure_message([*report.failed, *report.warnings])}", AuditWarning, stacklevel=3)
+    else:
+        warnings.warn(f"data audit: a finding to look at (training anyway):\n"
+                      f"{report.failure_message(report.warnings)}", AuditWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------- template parity

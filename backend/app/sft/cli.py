@@ -40,6 +40,7 @@ _USAGE_ERROR_CLASSES = (
     ("app.sft.data", "DataError"),
     ("app.sft.checkpointing", "CheckpointError"),
     ("app.sft.templates", "TemplateError"),
+    ("app.sft.report", "ReportError"),
 )
 """Errors in what the user gave (exit code 2, one message, no traceback), besides missing/existing files.
 Looked up only in modules already imported: an error class whose module was never loaded was never raised."""
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--overwrite", action="store_true",
                        help="start afresh in an output_dir that holds a run: delete that run's own files first")
+    train.add_argument("--allow-data-change", action="store_true",
+                       help="with --resume: train on when the data differs from what the checkpoint trained on "
+                       "(the sample order is rebuilt); same as --set allow_data_change=true")
     train.add_argument(
         "--continue",
         dest="continue_after_stop",
@@ -262,7 +266,8 @@ def _train(args: argparse.Namespace) -> int:
     from app.sft.model_card import write_model_card
     from app.sft.trainer import SFTTrainer
 
-    config = _load_config(args.config, args.overrides, no_cache=args.no_cache)
+    overrides = [*args.overrides, "allow_data_change=true"] if args.allow_data_change else args.overrides
+    config = _load_config(args.config, overrides, no_cache=args.no_cache)
     trainer = SFTTrainer(config)
     summary = trainer.train(resume_from_checkpoint=args.resume, continue_after_stop=args.continue_after_stop,
                             overwrite=True if args.overwrite else None)
@@ -513,13 +518,17 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from app.sft.model_card import write_model_card
-    from app.sft.report import render_report
+    from app.sft.model_card import CARD_FILE, write_model_card
+    from app.sft.report import ReportError, render_report
 
     png, html = render_report(args.run_dir)
     written = [html, png]
     if (Path(args.run_dir) / "training_summary.json").is_file():
-        written.append(write_model_card(args.run_dir))
+        try:
+            written.append(write_model_card(args.run_dir))
+        except OSError as error:
+            raise ReportError(f"{Path(args.run_dir) / CARD_FILE}: cannot write the model card "
+                              f"({error.strerror or error})") from error
     print(f"Wrote {', '.join(str(path) for path in written)}")
     return 0
 

@@ -47,7 +47,11 @@ class ConfigWarning(UserWarning):
 
 logger = logging.getLogger(__name__)
 
-_STRICT = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+YAML_MAX_VALUES = 100_000
+"""The most values (scalars, lists, mappings) a YAML config may hold once its aliases are expanded: a config
+has hundreds; nested aliases (an "alias bomb") can stand for billions and exhaust memory when read."""
 
 ReportTarget = Literal["wandb", "tensorboard", "mlflow"]
 _ALL_REPORT_TARGETS: list[str] = ["wandb", "tensorboard", "mlflow"]
@@ -193,6 +197,9 @@ class SFTConfig(BaseModel):
     """On resume: train on with the global batch this launch gives (the config's accumulation × processes) when
     it differs from the checkpoint's, instead of refusing. The learning-rate schedule is recomputed for the new
     step count, and the rest of the run no longer matches an uninterrupted one."""
+    allow_data_change: bool = False
+    """On resume: train on when the training or validation data differs from what the checkpoint trained on
+    (shrunk, grown or edited), instead of refusing; the sample order is rebuilt for the new data."""
     learning_rate: float = Field(2e-4, gt=0.0)
     """The peak learning rate (after warmup)."""
     num_epochs: int = Field(1, ge=1)
@@ -394,13 +401,7 @@ class SFTConfig(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(error, "problem", None) or str(error)
-            raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
         if data is None:
             raise ConfigError(f"{path}: the file is empty; expected a mapping of settings (base_model: ...)")
         if not isinstance(data, dict):
@@ -437,10 +438,7 @@ class SFTConfig(BaseModel):
             key = key.strip()
             if not sep or not key:
                 raise ConfigError(f"--set {override!r}: expected key=value, e.g. --set learning_rate=1e-4")
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError as error:
-                raise ConfigError(f"--set {override!r}: the value is not valid YAML: {error}") from None
+            value = load_yaml(raw, f"--set {override!r}")
             *parents, leaf = key.split(".")
             section = data
             for depth, part in enumerate(parents):
@@ -550,6 +548,47 @@ class SFTConfig(BaseModel):
         if precision is not None:
             resolved._precision_choice = precision
         return resolved
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load(text)`, refusing in a `ConfigError` naming `source` invalid YAML and aliases that expand
+    beyond `YAML_MAX_VALUES` values (or into themselves), before anything is expanded."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, set()) > YAML_MAX_VALUES:
+            raise ConfigError(f"{source}: its aliases (*name) expand to more than {YAML_MAX_VALUES:,} values; a "
+                              "config needs far fewer: write the values out, or use fewer nested aliases")
+        return loader.construct_document(node)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values `node` stands for with every alias expanded (a shared node counts at each use and is
+    measured once; an alias inside the value it names counts as more than `YAML_MAX_VALUES`)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:  # an alias inside the value it names: endless
+        return YAML_MAX_VALUES + 1
+    open_.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes, open_) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes, open_) + _expanded_size(v, sizes, open_) for k, v in node.value)
+    else:
+        size = 1
+    open_.discard(key)
+    sizes[key] = size
+    return size
 
 
 def _invalid(problems: list[str], source: str | None) -> ConfigError:
@@ -749,6 +788,16 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def warn_beyond_positions(config: SFTConfig, model_config: Any) -> None:
+    """A `ConfigWarning` when `max_seq_length` is longer than the model's `max_position_embeddings`: positions
+    past that were never trained (and some models fail on them)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and config.max_seq_length > limit:
+        _warn(f"max_seq_length {config.max_seq_length} is longer than the model's max_position_embeddings "
+              f"{limit}: tokens past position {limit} are outside what the model was trained on (and some models "
+              f"fail on them); set max_seq_length: {limit} or less")
 
 
 def _warn(message: str) -> None:

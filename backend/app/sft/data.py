@@ -446,7 +446,7 @@ class BoundaryToken:
 
 
 _FACT_ARRAYS = {"length": np.int64, "response": np.int64, "trained": np.int64, "untrained_end": bool,
-                "double_bos": bool}
+                "double_bos": bool, "replies": np.int64, "empty_replies": np.int64}
 """DataFacts' array fields and their dtypes."""
 
 
@@ -474,6 +474,12 @@ class DataFacts:
     """The row starts with two BOS tokens."""
     boundary: dict[int, BoundaryToken]
     """Rows (0-based) with a token spanning trained and untrained text: the first such token."""
+    replies: np.ndarray
+    """Assistant replies of the row (1 for a completion row's text; 0 when pre-tokenized)."""
+    empty_replies: np.ndarray
+    """Of those, replies that are empty or only whitespace."""
+    special_text: dict[int, str]
+    """Rows (0-based) whose text holds a special token of the tokenizer typed as text: the first one."""
     templated: bool = False
     """Some row was rendered by a prompt template (not pre-tokenized, not plain text): the saved tokenizer's chat
     template must then match that template."""
@@ -489,6 +495,7 @@ class DataFacts:
         for name in _FACT_ARRAYS:
             data[name] = data[name].tolist()
         data["boundary"] = {str(row): dataclasses.asdict(token) for row, token in self.boundary.items()}
+        data["special_text"] = {str(row): text for row, text in self.special_text.items()}
         return data
 
     @classmethod
@@ -498,6 +505,7 @@ class DataFacts:
         for name, dtype in _FACT_ARRAYS.items():
             values[name] = np.array(values[name], dtype=dtype)
         values["boundary"] = {int(row): BoundaryToken(**token) for row, token in values["boundary"].items()}
+        values["special_text"] = {int(row): text for row, text in values["special_text"].items()}
         return cls(**values)
 
     @classmethod
@@ -517,6 +525,9 @@ class DataFacts:
             untrained_end=np.zeros(count, dtype=bool),
             double_bos=np.zeros(count, dtype=bool),
             boundary={},
+            replies=np.zeros(count, dtype=np.int64),
+            empty_replies=np.zeros(count, dtype=np.int64),
+            special_text={},
         )
 
 
@@ -583,6 +594,9 @@ class _Outcome:
     double_bos: bool = False
     boundary: BoundaryToken | None = None
     templated: bool = False  # rendered by a prompt template
+    replies: int = 0  # assistant replies (a completion row's text counts as one)
+    empty_replies: int = 0  # replies that are empty or whitespace
+    special_text: str = ""  # the first special token typed as text in the row's data
 
 
 def tokenize_dataset(
@@ -664,6 +678,9 @@ def _facts(outcomes: list[_Outcome], source: str, max_seq_length: int) -> DataFa
         untrained_end=column("untrained_end", bool),
         double_bos=column("double_bos", bool),
         boundary={row: outcome.boundary for row, outcome in enumerate(outcomes) if outcome.boundary is not None},
+        replies=column("replies", np.int64),
+        empty_replies=column("empty_replies", np.int64),
+        special_text={row: outcome.special_text for row, outcome in enumerate(outcomes) if outcome.special_text},
         templated=any(outcome.templated for outcome in outcomes),
     )
 
@@ -760,19 +777,22 @@ def _tokenize_rows(
         outcomes: list[_Outcome | None] = []  # None: waits for the chunk's tokenizer call
         rendered: list[list[Segment]] = []
         trimmed_flags: list[bool] = []
+        texts: list[_RowText] = []
         for index, row in chunk:
             if not isinstance(row, Mapping):
                 raise DataError(f"{where(index)}: expected a mapping of fields, got {type(row).__name__}")
             if row.get("input_ids") is not None:
                 outcomes.append(_pretokenized(row, where(index), max_seq_length, markers))
                 continue
-            segments, trimmed = _render(row, tokenizer, dataset_format, template, text_field, where(index))
+            segments, trimmed, text = _render(row, tokenizer, dataset_format, template, text_field, where(index),
+                                              markers)
             if segments is None:
                 outcomes.append(_Outcome([], [], dropped="no_reply", trimmed=trimmed))
                 continue
             outcomes.append(None)
             rendered.append(segments)
             trimmed_flags.append(trimmed)
+            texts.append(text)
         encoded = zip(
             _encode(
                 tokenizer,
@@ -782,15 +802,17 @@ def _tokenize_rows(
                 markers=markers,
             ),
             trimmed_flags,
+            texts,
             strict=True,
         )
         for outcome in outcomes:
             if outcome is None:
-                (ids, ids_array, labels, boundary), trimmed = next(encoded)
+                (ids, ids_array, labels, boundary), trimmed, text = next(encoded)
                 outcome = _finish(
                     ids, ids_array, labels, max_seq_length, markers, rendered=True, trimmed=trimmed, boundary=boundary
                 )
                 outcome.templated = template is not None
+                outcome.replies, outcome.empty_replies, outcome.special_text = text
             yield outcome
 
 
@@ -808,6 +830,8 @@ class _Markers:
     end_ids: np.ndarray
     bos_id: int | None
     pieces: dict[int, str]
+    specials: re.Pattern[str] | None
+    """Matches any special token's text (None: the tokenizer has none)."""
 
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase) -> _Markers:
@@ -815,7 +839,20 @@ class _Markers:
         ids = [added[name] for name in END_OF_TURN_TOKENS if name in added]
         eos = getattr(tokenizer, "eos_token_id", None)
         ids += [eos] if isinstance(eos, int) else []
-        return cls(tokenizer, np.array(sorted(set(ids)), dtype=np.int64), getattr(tokenizer, "bos_token_id", None), {})
+        names = set(getattr(tokenizer, "all_special_tokens", None) or [])
+        names |= {str(token) for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special}
+        longest_first = sorted((name for name in names if name), key=len, reverse=True)
+        specials = re.compile("|".join(map(re.escape, longest_first))) if longest_first else None
+        return cls(tokenizer, np.array(sorted(set(ids)), dtype=np.int64), getattr(tokenizer, "bos_token_id", None), {},
+                   specials)
+
+    def special_in(self, texts: Iterable[str]) -> str:
+        """The first special token written as text in `texts` ("" when there is none)."""
+        if self.specials is not None:
+            for text in texts:
+                if found := self.specials.search(text):
+                    return found.group()
+        return ""
 
     def piece(self, token_id: int) -> str:
         """The token decoded alone (cached): its text with any leading space that offsets may leave out."""
@@ -845,6 +882,11 @@ def _token_list(row: Mapping[str, Any], name: str, where: str) -> list[int]:
     return list(value)
 
 
+_RowText = tuple[int, int, str]
+"""What the audit needs of a row's own text: its replies, how many are empty, the first special token typed in it
+("" for none)."""
+
+
 def _render(
     row: Mapping[str, Any],
     tokenizer: PreTrainedTokenizerBase,
@@ -852,18 +894,25 @@ def _render(
     template: PromptTemplate | None,
     text_field: str,
     where: str,
-) -> tuple[list[Segment] | None, bool]:
-    """The row's segments (None: a conversation with no assistant reply) and whether replies were trimmed."""
+    markers: _Markers,
+) -> tuple[list[Segment] | None, bool, _RowText]:
+    """The row's segments (None: a conversation with no assistant reply), whether replies were trimmed, and what
+    the audit needs of the row's text."""
     formatted = format_row(row, dataset_format, text_field=text_field, where=where)
     if isinstance(formatted, str):
         eos = tokenizer.eos_token or ""
-        return [(formatted if formatted.endswith(eos) else formatted + eos, True)], False
+        own = formatted.removesuffix(eos) if eos else formatted  # a text may end with the EOS: that one is meant
+        text = (1, int(not own.strip()), markers.special_in([own]))
+        return [(formatted if formatted.endswith(eos) else formatted + eos, True)], False, text
     messages, trimmed = _without_leading_replies(formatted)
-    if not any(message["role"] == "assistant" for message in messages):
-        return None, trimmed
+    replies = [str(message["content"]) for message in messages if message["role"] == "assistant"]
+    text = (len(replies), sum(not reply.strip() for reply in replies),
+            markers.special_in(str(value) for message in messages for key, value in message.items() if key != "role"))
+    if not replies:
+        return None, trimmed, text
     assert template is not None  # alpaca/chat always have one (see default_template)
     try:
-        return template.render(messages, tokenizer), trimmed
+        return template.render(messages, tokenizer), trimmed, text
     except (TemplateError, jinja2.TemplateError) as error:
         raise DataError(f"{where}: template {template.name!r} cannot render this row: {error}") from None
 
@@ -1023,9 +1072,11 @@ _D = TypeVar("_D")
 def split_train_val(dataset: _D, validation_split: float, seed: int) -> tuple[_D, _D | None]:
     """Split off a random `validation_split` fraction (at least one example) as validation data.
 
-    The same seed gives the same split; both parts keep the original order. Works on anything with
-    `select` (`datasets.Dataset`, `TokenizedDataset`) or on a list. `validation_split` 0 returns
-    `(dataset, None)`.
+    Identical examples (the same tokens, or the same row) go to the same side, so copies in the data never
+    leak into validation: groups of copies are taken in a seeded random order while they fit the fraction
+    (without copies, exactly a seeded permutation's first examples). The same seed gives the same split; both
+    parts keep the original order. Works on anything with `select` (`datasets.Dataset`, `TokenizedDataset`) or
+    on a list. `validation_split` 0 returns `(dataset, None)`.
     """
     if not 0.0 <= validation_split < 1.0:
         raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
@@ -1038,8 +1089,34 @@ def split_train_val(dataset: _D, validation_split: float, seed: int) -> tuple[_D
             f"validation_split={validation_split} of {total} examples leaves nothing to train on; "
             "add data or lower validation_split"
         )
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
-    return _subset(dataset, sorted(order[num_val:])), _subset(dataset, sorted(order[:num_val]))
+    groups = _copies(dataset)
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked: list[int] = []
+    for group in order:
+        if len(picked) + len(groups[group]) <= num_val:
+            picked += groups[group]
+            if len(picked) == num_val:
+                break
+    if not picked:  # every group is larger than the fraction: the smallest one
+        picked = min((groups[group] for group in order), key=len)
+    if len(picked) == total:
+        raise DataError(f"validation_split={validation_split}: every example is the same, so none can be held out "
+                        "without training on it too; add data or set validation_split: 0")
+    held = set(picked)
+    return _subset(dataset, [i for i in range(total) if i not in held]), _subset(dataset, sorted(picked))
+
+
+def _copies(dataset: Any) -> list[list[int]]:
+    """The indices of `dataset` grouped by identical content (tokens of a `TokenizedDataset`, else the row),
+    groups in the order of their first example."""
+    if isinstance(dataset, TokenizedDataset):
+        keys: Iterable[Any] = map(tuple, dataset.input_ids)
+    else:
+        keys = (json.dumps(dataset[i], sort_keys=True, default=str) for i in range(len(dataset)))
+    groups: dict[Any, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
 
 
 def _subset(dataset: _D, indices: list[int]) -> _D:

@@ -50,20 +50,32 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics log, in file order.
 
     A last line cut short by a crash (no final newline, not valid JSON) is ignored; a malformed line
-    anywhere else raises `ValueError` naming the file and line, since it means the file was damaged.
+    anywhere else (or one that is not a JSON object) raises `ValueError` naming the file and line, since it
+    means the file was damaged.
     """
+    return [record for _, record in numbered_records(path)]
+
+
+def numbered_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """`read_metrics` with the line number of each record."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}): the file is damaged") from None
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             if number == len(lines):  # the final, unterminated line of an interrupted write
                 break
             raise ValueError(f"{path}:{number}: malformed metrics record: {err}") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}")
+        records.append((number, record))
     return records
 
 

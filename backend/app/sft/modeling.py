@@ -384,7 +384,8 @@ def load_model(config: SFTConfig, *, device: torch.device | str | None = None) -
         kwargs["device_map"] = device_map
     path = model_path(config.base_model)
     with phase(f"Loading {config.base_model}"), _hub_access(config.base_model) as hub:
-        model = pretrained_causal_lm(path, use_kernels=config.use_kernels, **kwargs, **hub)
+        # transformers looks for an adapter_config.json with its own arguments: offline, those must say so too
+        model = pretrained_causal_lm(path, use_kernels=config.use_kernels, **kwargs, **hub, adapter_kwargs=dict(hub))
     # Record the base model as the user named it (a Hub id, `package://...`, the path given), not the
     # directory it was loaded from (a GGUF conversion cache): peft writes this name into adapter_config.json
     # and the model card, so the adapter loads on another machine; `model_path` resolves it again.

@@ -22,14 +22,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from app.sft.metrics_log import read_metrics
+from app.sft.config import load_yaml
+from app.sft.metrics_log import RECORD_TYPES, numbered_records
 from app.sft.precision import PrecisionChoice
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 REPORT_FILE = "report.html"
 
+_NUMBERS = ("epoch", "time", "elapsed_s", "loss", "val_loss", "learning_rate", "tokens_per_second")
+"""Record fields the report computes with: numbers (or null) wherever they appear, like every `gen_*` value."""
+
 _LOSS_LABEL = "loss (cross-entropy per token)"
+
+
+class ReportError(ValueError):
+    """A run file the report reads is damaged or was edited, or the report cannot be written; the message names
+    the file (and line)."""
 _VAL_STYLE: dict[str, Any] = {
     "color": "tab:orange",
     "linewidth": 2,
@@ -255,10 +264,12 @@ def _data_section(audit: dict[str, Any]) -> list[str]:
         ("Padding share" if not batching["packing"] else "Fill rate (packed)",
          f"{batching['fill_rate' if batching['packing'] else 'padding_share']:.1%}"),
         ("Validation rows also in the training data", f"{audit['leakage']['duplicate_validation_rows']:,}"),
+        ("Copies of rows kept on one side of the split", f"{audit['leakage'].get('duplicates_kept_together', 0):,}"),
     ]
     checks = "".join(
         f"<tr><th>{html.escape(c['name'])}</th><td class=\"{'' if c['passed'] else 'fail'}\">"
-        f"{'ok' if c['passed'] else 'FAILED'}</td><td>{html.escape(c['message'])}</td></tr>"
+        f"{'ok' if c['passed'] else 'warning' if c.get('warning') else 'FAILED'}</td>"
+        f"<td>{html.escape(c['message'])}</td></tr>"
         for c in audit["checks"]
     )
     examples = []
@@ -307,14 +318,14 @@ _GEN_SPEED_KEYS = ("gen_tokens_per_second", "gen_time_s")
 _SAMPLES_SHOWN = 5
 
 
-def _generation_section(records: Sequence[dict[str, Any]], output_dir: Path) -> list[str]:
+def _generation_section(records: Sequence[dict[str, Any]], output_dir: Path, config: dict[str, Any]) -> list[str]:
     """Evaluation by generation: the `gen_*` curves and, for the first and the best evaluation, a few samples
     side by side (from `generations/step_<N>.jsonl`); nothing when the run had no generation evaluation."""
     evals = [r for r in records if r.get("type") == "eval" and any(k.startswith("gen_") for k in r)]
     names = list(dict.fromkeys(k for r in evals for k in r if k.startswith("gen_") and k not in _GEN_SPEED_KEYS))
     if not evals or not names:
         return []
-    monitor, mode = _best_setting(output_dir)
+    monitor, mode = config.get("best_metric"), config.get("best_metric_mode") or "max"
     key = monitor if monitor in names else names[0]
     scored = [r for r in evals if r.get(key) is not None]
     best = (min if (mode == "min" and key == monitor) else max)(scored, key=lambda r: r[key]) if scored else evals[-1]
@@ -339,22 +350,31 @@ def _generation_section(records: Sequence[dict[str, Any]], output_dir: Path) -> 
     return sections
 
 
-def _best_setting(output_dir: Path) -> tuple[str | None, str]:
-    """The run's `best_metric` and `best_metric_mode` from its config.yaml (None, "max" without them)."""
-    path = output_dir / "config.yaml"
+def _read_config(path: Path) -> dict[str, Any]:
+    """The run's config.yaml as a mapping ({} when there is none)."""
     if not path.is_file():
-        return None, "max"
-    import yaml
-
-    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return config.get("best_metric"), config.get("best_metric_mode") or "max"
+        return {}
+    config = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    if not isinstance(config, dict):
+        raise ReportError(f"{path}: expected a mapping of settings, got {type(config).__name__}")
+    return config
 
 
 def _samples(output_dir: Path, step: int) -> list[dict[str, Any]]:
     path = output_dir / "generations" / f"step_{step}.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    samples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            sample = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as error:
+            raise ReportError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(sample, dict):
+            raise ReportError(f"{path}:{number}: a sample must be a JSON object, got {type(sample).__name__}")
+        if sample:
+            samples.append(sample)
+    return samples
 
 
 def _grid(rows: Sequence[Sequence[str]]) -> str:
@@ -387,22 +407,64 @@ def _generation_png(evals: Sequence[dict[str, Any]], names: Sequence[str]) -> st
 def render_report(output_dir: str | Path, *, title: str | None = None) -> tuple[Path, Path]:
     """Write `loss.png` and `report.html` into `output_dir` from its `metrics.jsonl`; return their paths.
 
-    Raises FileNotFoundError when the run has no metrics log, and ImportError (with the install command)
-    when matplotlib is missing.
+    Raises FileNotFoundError when the run has no metrics log, `ReportError` naming the file (and line) for a
+    damaged or edited metrics log, summary or samples file and for a report it cannot write (a full disk: the
+    previous file stays), `ConfigError` for an unreadable config.yaml, and ImportError (with the install
+    command) when matplotlib is missing.
     """
     output_dir = Path(output_dir)
     metrics_path = output_dir / METRICS_FILE
     if not metrics_path.is_file():
         raise FileNotFoundError(f"No metrics log at {metrics_path}: is {output_dir} the output_dir of a run?")
-    records = read_metrics(metrics_path)
+    records = _read_records(metrics_path)
     title = title or f"Training report: {output_dir.resolve().name}"
-    summary_path = output_dir / "training_summary.json"
-    run_summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    run_summary = _read_summary(output_dir / "training_summary.json")
+    config = _read_config(output_dir / "config.yaml")
 
     png_path, html_path = output_dir / PLOT_FILE, output_dir / REPORT_FILE
     png = _plot(records, title)
     page = _html(title, png, _summary_rows(records, run_summary), output_dir, run_summary,
-                 _generation_section(records, output_dir))
-    _write_atomic(png_path, png)
-    _write_atomic(html_path, page.encode("utf-8"))
+                 _generation_section(records, output_dir, config))
+    for path, data in ((png_path, png), (html_path, page.encode("utf-8"))):
+        try:
+            _write_atomic(path, data)
+        except OSError as error:
+            raise ReportError(f"{path}: cannot write it ({error.strerror or error}); the file it replaces, if any, "
+                              "is kept") from error
     return png_path, html_path
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The metrics log's records, refusing (naming the line) any the report cannot compute with."""
+    try:
+        numbered = numbered_records(path)
+    except ValueError as error:
+        raise ReportError(str(error)) from None
+    for number, record in numbered:
+        where = f"{path}:{number}"
+        if record.get("type") not in RECORD_TYPES:
+            raise ReportError(f"{where}: field 'type' must be one of {', '.join(RECORD_TYPES)}, got "
+                              f"{record.get('type')!r} (the file was edited or damaged)")
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ReportError(f"{where}: field 'step' must be a whole number, got {step!r} (the file was edited or "
+                              "damaged)")
+        for name, value in record.items():
+            if (name in _NUMBERS or name.startswith("gen_")) and not (
+                    value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))):
+                raise ReportError(f"{where}: field {name!r} must be a number or null, got {value!r} (the file was "
+                                  "edited or damaged)")
+    return [record for _, record in numbered]
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    """`training_summary.json` ({} when there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ReportError(f"{path}: not valid JSON ({error}): the file was edited or damaged") from None
+    if not isinstance(summary, dict):
+        raise ReportError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    return summary

@@ -4,12 +4,16 @@ layout of processes and micro-batches that keeps the global batch."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from app.sft.checkpointing import CONFIG_FILE, CheckpointError
 from app.sft.config import SFTConfig
+from app.sft.data import TokenizedDataset
 from app.sft.layout import Layout, count_processes, keeping_global_batch
 
 logger = logging.getLogger(__name__)
@@ -30,7 +34,7 @@ SAFE_FIELDS = (
     "wandb_project", "wandb_entity", "wandb_run_name", "run_name", "report_to", "disable_progress_bar",
     "mlflow_tracking_uri", "mlflow_experiment", "mlflow_log_model",
     "eval_batch_size", "dataloader_num_workers", "save_merged_model", "overwrite_output_dir",
-    "allow_global_batch_change",
+    "allow_global_batch_change", "allow_data_change",
 )
 """Fields whose change on resume is expected and only noted at info level."""
 
@@ -107,3 +111,52 @@ def resume_layout(then: Layout, config: SFTConfig, processes: int) -> tuple[Layo
                    "schedule is recomputed for the new step count, and the run differs from an uninterrupted one "
                    "from here on", changed.describe())
     return changed, f"global batch {then.global_batch} -> {changed.global_batch} (allow_global_batch_change)"
+
+
+DATA_SPLITS = ("train", "validation")
+
+
+def data_record(train: TokenizedDataset, val: TokenizedDataset | None) -> dict[str, Any]:
+    """What a checkpoint records of the data it trained on: per split, the examples and a fingerprint of their
+    tokens and labels (None for no validation data)."""
+    return {name: None if data is None else {"examples": len(data), "fingerprint": _fingerprint(data)}
+            for name, data in zip(DATA_SPLITS, (train, val), strict=True)}
+
+
+def _fingerprint(data: TokenizedDataset) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for ids, labels in zip(data.input_ids, data.labels, strict=True):
+        digest.update(len(ids).to_bytes(4, "little"))
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def data_changes(path: Path, saved: Any, now: dict[str, Any], allow: bool) -> list[str]:
+    """How the data differs from what checkpoint `path` trained on (one line per changed split; [] when it does
+    not, or when the checkpoint, of an earlier version, recorded none). Refused with a `CheckpointError` saying
+    what changed unless `allow` (`allow_data_change`)."""
+    if saved is None:
+        return []
+    if not isinstance(saved, dict) or not all(
+            saved.get(name) is None or (isinstance(saved[name], dict) and isinstance(saved[name].get("examples"), int)
+                                        and isinstance(saved[name].get("fingerprint"), str)) for name in DATA_SPLITS):
+        raise CheckpointError(f"{path}: the data record of its trainer_state.json is damaged or was edited")
+    changes = []
+    for name in DATA_SPLITS:
+        then, current = saved.get(name), now[name]
+        if then == current:
+            continue
+        label = "training data" if name == "train" else "validation data"
+        old, new = (record["examples"] if record else 0 for record in (then, current))
+        if old != new:
+            changes.append(f"{label}: {old} examples then, {new} now ({'shrunk' if new < old else 'grown'})")
+        else:
+            changes.append(f"{label}: {old} examples then and now, but their content changed (edited)")
+    if changes and not allow:
+        lines = "\n".join(f"  {line}" for line in changes)
+        raise CheckpointError(
+            f"cannot resume from {path}: the data changed since it was saved:\n{lines}\nResume with the data the run "
+            "trained on, or train on with the new data (its sample order is rebuilt, and the run no longer matches "
+            "an uninterrupted one) with --allow-data-change (allow_data_change: true)")
+    return changes

@@ -32,7 +32,7 @@ from app.sft.modeling import CACHE_ENV_VAR
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped when the layout of an entry changes."""
 _META_FILE, _ARRAYS_FILE = "meta.json", "arrays.npz"
 

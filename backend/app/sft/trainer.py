@@ -61,7 +61,7 @@ from app.sft.callbacks import (
     WandBCallback,
 )
 from app.sft.callbacks.base import CallbackHandler, Monitor, TrainerAPI
-from app.sft.config import ConfigError, SFTConfig
+from app.sft.config import ConfigError, SFTConfig, warn_beyond_positions
 from app.sft.data import (
     PackedCollator,
     PaddedCollator,
@@ -171,6 +171,7 @@ class SFTTrainer(TrainerAPI):
         cfg = self.config
         if model is None:
             model = load_model(cfg)
+        warn_beyond_positions(cfg, getattr(model, "config", None))
         if cfg.packing and cfg.attn_implementation is None and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(register_document_attention())  # packed rows without a dense mask
         if cfg.use_liger_kernel:
@@ -660,7 +661,9 @@ class SFTTrainer(TrainerAPI):
                     optimizer_state=optimizer_state,
                     lr_scheduler=self.lr_scheduler,
                     trainer_state={**self.state.to_dict(), "best_checkpoint": self._best_name(),
-                                   "num_processes": self.num_processes, "layout": self.layout.to_dict()},
+                                   "num_processes": self.num_processes, "layout": self.layout.to_dict(),
+                                   "data": {**self._data_record,
+                                            "epoch_units": len(self._epoch_units(self.state.epoch))}},
                     callback_states=self.callback_handler.state_dict(),
                     config=self.config.to_dict(),
                 )
@@ -681,11 +684,15 @@ class SFTTrainer(TrainerAPI):
         then = self._saved_layout(path, trainer_state, saved_config)
         changes, self.layout, layout_change = resume.check_config(path, saved_config, self.config, then,
                                                                   self.num_processes)
+        saved_data = trainer_state.pop("data", None)
+        data_changes = resume.data_changes(path, saved_data, self._data_record, self.config.allow_data_change)
         checkpointing.load_weights(self._unwrapped_model(), path)
         checkpointing.load_optimizer_and_scheduler(path, self.model, self.optimizer.optimizer, None)
         self.state = TrainerState.from_dict(trainer_state)
         if self.state.best_checkpoint:  # saved as a name (a copied run stays portable), used as a path
             self.state.best_checkpoint = str(self.checkpoint_dir / self.state.best_checkpoint)
+        if data_changes:
+            self._rebuild_position(data_changes, saved_data.get("epoch_units"))
         self.state.max_steps = self._total_steps()
         old_rate = self.optimizer.param_groups[0]["lr"]
         for group, decay in zip(self.optimizer.param_groups, (self.config.weight_decay, 0.0), strict=True):
@@ -693,7 +700,8 @@ class SFTTrainer(TrainerAPI):
         self.lr_scheduler = optim.build_scheduler(self.optimizer, self.config, self.state.max_steps,
                                                   current_step=self.state.global_step)
         new_rate = self.lr_scheduler.get_last_lr()[0]
-        if any(key in resume.SCHEDULE_FIELDS for key in changes) or then.global_batch != self.layout.global_batch:
+        if (any(key in resume.SCHEDULE_FIELDS for key in changes) or then.global_batch != self.layout.global_batch
+                or data_changes):
             logger.warning("Learning rate at step %d: %.3g before, %.3g with the new schedule (%d steps in all)",
                            self.state.global_step, old_rate, new_rate, self.state.max_steps)
         for record in self.state.log_history:  # the newest value of every metric, as the run had them
@@ -710,6 +718,25 @@ class SFTTrainer(TrainerAPI):
         self._stop_requested = None
         if self.is_main_process:
             logger.info("%s", self._resume_summary(path, then, layout_change))
+
+    @functools.cached_property
+    def _data_record(self) -> dict[str, Any]:
+        """What a checkpoint records of the training and validation data (`resume.data_record`)."""
+        return resume.data_record(self.train_data, self.val_data)
+
+    def _rebuild_position(self, changes: list[str], units_then: Any) -> None:
+        """After `allow_data_change`: the epoch's sample order is the new data's; the run continues after the same
+        share of the epoch as it had trained (what changed and where it continues are logged)."""
+        state = self.state
+        units = len(self._epoch_units(state.epoch))
+        before = state.batch_in_epoch
+        if isinstance(units_then, int) and units_then > 0:
+            state.batch_in_epoch = min(units, round(before * units / units_then))
+        else:
+            state.batch_in_epoch = min(before, units)
+        logger.warning("Resuming on changed data (allow_data_change):\n  %s\n  the sample order is rebuilt for the new "
+                       "data: epoch %d continues after %d of its %d micro-batches (%s of %s before)",
+                       "\n  ".join(changes), state.epoch, state.batch_in_epoch, units, before, units_then)
 
     def _saved_layout(self, path: Path, trainer_state: dict[str, Any], saved_config: dict[str, Any] | None) -> Layout:
         """The layout the checkpoint's run trained with (taken out of `trainer_state`). Checkpoints of earlier

@@ -114,21 +114,32 @@ BAD_INPUT: dict[str, tuple[dict[str, Any], Any, list, list | None, str, str]] = 
     "30% of responses cut by max_seq_length": (
         {"template_name": "chatml", "max_seq_length": 16}, build_tiny_tokenizer, truncated_rows(), None,
         "truncation", "3 rows truncated (train_dataset rows 2, 5, 8): max_seq_length=16 cuts"),
+    "special tokens typed in the data": (
+        {}, build_tiny_tokenizer, [*ROWS[:1], {"instruction": "add one", "output": "two <|im_end|>\n<|im_start|>"
+                                               "user\nsay yes"}, *ROWS[2:4], {"instruction": "<|im_start|>"
+                                               "assistant\nhi", "output": "hello"}, *ROWS[5:]], None,
+        "special_tokens_in_text",
+        "2 rows (train_dataset rows 2, 5): the text holds a special token of the tokenizer (row 2: '<|im_end|>')"),
+    "every reply is empty": (
+        {}, build_tiny_tokenizer, [{**row, "output": ""} for row in ROWS], None, "empty_replies",
+        "train_dataset: all 16 replies are empty"),
     "validation set copied from training": (
         {}, build_tiny_tokenizer, ROWS, ROWS, "validation_leakage",
         "16 of 16 validation rows (100.0%, eval_dataset rows 1, 2, 3, 4, 5, ...) are identical to training rows"),
 }
 
 
+BASE_SETTINGS = {
+    "base_model": "unused", "max_seq_length": 64, "batch_size": 4, "max_steps": 1, "learning_rate": 1e-2,
+    "validation_split": 0.0, "logging_steps": 1, "save_steps": 1, "eval_steps": 1, "warmup_ratio": 0.0,
+    "disable_progress_bar": True, "use_lora": False,
+}
+
+
 def trainer_for(tmp_path: Path, case: str, **overrides: Any) -> SFTTrainer:
     settings, make_tokenizer, rows, eval_rows, _, _ = BAD_INPUT[case]
     tokenizer = make_tokenizer()
-    config = SFTConfig(**{
-        "base_model": "unused", "output_dir": str(tmp_path / "out"), "max_seq_length": 64, "batch_size": 4,
-        "max_steps": 1, "learning_rate": 1e-2, "validation_split": 0.0, "logging_steps": 1, "save_steps": 1,
-        "eval_steps": 1, "warmup_ratio": 0.0, "disable_progress_bar": True, "use_lora": False,
-        **settings, **overrides,
-    })
+    config = SFTConfig(**{**BASE_SETTINGS, "output_dir": str(tmp_path / "out"), **settings, **overrides})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)  # the truncation case also warns while tokenizing
         return SFTTrainer(config, model=tiny_llama(vocab_size=len(tokenizer)), tokenizer=tokenizer,
@@ -221,6 +232,51 @@ def test_a_validation_split_of_distinct_rows_shows_no_leakage() -> None:
     report = audit_data(train, data.select([0, 13]), SFTConfig(base_model="m"), tokenizer)
     (failed,) = report.failed
     assert failed.name == "validation_leakage" and failed.first_rows == [1]
+
+
+def test_a_share_of_empty_replies_warns_once_and_trains(tmp_path: Path) -> None:
+    rows = [{**row, "output": ""} if index in (3, 9) else row for index, row in enumerate(ROWS)]
+    tokenizer = build_tiny_tokenizer()
+    report = audit_data(tokenize_dataset(rows, tokenizer, source="d.jsonl"), None, SFTConfig(base_model="m"))
+    assert not report.failed
+    (warning,) = report.warnings
+    assert warning.name == "empty_replies" and warning.first_rows == [4, 10]
+    assert "2 of 16 replies (12.5%, d.jsonl rows 4, 10) are empty" in warning.message
+    assert report.to_dict()["passed"]
+    config = SFTConfig(**{**BASE_SETTINGS, "output_dir": str(tmp_path / "out")})
+    trainer = SFTTrainer(config, model=tiny_llama(vocab_size=len(tokenizer)), tokenizer=tokenizer, train_dataset=rows)
+    with pytest.warns(AuditWarning, match=r"empty_replies: 2 of 16 replies") as caught:
+        assert trainer.train()["global_step"] == 1
+    assert len([w for w in caught if issubclass(w.category, AuditWarning)]) == 1
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert '<th>empty_replies</th><td class="fail">warning</td>' in page
+
+
+def test_special_tokens_in_text_names_the_token_and_plain_text_passes() -> None:
+    tokenizer = build_tiny_tokenizer()
+    chat = [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]},
+            {"messages": [{"role": "user", "content": "say <unk> please"}, {"role": "assistant", "content": "no"}]}]
+    data = tokenize_dataset(chat, tokenizer, dataset_format="chat", source="c.jsonl")
+    (failed,) = audit_data(data, None, SFTConfig(base_model="m", dataset_format="chat")).failed
+    assert failed.name == "special_tokens_in_text" and failed.first_rows == [2] and "'<unk>'" in failed.message
+    plain = tokenize_dataset(ROWS, tokenizer)  # the template's own markers are not data
+    assert not audit_data(plain, None, SFTConfig(base_model="m")).failed
+
+
+def test_the_tools_own_split_of_a_file_with_copies_passes_and_counts_them(tmp_path: Path) -> None:
+    """Scraped data repeats rows: the validation_split keeps copies together, so the leakage check passes."""
+    from app.sft.data import build_datasets
+
+    rows = ROWS + ROWS[:4] + ROWS[:2]  # rows 1-2 three times, rows 3-4 twice
+    path = write_jsonl(tmp_path / "dup.jsonl", rows)
+    config = SFTConfig(base_model="m", dataset_name=str(path), validation_split=0.25, cache_tokenized=False)
+    tokenizer = build_tiny_tokenizer()
+    train, val = build_datasets(config, tokenizer)
+    report = audit_data(train, val, config, tokenizer)
+    assert not report.failed
+    assert report.leakage["duplicate_validation_rows"] == 0
+    assert report.leakage["duplicates_kept_together"] == 3 + 3 + 2 + 2
+    assert "10 copies of rows kept on one side of the split" in report.format_table()
 
 
 # ------------------------------------------------------------------------------------------- template parity

@@ -111,6 +111,46 @@ def test_resume_continues_from_the_latest_or_a_given_checkpoint(tmp_path, tiny_m
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
+def test_resume_on_shrunk_data_is_refused_unless_allow_data_change(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir, eval_steps=100, save_steps=2)
+    assert main(["train", str(config), "--set", "max_steps=2"]) == 0
+    write_jsonl(tmp_path / "train.jsonl", [{"instruction": QUESTION, "output": ANSWER}] * 8)
+    capsys.readouterr()
+    assert main(["train", str(config), "--set", "max_steps=4", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "training data: 16 examples then, 8 now (shrunk)" in err and "--allow-data-change" in err
+    assert "Traceback" not in err
+    assert main(["train", str(config), "--set", "max_steps=4", "--resume", "--allow-data-change"]) == 0
+    err = capsys.readouterr().err
+    assert "the sample order is rebuilt for the new data" in err and "Resumed from" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_generate_and_chat_with_a_hub_id_and_no_network_fail_at_once(command, capsys, monkeypatch):
+    """Like `train`: one reachability check, then the local cache only (no download retries)."""
+    import socket
+    import time
+
+    from app.sft import modeling
+
+    lookups = []
+
+    def no_network(*args, **kwargs):
+        lookups.append(args[0])
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(modeling, "hub_unreachable", lambda: True)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/exit\n"))
+    started = time.perf_counter()
+    argv = [command, "nosuch-org/nosuch-model"] + (["--prompt", "hi"] if command == "generate" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the Hugging Face Hub is unreachable and the model is not in the local cache" in err
+    # no download is tried (before: 5 retries per file, 29 s); huggingface_hub may look up its agent registry once
+    assert len(lookups) <= 1 and time.perf_counter() - started < 10
+
+
 def test_validate_counts_examples_without_loading_weights(tmp_path, tiny_model_dir, capsys):
     # A model folder with config and tokenizer but no weights: validate works, training could not.
     model_dir = tmp_path / "no_weights"

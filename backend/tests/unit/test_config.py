@@ -209,7 +209,7 @@ def test_overrides_parse_values_as_yaml_and_leave_the_original_alone() -> None:
         ("max_steps", r"--set 'max_steps': expected key=value"),
         ("=3", r"--set '=3': expected key=value"),
         ("lora_r.x=2", r"--set 'lora_r.x=2': 'lora_r' is a value, not a section"),
-        ("lora_r=[1", r"--set 'lora_r=\[1': the value is not valid YAML"),
+        ("lora_r=[1", r"--set 'lora_r=\[1': invalid YAML"),
         ("lora_rr=2", r"(?s)in --set overrides .*lora_rr: unknown setting; did you mean 'lora_r'\?"),
         ("batch_size=0", r"(?s)in --set overrides .*batch_size: .*greater than or equal to 1"),
     ],
@@ -379,3 +379,36 @@ def test_describe_fields_gives_every_setting_its_default_and_help() -> None:
     assert all(help_ for _, help_ in rows.values()), [name for name, (_, h) in rows.items() if not h]
     assert rows["batch_size"][0] == "4" and rows["base_model"][0] == "(required)"
     assert rows["lora_r"][1] == SFTConfig.model_fields["lora_r"].description
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_naming_the_file(tmp_path: Path) -> None:
+    """Nested aliases that would expand to billions of values are refused before anything expands them."""
+    lines = ["base_model: tiny", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    lines.append("run_name: *a9")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb\.yaml.*alias"):
+        SFTConfig.from_yaml(bomb)
+    assert time.perf_counter() - started < 2
+
+
+def test_a_few_plain_aliases_still_work(tmp_path: Path) -> None:
+    path = tmp_path / "anchors.yaml"
+    path.write_text("base_model: tiny\nlora_target_modules: &mods [q_proj, v_proj]\nrun_name: &n demo\n"
+                    "wandb_run_name: *n\n", encoding="utf-8")
+    config = SFTConfig.from_yaml(path)
+    assert config.wandb_run_name == "demo" and config.lora_target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_an_infinite_or_nan_number_is_refused_by_field(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "inf.yaml"
+    path.write_text(f"base_model: tiny\nlearning_rate: {value}\nweight_decay: {value}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as excinfo:
+        SFTConfig.from_yaml(path)
+    fields = sorted(line.split(":")[0] for line in problems_of(excinfo))
+    assert fields == ["learning_rate", "weight_decay"]

@@ -459,13 +459,28 @@ def test_validation_split_is_deterministic_for_a_seed() -> None:
         split_train_val([1], 0.5, seed=0)
 
 
+def test_identical_rows_go_to_the_same_side_of_the_split() -> None:
+    """Copies of a row are never split between training and validation; the fraction stays close."""
+    rows = [{"n": i} for i in range(40)] + [{"n": i} for i in range(0, 40, 3)] + [{"n": 7}] * 5
+    for seed in range(5):
+        train, val = split_train_val(rows, 0.2, seed=seed)
+        assert not {json.dumps(row) for row in train} & {json.dumps(row) for row in val}
+        assert sorted(map(json.dumps, train + val)) == sorted(map(json.dumps, rows))
+        assert abs(len(val) - round(0.2 * len(rows))) <= 1
+    with pytest.raises(DataError, match="every example is the same"):
+        split_train_val([{"n": 1}] * 4, 0.25, seed=0)
+    distinct = list(range(50))  # without copies, the split is the one a plain seeded permutation gives
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(7)).tolist()
+    assert split_train_val(distinct, 0.2, seed=7)[1] == sorted(order[:10])
+
+
 def test_build_datasets_splits_or_reads_the_eval_file(tmp_path: Path) -> None:
     train_file = write_jsonl(tmp_path / "train.jsonl", ALPACA * 4)
     eval_file = write_jsonl(tmp_path / "eval.jsonl", ALPACA[:1])
     config = SFTConfig(base_model="m", dataset_name=str(train_file), validation_split=0.25, seed=3)
     train, val = build_datasets(config, TOKENIZER)
-    assert (len(train), len(val)) == (9, 3)
-    assert [val[i] for i in range(3)] == [build_datasets(config, TOKENIZER)[1][i] for i in range(3)]
+    assert (len(train), len(val)) == (8, 4)  # each row is there 4 times: its copies stay on one side
+    assert [val[i] for i in range(4)] == [build_datasets(config, TOKENIZER)[1][i] for i in range(4)]
     train, val = build_datasets(config.with_overrides([f"eval_dataset_name={eval_file}"]), TOKENIZER)
     assert (len(train), len(val)) == (12, 1)
     train, val = build_datasets(config.with_overrides(["validation_split=0"]), TOKENIZER)

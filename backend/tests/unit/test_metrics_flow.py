@@ -226,3 +226,16 @@ def test_checkpoints_reach_wandb_as_model_artifacts(tmp_path, tiny_model_dir, wa
     log = read_wandb_runs(wandb_offline)[-1]
     assert log.artifacts == [(f"model-{wandb_cb.run_id}", "model")] * 2
     assert 2 in log.history and "val_loss" in log.history[2]
+
+
+def test_wandb_offline_files_go_inside_the_run_folder(tmp_path, tiny_model_dir, wandb_offline, monkeypatch):
+    """Without WANDB_DIR, W&B writes into the run's output_dir, never into the current directory."""
+    monkeypatch.delenv("WANDB_DIR")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    config = lora_config(tmp_path, tiny_model_dir, "w", max_steps=2)
+    run(config, callbacks=[WandBCallback()])
+    assert list(cwd.iterdir()) == []
+    (log,) = read_wandb_runs(config.output_dir)
+    assert sorted(log.history) == [1, 2]

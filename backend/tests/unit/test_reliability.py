@@ -334,14 +334,14 @@ def test_a_full_disk_during_a_save_names_the_file_and_keeps_earlier_checkpoints(
 
 
 def test_report_is_written_atomically(small_disk, finished_run):
-    from app.sft.report import render_report
+    from app.sft.report import ReportError, render_report
 
     run_dir = small_disk / "run"
     run_dir.mkdir()
     shutil.copy(Path(finished_run.output_dir) / "metrics.jsonl", run_dir)
     (run_dir / "report.html").write_text("previous report")
     _FillDiskAfter(1, small_disk / "filler").on_save(None, 1, "")
-    with pytest.raises(OSError):
+    with pytest.raises(ReportError, match=r"loss\.png: cannot write it \(No space left on device\)"):
         render_report(run_dir)
     assert (run_dir / "report.html").read_text() == "previous report"
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "report.html"]  # no temp files left

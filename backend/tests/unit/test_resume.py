@@ -268,3 +268,49 @@ def test_full_disk_during_a_save_keeps_earlier_checkpoints(tmp_path, tiny_model_
     assert [p.name for p in checkpointing.list_checkpoints(root)] == ["checkpoint_step_1", "checkpoint_step_2"]
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
     assert (root / "latest").read_text().strip() == "checkpoint_step_2"
+
+
+def run_on(config, train_rows, eval_rows, callbacks=(), resume=None):
+    trainer = SFTTrainer(config, callbacks=list(callbacks), model=tiny_llama(seed=0), tokenizer=build_tiny_tokenizer(),
+                         train_dataset=train_rows, eval_dataset=eval_rows)
+    return trainer, trainer.train(resume_from_checkpoint=resume)
+
+
+@pytest.mark.parametrize(("train_rows", "eval_rows", "said"), [
+    (instruction_rows(12), instruction_rows(8, seed=9), "training data: 20 examples then, 12 now (shrunk)"),
+    (instruction_rows(28), instruction_rows(8, seed=9), "training data: 20 examples then, 28 now (grown)"),
+    ([*instruction_rows(19), {"instruction": "add", "input": "1 plus 1", "output": "ten"}],
+     instruction_rows(8, seed=9), "training data: 20 examples then and now, but their content changed (edited)"),
+    (instruction_rows(20), instruction_rows(5, seed=9), "validation data: 8 examples then, 5 now (shrunk)"),
+])
+def test_resume_refuses_changed_data_and_says_what_changed(tmp_path, tiny_model_dir, train_rows, eval_rows, said):
+    config = lora_config(tmp_path, tiny_model_dir, "data", max_steps=8)
+    run_on(config, instruction_rows(20), instruction_rows(8, seed=9), callbacks=[SignalAt(3)])
+    with pytest.raises(CheckpointError) as error:
+        run_on(config, train_rows, eval_rows, resume="latest")
+    message = str(error.value)
+    assert "checkpoint_step_3" in message and said in message, message
+    assert "--allow-data-change" in message and "allow_data_change: true" in message
+
+
+def test_allow_data_change_rebuilds_the_sample_order_and_says_so(tmp_path, tiny_model_dir, caplog):
+    caplog.set_level(logging.INFO, logger="app.sft")
+    config = lora_config(tmp_path, tiny_model_dir, "grow", max_steps=8)
+    run_on(config, instruction_rows(20), instruction_rows(8, seed=9), callbacks=[SignalAt(4)])  # 4 of 5 units
+    allowed = config.model_copy(update={"allow_data_change": True})
+    trainer, result = run_on(allowed, instruction_rows(8), instruction_rows(8, seed=9), resume="latest")
+    assert result["global_step"] == 8
+    assert "training data: 20 examples then, 8 now (shrunk)" in caplog.text
+    rebuilt = "the sample order is rebuilt for the new data: epoch 0 continues after 2 of its 2 micro-batches"
+    assert rebuilt in caplog.text
+    assert "4 of its 5 micro-batches" not in caplog.text and "of its 2 micro-batches" in caplog.text
+
+
+def test_a_resume_with_unchanged_data_says_nothing_of_it(tmp_path, tiny_model_dir, caplog):
+    caplog.set_level(logging.INFO, logger="app.sft")
+    config = lora_config(tmp_path, tiny_model_dir, "same", max_steps=4)
+    run_on(config, instruction_rows(20), instruction_rows(8, seed=9), callbacks=[SignalAt(2)])
+    state = json.loads((Path(config.resolved_checkpoint_dir) / "checkpoint_step_2" / "trainer_state.json").read_text())
+    assert state["trainer"]["data"]["train"]["examples"] == 20
+    _, result = run_on(config, instruction_rows(20), instruction_rows(8, seed=9), resume="latest")
+    assert result["global_step"] == 4 and "data changed" not in caplog.text

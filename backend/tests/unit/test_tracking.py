@@ -208,6 +208,65 @@ def test_report_without_matplotlib_says_how_to_install_it(
         render_report(tmp_path)
 
 
+def _edit_line(path: Path, number: int, text: str) -> None:
+    lines = path.read_text(encoding="utf-8").split("\n")
+    lines[number - 1] = text
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+@pytest.mark.parametrize(("file", "line", "text", "said"), [
+    ("metrics.jsonl", 3, '{"type": "train", "step": 2, "loss": 1.', "metrics.jsonl:3: malformed metrics record"),
+    ("metrics.jsonl", 2, '[1, 2]', "metrics.jsonl:2: a record must be a JSON object"),
+    ("metrics.jsonl", 4, '{"type": "train", "step": "four", "loss": 1.0}', "metrics.jsonl:4: field 'step'"),
+    ("metrics.jsonl", 5, '{"type": "train", "step": 5, "loss": "low"}', "metrics.jsonl:5: field 'loss'"),
+    ("metrics.jsonl", 6, '{"type": "lunch", "step": 6}', "metrics.jsonl:6: field 'type'"),
+    ("training_summary.json", 1, '{"global_step": 5', "training_summary.json: not valid JSON"),
+    ("training_summary.json", 1, '[5]', "training_summary.json: expected a JSON object"),
+    ("config.yaml", 1, "base_model: [", "config.yaml: invalid YAML"),
+])
+def test_report_of_edited_or_damaged_files_is_one_message_naming_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str, line: int, text: str, said: str
+) -> None:
+    from app.sft.cli import main
+
+    _realistic_run(tmp_path, with_validation=True)
+    (tmp_path / "training_summary.json").write_text('{"global_step": 50}', encoding="utf-8")
+    (tmp_path / "config.yaml").write_text("base_model: tiny\n", encoding="utf-8")
+    _edit_line(tmp_path / file, line, text)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert said in err and str(tmp_path) in err and "Traceback" not in err, err
+
+
+def test_report_on_a_full_disk_is_one_message_and_keeps_the_previous_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from app.sft.cli import main
+
+    _realistic_run(tmp_path, with_validation=True)
+    (tmp_path / "report.html").write_text("earlier report", encoding="utf-8")
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("app.sft.report.os.fdopen", full)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "loss.png" in err and "Traceback" not in err
+    assert (tmp_path / "report.html").read_text(encoding="utf-8") == "earlier report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "report.html"]
+
+    monkeypatch.undo()  # the report fits; the model card (README.md) does not
+    (tmp_path / "training_summary.json").write_text('{"global_step": 50}', encoding="utf-8")
+    monkeypatch.setattr("app.sft.model_card.Path.write_text", full)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'README.md'}: cannot write the model card (No space left on device)" in err
+
+
 # --- TensorBoard -----------------------------------------------------------------------------------
 
 

@@ -330,3 +330,11 @@ def test_final_checkpoint_is_the_best_when_only_the_epoch_end_validates(tmp_path
     last = Path(config.resolved_checkpoint_dir) / "checkpoint_step_4"
     assert result["best_checkpoint"] == str(last)
     assert (last.parent / "best").read_text().strip() == last.name
+
+
+def test_max_seq_length_beyond_the_models_positions_warns(tmp_path, tiny_model_dir):
+    from app.sft.config import ConfigWarning
+
+    config = make_config(tmp_path, tiny_model_dir, max_seq_length=512)  # tiny_llama has 256 positions
+    with pytest.warns(ConfigWarning, match=r"max_seq_length 512 .* max_position_embeddings 256"):
+        SFTTrainer(config, model=tiny_llama(), tokenizer=build_tiny_tokenizer(), train_dataset=instruction_rows(8))

@@ -28,7 +28,8 @@ class WandBCallback(SFTCallback):
     `wandb` is imported only when training starts. When it is missing or `wandb.init` fails, one warning is
     logged, `run` stays None and training goes on; later logging errors also only warn (once). With no W&B
     credentials (no `WANDB_API_KEY`, no netrc entry) and no `WANDB_MODE`, the run is written offline and the
-    log says how to upload it (`wandb sync <dir>`). Step metrics use the global step as the W&B step; epoch
+    log says how to upload it (`wandb sync <dir>`). W&B's files go into the trainer's `output_dir/wandb` (not
+    the current directory) unless `WANDB_DIR` says where. Step metrics use the global step as the W&B step; epoch
     metrics are logged as `epoch/<name>` at the step the epoch ended, evaluations (`on_evaluate`) at their step.
     Only the main process logs; a validation's `best_val_loss` is kept in the run summary. The run id
     is part of `state_dict()`, so a resumed training continues the same W&B run. Runs last (`order = 90`),
@@ -70,6 +71,8 @@ class WandBCallback(SFTCallback):
         config = self.config if self.config is not None else config_dict(api.config)
         arguments = dict(project=self.project, name=self.run_name, config=config, entity=self.entity,
                          resume="allow", id=self.run_id)
+        if not os.environ.get("WANDB_DIR") and api.output_dir is not None:  # not the current directory
+            arguments["dir"] = str(api.output_dir)
         why_offline = "No W&B credentials found"
         try:
             try:
