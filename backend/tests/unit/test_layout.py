@@ -127,7 +127,8 @@ def test_a_crafted_layout_in_a_checkpoint_is_refused_naming_the_file_and_field(t
     state["trainer"]["layout"]["unit_size"] = -3
     state_file.write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match=r"trainer_state.json: field 'layout.unit_size' must be an integer from"):
-        run(config.model_copy(update={"max_steps": 3}), resume="latest")
+        # named explicitly: `latest` falls back past a checkpoint whose trainer_state.json is damaged
+        run(config.model_copy(update={"max_steps": 3}), resume=str(state_file.parent))
 
 
 def test_a_checkpoint_without_a_layout_resumes_exactly_as_before(tmp_path, tiny_model_dir):

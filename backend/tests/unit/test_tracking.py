@@ -261,7 +261,7 @@ def test_report_on_a_full_disk_is_one_message_and_keeps_the_previous_files(
 
     monkeypatch.undo()  # the report fits; the model card (README.md) does not
     (tmp_path / "training_summary.json").write_text('{"global_step": 50}', encoding="utf-8")
-    monkeypatch.setattr("app.sft.model_card.Path.write_text", full)
+    monkeypatch.setattr("app.sft.model_card.write_text", full)
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'README.md'}: cannot write the model card (No space left on device)" in err
