@@ -241,6 +241,16 @@ def test_every_callbacks_best_reads_the_trainers_one_record(tmp_path, tiny_model
     assert saved["ValidationCallback"] == {} and saved["CheckpointCallback"] == {}
 
 
+
+def test_early_stopping_counts_min_delta_from_the_runs_best_of_the_earlier_evaluations(tmp_path, tiny_model_dir):
+    """Each score beats the run's best before it by 0.05 only, never by min_delta 0.1: three checks, stop."""
+    config = lora_config(tmp_path, tiny_model_dir, "delta", max_steps=8, eval_steps=1000, best_metric="score",
+                         best_metric_mode="max", early_stopping_patience=3, early_stopping_min_delta=0.1)
+    _, _, result = run(config, callbacks=[ScriptedEval({1: 0.2, 2: 0.25, 3: 0.3, 4: 0.35, 5: 0.9})])
+    assert (result["global_step"], result["stop_reason"]) == (4, "early_stopping")
+    assert (result["best_step"], result["best_metric"]) == (4, 0.35)
+
+
 def test_a_given_checkpoint_callbacks_monitor_is_the_runs_and_the_defaults_follow_it(tmp_path, tiny_model_dir,
                                                                                     caplog):
     config = lora_config(tmp_path, tiny_model_dir, "given", max_steps=10, eval_steps=1000, early_stopping_patience=2)
