@@ -4,9 +4,13 @@ Everything comes from `output_dir/metrics.jsonl` (see `app.sft.metrics_log`), re
 training loss = `loss` of "train" records, validation loss = `val_loss` of "eval" records,
 learning rate = `learning_rate` and throughput = `tokens_per_second` of "train" records, epoch ends =
 the steps of "epoch" records. `training_summary.json` and `config.yaml`, when present, add the trained
-token count, the runtime and the run configuration to the HTML page. A run evaluated by generation (`gen_*`
-values in "eval" records) also gets their curves and, from `generations/step_<N>.jsonl`, a few samples of the
-first and the best evaluation side by side (best by the config's `best_metric` when it is a `gen_*` metric).
+token count, the runtime and the run configuration to the HTML page.
+
+The monitored metric (the summary's `best_metric_name`/`best_metric_mode`, else the config's `best_metric`,
+else `val_loss`) gets its own panel, starred at the run's best by name: the trainer's record from the summary
+(`best_metric`, `best_step`), else the best of its evaluations. A run evaluated by generation (`gen_*` values in
+"eval" records) also gets their curves and, from `generations/step_<N>.jsonl`, a few samples of the first and
+the best evaluation side by side (best by the monitored metric when it is a `gen_*` metric).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from app.sft.config import load_yaml
 from app.sft.metrics_log import RECORD_TYPES, numbered_records
@@ -54,13 +59,29 @@ def _series(records: Sequence[dict[str, Any]], type: str, key: str) -> tuple[lis
     return [step for step, _ in points], [value for _, value in points]
 
 
-def _best(steps: list[int], values: list[float]) -> tuple[int, float] | None:
-    """(step, value) of the lowest value, or None for an empty series."""
-    return min(zip(steps, values, strict=True), key=lambda point: point[1], default=None)
+class _Monitored(NamedTuple):
+    """The run's monitored metric, its mode and its best `(step, value)` (None before one)."""
+
+    name: str
+    mode: str
+    best: tuple[int, float] | None
 
 
-def _plot(records: Sequence[dict[str, Any]], title: str) -> bytes:
-    """Draw the 2x2 panels (loss, validation loss, learning rate, throughput); returns the PNG bytes."""
+def _monitored(records: Sequence[dict[str, Any]], run_summary: dict[str, Any], config: dict[str, Any]) -> _Monitored:
+    """The monitored metric and its best: the summary's record (the trainer's), else the config's `best_metric`
+    (else `val_loss`) and the best of its evaluations by mode (the first of equal ones, as the trainer keeps)."""
+    name = run_summary.get("best_metric_name") or config.get("best_metric") or "val_loss"
+    mode = run_summary.get("best_metric_mode") or (
+        config.get("best_metric_mode") if config.get("best_metric") == name else None) or "min"
+    if run_summary.get("best_metric_name") == name and run_summary.get("best_step") is not None:
+        return _Monitored(name, mode, (run_summary["best_step"], run_summary.get("best_metric")))
+    points = [p for p in zip(*_series(records, "eval", name), strict=True) if math.isfinite(p[1])]
+    pick = max if mode == "max" else min
+    return _Monitored(name, mode, pick(points, key=lambda point: point[1], default=None))
+
+
+def _plot(records: Sequence[dict[str, Any]], title: str, monitored: _Monitored) -> bytes:
+    """Draw the 2x2 panels (loss, the monitored metric, learning rate, throughput); returns the PNG bytes."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -85,11 +106,18 @@ def _plot(records: Sequence[dict[str, Any]], title: str) -> bytes:
         loss_ax.axvline(step, color="gray", linestyle=":", linewidth=1, label=None if i else "epoch end")
     _finish(loss_ax, "Loss", _LOSS_LABEL, bool(train_steps or val_steps), "No loss logged")
 
-    val_ax.plot(val_steps, val_loss, **_VAL_STYLE)
-    best = _best(val_steps, val_loss)
-    if best is not None:
-        val_ax.plot(*best, "*", color="tab:red", markersize=16, label=f"best {best[1]:.4g} at step {best[0]}")
-    _finish(val_ax, "Validation loss", _LOSS_LABEL, bool(val_steps), "No validation in this run")
+    name, mode, best = monitored
+    steps, values = _series(records, "eval", name)
+    if name == "val_loss":
+        val_ax.plot(steps, values, **_VAL_STYLE)
+        labels = ("Validation loss", _LOSS_LABEL, "No validation in this run")
+    else:
+        val_ax.plot(steps, values, **{**_VAL_STYLE, "color": "tab:cyan", "label": name})
+        better = "higher" if mode == "max" else "lower"
+        labels = (f"{name} (monitored)", f"{name} ({better} is better)", f"No {name} evaluated in this run")
+    if best is not None and best[1] is not None:
+        val_ax.plot(*best, "*", color="tab:red", markersize=16, label=f"best {name} {best[1]:.4g} at step {best[0]}")
+    _finish(val_ax, *labels[:2], bool(steps), labels[2])
 
     lr_steps, lr = _series(records, "train", "learning_rate")
     lr_ax.plot(lr_steps, lr, color="tab:green", linewidth=1.5)
@@ -154,20 +182,17 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
-def _summary_rows(records: Sequence[dict[str, Any]], run_summary: dict[str, Any]) -> list[tuple[str, str]]:
+def _summary_rows(records: Sequence[dict[str, Any]], run_summary: dict[str, Any],
+                  monitored: _Monitored) -> list[tuple[str, str]]:
     """The headline numbers of the run, as (label, formatted value) rows; the run's summary is the source where
     it has the number, so the report says what `training_summary.json` and the log say."""
     train_steps, train_loss = _series(records, "train", "loss")
-    val_steps, val_loss = _series(records, "eval", "val_loss")
+    _, val_loss = _series(records, "eval", "val_loss")
     _, speed = _series(records, "train", "tokens_per_second")
     epochs = [r["epoch"] for r in records if r.get("epoch") is not None]
     elapsed = [r["elapsed_s"] for r in records if r.get("elapsed_s") is not None]
-    best_name = run_summary.get("best_metric_name", "val_loss")
-    if run_summary.get("best_step") is not None:
-        best = f"{_fmt(run_summary.get('best_metric'))} (step {run_summary['best_step']})"
-    else:
-        found = _best(val_steps, val_loss) if best_name == "val_loss" else None
-        best = f"{_fmt(found[1])} (step {found[0]})" if found else "—"
+    best_name, found = monitored.name, monitored.best
+    best = f"{_fmt(found[1])} (step {found[0]})" if found else "—"
     last_train = f"{_fmt(train_loss[-1])} (step {train_steps[-1]})" if train_loss else "—"
     return [
         ("Optimizer steps", _fmt(run_summary.get("global_step", max((r["step"] for r in records), default=None)))),
@@ -228,7 +253,7 @@ def _html(
         "<h2>Summary</h2>",
         _table(summary),
         "<h2>Curves</h2>",
-        f'<img alt="Training loss, validation loss, learning rate and throughput against step" '
+        f'<img alt="Training loss, the monitored metric, learning rate and throughput against step" '
         f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">',
     ]
     sections += generation
@@ -318,17 +343,19 @@ _GEN_SPEED_KEYS = ("gen_tokens_per_second", "gen_time_s")
 _SAMPLES_SHOWN = 5
 
 
-def _generation_section(records: Sequence[dict[str, Any]], output_dir: Path, config: dict[str, Any]) -> list[str]:
+def _generation_section(records: Sequence[dict[str, Any]], output_dir: Path, monitored: _Monitored) -> list[str]:
     """Evaluation by generation: the `gen_*` curves and, for the first and the best evaluation, a few samples
     side by side (from `generations/step_<N>.jsonl`); nothing when the run had no generation evaluation."""
     evals = [r for r in records if r.get("type") == "eval" and any(k.startswith("gen_") for k in r)]
     names = list(dict.fromkeys(k for r in evals for k in r if k.startswith("gen_") and k not in _GEN_SPEED_KEYS))
     if not evals or not names:
         return []
-    monitor, mode = config.get("best_metric"), config.get("best_metric_mode") or "max"
+    monitor, mode, point = monitored
     key = monitor if monitor in names else names[0]
     scored = [r for r in evals if r.get(key) is not None]
-    best = (min if (mode == "min" and key == monitor) else max)(scored, key=lambda r: r[key]) if scored else evals[-1]
+    recorded = [r for r in scored if key == monitor and point is not None and r["step"] == point[0]]  # the run's
+    best = (recorded[0] if recorded else
+            (min if (mode == "min" and key == monitor) else max)(scored, key=lambda r: r[key]) if scored else evals[-1])
     first = evals[0]
     png = _generation_png(evals, names)
     sections = ["<h2>Evaluation by generation</h2>",
@@ -419,12 +446,12 @@ def render_report(output_dir: str | Path, *, title: str | None = None) -> tuple[
     records = _read_records(metrics_path)
     title = title or f"Training report: {output_dir.resolve().name}"
     run_summary = _read_summary(output_dir / "training_summary.json")
-    config = _read_config(output_dir / "config.yaml")
+    monitored = _monitored(records, run_summary, _read_config(output_dir / "config.yaml"))
 
     png_path, html_path = output_dir / PLOT_FILE, output_dir / REPORT_FILE
-    png = _plot(records, title)
-    page = _html(title, png, _summary_rows(records, run_summary), output_dir, run_summary,
-                 _generation_section(records, output_dir, config))
+    png = _plot(records, title, monitored)
+    page = _html(title, png, _summary_rows(records, run_summary, monitored), output_dir, run_summary,
+                 _generation_section(records, output_dir, monitored))
     for path, data in ((png_path, png), (html_path, page.encode("utf-8"))):
         try:
             _write_atomic(path, data)

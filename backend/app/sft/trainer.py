@@ -241,6 +241,19 @@ class SFTTrainer(TrainerAPI):
         """Every recorded `(step, value)` of metric `name`, oldest first (logged steps and evaluations)."""
         return [(record["step"], record[name]) for record in self.state.log_history if name in record]
 
+    def best_of(self, name: str, mode: str = "min", *, before: int | None = None) -> tuple[float, int] | None:
+        """The best `(value, step)` of metric `name` by `mode` over the recorded evaluations (those before step
+        `before`, when given): the record of the best for the monitored metric, else the best in the history."""
+        if (name, mode, before) == (self.monitor, self.monitor_mode, None):
+            return None if self.state.best_step is None else (self.state.best_metric, self.state.best_step)
+        judge, best = Monitor(name, mode), None
+        for record in self.state.log_history:
+            value, step = record.get(name), record["step"]
+            if (record.get("type") == "eval" and value is not None and (before is None or step < before)
+                    and judge.improves(float(value), None if best is None else best[0])):
+                best = (float(value), step)
+        return best
+
     @property
     def best_metric(self) -> float | None:
         return self.state.best_metric
@@ -355,8 +368,8 @@ class SFTTrainer(TrainerAPI):
 
     def _train(self, resume_from_checkpoint: str | bool | None, continue_after_stop: bool,
                audit: Any) -> dict[str, Any]:
+        self._decide_monitor()
         self._add_default_callbacks()
-        self._choose_monitor()
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
             if self._nothing_left_to_train(continue_after_stop):
@@ -587,12 +600,12 @@ class SFTTrainer(TrainerAPI):
         if cfg.early_stopping_patience is not None and missing(EarlyStoppingCallback):
             self.add_callback(EarlyStoppingCallback(patience=cfg.early_stopping_patience,
                                                     min_delta=cfg.early_stopping_min_delta,
-                                                    monitor=cfg.best_metric, mode=cfg.best_metric_mode))
+                                                    monitor=self.monitor, mode=self.monitor_mode))
         if missing(CheckpointCallback):
             self.add_callback(CheckpointCallback(self.checkpoint_dir, save_steps=cfg.save_steps,
                                                  save_total_limit=cfg.save_total_limit,
                                                  save_best_only=cfg.save_best_only,
-                                                 monitor=cfg.best_metric, mode=cfg.best_metric_mode))
+                                                 monitor=self.monitor, mode=self.monitor_mode))
         if cfg.generation_eval_metrics and missing(GenerationEvalCallback):
             self.add_callback(GenerationEvalCallback.from_config(cfg, self._eval_rows))
         if (cfg.wandb_project or "wandb" in cfg.report_to) and missing(WandBCallback):
@@ -609,17 +622,26 @@ class SFTTrainer(TrainerAPI):
         """The attached CheckpointCallbacks; the first one's folder is the run's checkpoint folder."""
         return [cb for cb in self.callbacks if isinstance(cb, CheckpointCallback)]
 
-    def _choose_monitor(self) -> None:
-        """Take the monitored metric from the CheckpointCallbacks (they must agree) and their folder."""
+    def _decide_monitor(self) -> None:
+        """Decide once, before the default callbacks are built from it, the metric the run's one record of the
+        best follows: the config's `best_metric`/`best_metric_mode`, unless the CheckpointCallbacks given to
+        the trainer monitor another one (they must agree): then theirs, said in the log. The first one's
+        folder is the run's checkpoint folder."""
         savers = self._savers()
         choices = {(saver.monitor, saver.mode) for saver in savers}
         if len(choices) > 1:
             raise ConfigError("the CheckpointCallbacks monitor different metrics: "
                               + ", ".join(f"{m!r} ({mode})" for m, mode in sorted(choices))
                               + "; the run keeps one record of the best, so give them the same monitor and mode")
+        self.monitor, self.monitor_mode = self.config.best_metric, self.config.best_metric_mode
         if savers:
-            self.monitor, self.monitor_mode = savers[0].monitor, savers[0].mode
-            self.checkpoint_dir = Path(savers[0].output_dir)
+            saver = savers[0]
+            if (saver.monitor, saver.mode) != (self.monitor, self.monitor_mode) and self.is_main_process:
+                logger.info("The best follows %s (%s), the monitor of the CheckpointCallback given, not the "
+                            "config's best_metric %s (%s)", saver.monitor, saver.mode, self.monitor,
+                            self.monitor_mode)
+            self.monitor, self.monitor_mode = saver.monitor, saver.mode
+            self.checkpoint_dir = Path(saver.output_dir)
         self._best = Monitor(self.monitor, self.monitor_mode)
 
     def _save_due_checkpoints(self) -> None:
@@ -840,14 +862,15 @@ class SFTTrainer(TrainerAPI):
     def _summary(self, runtime_s: float) -> dict[str, Any]:
         state = self.state
         val_losses = [value for _, value in self.history("val_loss")]
-        best_val_loss = state.best_metric if self.monitor == "val_loss" else min(val_losses, default=None)
+        best_val_loss = self.best_of("val_loss")
         return {
             "train_loss": state.train_loss_sum / state.train_tokens if state.train_tokens else None,
             "final_train_loss": self._metrics.get("loss"),
             "final_val_loss": val_losses[-1] if val_losses else None,
-            "best_val_loss": best_val_loss,
+            "best_val_loss": best_val_loss[0] if best_val_loss else None,
             "best_metric": state.best_metric,
             "best_metric_name": self.monitor,
+            "best_metric_mode": self.monitor_mode,
             "best_step": state.best_step,
             "best_checkpoint": state.best_checkpoint,
             "global_step": state.global_step,

@@ -4,6 +4,7 @@ callbacks decide; a run folder that can be copied, resumed exactly and finished 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from test_resume import SignalAt, lora_config, run, trained_weights
 from test_trainer import instruction_rows
 
 from app.sft import SFTCallback, SFTTrainer
-from app.sft.callbacks import CheckpointCallback, EarlyStoppingCallback, WandBCallback
+from app.sft.callbacks import CheckpointCallback, EarlyStoppingCallback, ValidationCallback, WandBCallback
 from app.sft.callbacks.base import publish_evaluation
 from app.sft.metrics_log import read_metrics
 
@@ -217,6 +218,52 @@ def test_early_stopping_and_a_checkpoint_monitor_one_metric_through_on_evaluate(
     _, _, result = run(config, callbacks=[ScriptedEval({1: 0.2, 2: 0.5, 3: 0.4, 4: 0.45, 5: 0.9}), stopper])
     assert (result["global_step"], result["stop_reason"]) == (4, "early_stopping")
     assert (result["best_step"], result["best_metric"]) == (2, 0.5)
+
+
+
+def test_every_callbacks_best_reads_the_trainers_one_record(tmp_path, tiny_model_dir):
+    config = lora_config(tmp_path, tiny_model_dir, "one", max_steps=6, eval_steps=2, save_steps=2,
+                         best_metric="score", best_metric_mode="max", early_stopping_patience=5)
+    trainer, _, result = run(config, callbacks=[ScriptedEval({2: 0.3, 4: 0.6, 6: 0.5})])
+    validation, stopper, saver = (next(cb for cb in trainer.callbacks if isinstance(cb, kind))
+                                  for kind in (ValidationCallback, EarlyStoppingCallback, CheckpointCallback))
+    assert (trainer.state.best_metric, trainer.state.best_step) == (0.6, 4)
+    assert stopper.monitor == "score" and stopper.best == 0.6 and stopper.wait_count == 1
+    root = Path(config.resolved_checkpoint_dir)
+    assert (saver.best_val_loss, saver.best_checkpoint) == (0.6, str(root / "checkpoint_step_4"))
+    evals = [(r["step"], r["val_loss"]) for r in read_metrics(Path(config.output_dir) / "metrics.jsonl")
+             if r["type"] == "eval" and "val_loss" in r]
+    lowest_step, lowest = min(evals, key=lambda e: e[1])
+    assert (validation.best_step, validation.best_val_loss, result["best_val_loss"]) == (lowest_step, lowest, lowest)
+    assert (result["best_metric_name"], result["best_metric_mode"]) == ("score", "max")
+    saved = checkpoint_state(config, 6)["callbacks"]
+    assert saved["EarlyStoppingCallback"] == {"wait_count": 1, "stopped_step": None}  # no copy of the best
+    assert saved["ValidationCallback"] == {} and saved["CheckpointCallback"] == {}
+
+
+
+def test_early_stopping_counts_min_delta_from_the_runs_best_of_the_earlier_evaluations(tmp_path, tiny_model_dir):
+    """Each score beats the run's best before it by 0.05 only, never by min_delta 0.1: three checks, stop."""
+    config = lora_config(tmp_path, tiny_model_dir, "delta", max_steps=8, eval_steps=1000, best_metric="score",
+                         best_metric_mode="max", early_stopping_patience=3, early_stopping_min_delta=0.1)
+    _, _, result = run(config, callbacks=[ScriptedEval({1: 0.2, 2: 0.25, 3: 0.3, 4: 0.35, 5: 0.9})])
+    assert (result["global_step"], result["stop_reason"]) == (4, "early_stopping")
+    assert (result["best_step"], result["best_metric"]) == (4, 0.35)
+
+
+def test_a_given_checkpoint_callbacks_monitor_is_the_runs_and_the_defaults_follow_it(tmp_path, tiny_model_dir,
+                                                                                    caplog):
+    config = lora_config(tmp_path, tiny_model_dir, "given", max_steps=10, eval_steps=1000, early_stopping_patience=2)
+    saver = CheckpointCallback(config.resolved_checkpoint_dir, save_steps=1, save_total_limit=None,
+                               monitor="score", mode="max")
+    with caplog.at_level(logging.INFO, logger="app.sft"):
+        trainer, _, result = run(config, callbacks=[ScriptedEval({1: 0.2, 2: 0.5, 3: 0.4, 4: 0.45, 5: 0.9}), saver])
+    stopper = next(cb for cb in trainer.callbacks if isinstance(cb, EarlyStoppingCallback))
+    assert (stopper.monitor, stopper.mode) == ("score", "max")  # built from the run's monitor, not the config's
+    assert (result["global_step"], result["stop_reason"]) == (4, "early_stopping")
+    assert (result["best_metric_name"], result["best_metric"], result["best_step"]) == ("score", 0.5, 2)
+    said = [r.getMessage() for r in caplog.records if "config's best_metric" in r.getMessage()]
+    assert len(said) == 1 and "score (max)" in said[0] and "val_loss (min)" in said[0]
 
 
 def test_checkpoints_reach_wandb_as_model_artifacts(tmp_path, tiny_model_dir, wandb_offline):

@@ -372,3 +372,67 @@ def test_tensorboard_failure_warns_once_and_training_goes_on(
     assert "TensorBoard" in warnings[0].getMessage() and "training goes on" in warnings[0].getMessage()
     assert callback.writer is None
     assert blocker.read_text(encoding="utf-8") == "a file where the log directory should be"
+
+
+def _monitored_run(output_dir: Path) -> None:
+    """Evaluations at steps 10, 20, 30: `gen_exact_match` is best at step 10, `val_loss` lowest at step 30."""
+    log = MetricsLog(output_dir / "metrics.jsonl")
+    for step, val_loss, exact in [(10, 0.09, 0.81), (20, 0.05, 0.5), (30, 0.02979, 0.7)]:
+        log.write("train", step, {"loss": val_loss, "learning_rate": 1e-4, "tokens_per_second": 100.0}, epoch=0.1)
+        log.write("eval", step, {"val_loss": val_loss, "gen_exact_match": exact}, epoch=0.1)
+    log.close()
+
+
+def _drawn_panels(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The figures `render_report` draws, collected as it saves them (their panels' titles and legends)."""
+    from matplotlib.figure import Figure
+
+    figures: list[Any] = []
+    original = Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def _panel(figure: Any, title_start: str) -> tuple[str, list[str]]:
+    ax = next(ax for ax in figure.axes if ax.get_title().startswith(title_start))
+    return ax.get_title(), ax.get_legend_handles_labels()[1]
+
+
+def test_report_marks_and_plots_the_monitored_best_by_its_name(tmp_path: Path, monkeypatch) -> None:
+    _monitored_run(tmp_path)
+    summary = {"best_metric_name": "gen_exact_match", "best_metric_mode": "max", "best_metric": 0.81,
+               "best_step": 10, "best_val_loss": 0.02979, "best_checkpoint": "/x/checkpoint_step_10"}
+    (tmp_path / "training_summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    figures = _drawn_panels(monkeypatch)
+    render_report(tmp_path)
+
+    title, labels = _panel(figures[0], "gen_exact_match")
+    assert title == "gen_exact_match (monitored)"
+    assert "best gen_exact_match 0.81 at step 10" in labels and not any("0.02979" in label for label in labels)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert _summary_cell(page, "Best gen_exact_match") == "0.81 (step 10)"
+    assert _summary_cell(page, "Best checkpoint") == "checkpoint_step_10"
+    assert "Best validation loss" not in page.split("<h2>Curves</h2>")[0]
+    assert "best evaluation (step 10, by gen_exact_match)" in page
+
+
+def test_report_without_a_summary_follows_the_configs_monitor_and_mode(tmp_path: Path, monkeypatch) -> None:
+    _monitored_run(tmp_path)
+    (tmp_path / "config.yaml").write_text("best_metric: gen_exact_match\nbest_metric_mode: max\n", encoding="utf-8")
+    figures = _drawn_panels(monkeypatch)
+    render_report(tmp_path)
+    assert "best gen_exact_match 0.81 at step 10" in _panel(figures[0], "gen_exact_match")[1]
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert _summary_cell(page, "Best gen_exact_match") == "0.81 (step 10)"
+
+    (tmp_path / "config.yaml").unlink()  # no config, no summary: validation loss, lowest is best
+    figures.clear()
+    render_report(tmp_path)
+    title, labels = _panel(figures[0], "Validation loss")
+    assert "best val_loss 0.02979 at step 30" in labels
+    assert _summary_cell((tmp_path / "report.html").read_text(), "Best validation loss") == "0.02979 (step 30)"

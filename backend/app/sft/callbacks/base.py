@@ -33,10 +33,12 @@ class TrainerAPI:
         metrics: the latest value of every metric the trainer has seen, training and evaluation alike
             (`metric_step(name)` says from which step, `history(name)` gives every recorded value).
         best_metric, best_step, best_checkpoint: the one record of the best: the best value of the monitored
-            metric, the step of that evaluation, and the checkpoint that holds it.
+            metric, the step of that evaluation, and the checkpoint that holds it (`best_of` reads the best
+            of any evaluated metric).
         managed: True when the trainer fires `on_evaluate`, keeps `metrics` and the best record, and writes
             the checkpoints that `CheckpointCallback` asks for (SFTTrainer). False for a hand-written loop:
-            there CheckpointCallback writes its own files and decisions read the step's `metrics` argument.
+            there CheckpointCallback writes its own files, decisions read the step's `metrics` argument and
+            each callback keeps the best it saw itself (`BestRecord`, `MonitoringCallback.loop_value`).
     """
 
     model: torch.nn.Module
@@ -73,6 +75,11 @@ class TrainerAPI:
 
     def metric_step(self, name: str) -> int | None:
         """The step of the newest value of metric `name` in `metrics`, or None."""
+        return None
+
+    def best_of(self, name: str, mode: str = "min", *, before: int | None = None) -> tuple[float, int] | None:
+        """The best `(value, step)` of metric `name` over the recorded evaluations (only those before step
+        `before`, when given), by `mode`; None while there is none. A hand-written loop records none."""
         return None
 
     def history(self, name: str) -> list[tuple[int, float]]:
@@ -318,10 +325,68 @@ class CallbackHandler:
                 logger.warning("Ignoring saved state of callback %r: no such callback is registered", key)
 
 
+class BestRecord:
+    """The best of one metric as a callback reports it (`best_val_loss`, `best`, `best_checkpoint`).
+
+    In a run managed by SFTTrainer the trainer's record is the only one: this reads it (`trainer.best_of`,
+    `trainer.best_checkpoint`) and keeps nothing. In a hand-written loop nothing else keeps a best, so this
+    keeps what its callback saw itself (`offer`), as the quick reference describes. This class is the one
+    place where the two differ; `attach` (at `on_train_begin`) says which one applies.
+    """
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+        self.trainer: TrainerAPI | None = None  # the managing trainer of the current run, if any
+        self.value: float | None = None  # a hand-written loop's own record: value, step and checkpoint
+        self.step: int | None = None
+        self.checkpoint: str | None = None
+
+    def attach(self, trainer: Any) -> TrainerAPI:
+        """Read the trainer's record from now on when it keeps one (SFTTrainer); returns its TrainerAPI view."""
+        api = trainer_api(trainer)
+        self.trainer = api if api.managed else None
+        return api
+
+    @property
+    def managed(self) -> bool:
+        return self.trainer is not None
+
+    def best(self, before: int | None = None) -> tuple[float | None, int | None]:
+        """The best `(value, step)` so far (in a managed run: over the evaluations before step `before`)."""
+        if self.trainer is None:
+            return self.value, self.step
+        return self.trainer.best_of(self.monitor.name, self.monitor.mode, before=before) or (None, None)
+
+    def offer(self, value: float, step: int) -> bool:
+        """Whether `value`, seen at `step`, improves on the best before it (by more than `min_delta`). A
+        hand-written loop keeps it as its best when it does; a managed run's trainer has recorded it already."""
+        improved = self.monitor.improves(value, self.best(before=step)[0])
+        if improved and self.trainer is None:
+            self.value, self.step, self.checkpoint = value, step, None
+        return improved
+
+    def saved(self) -> tuple[float | None, int | None, str | None]:
+        """The hand-written loop's record, to `restore` when what it describes failed to happen."""
+        return self.value, self.step, self.checkpoint
+
+    def restore(self, record: tuple[float | None, int | None, str | None]) -> None:
+        self.value, self.step, self.checkpoint = record
+
+
 class MonitoringCallback(SFTCallback):
-    """A callback that decides by one monitored metric (`self._monitor`, a `Monitor`): its `monitor` and `mode`."""
+    """A callback that decides by one monitored metric (`self._monitor`, a `Monitor`): its `monitor` and `mode`;
+    `self._best` is its view of the best of that metric (`BestRecord`)."""
 
     _monitor: Monitor
+    _best: BestRecord
+
+    def loop_value(self, trainer: Any, metrics: Mapping[str, float]) -> float | None:
+        """The monitored value in a hand-written loop's step or epoch `metrics` (such a loop fires no
+        `on_evaluate`, so its evaluations arrive there); None when absent, and always in a managed run, whose
+        evaluations arrive through `on_evaluate`."""
+        if trainer_api(trainer).managed or self.monitor not in metrics:
+            return None
+        return float(metrics[self.monitor])
 
     @property
     def monitor(self) -> str:

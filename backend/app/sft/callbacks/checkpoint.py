@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from app.sft import checkpointing
-from app.sft.callbacks.base import Monitor, MonitoringCallback, TrainerAPI, trainer_api
+from app.sft.callbacks.base import BestRecord, Monitor, MonitoringCallback, TrainerAPI, trainer_api
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class CheckpointCallback(MonitoringCallback):
     With `SFTTrainer` the callback decides and the trainer writes: after every callback's `on_step_end` the
     trainer asks `should_save(trainer, step)`, writes its full training state into `checkpoint_path(step)`,
     fires `on_save`, and calls `rotate(trainer)`. The best is the trainer's one record
-    (`trainer.state.best_*`), which `best_val_loss` and `best_checkpoint` read.
+    (`trainer.state.best_*`), which `best_val_loss` and `best_checkpoint` read; a CheckpointCallback given to
+    the trainer makes its `monitor`/`mode` the run's (over the config's `best_metric`, said in the log).
 
     In a hand-written loop (a stand-in trainer with `model` and `device`), `on_step_end` decides, updates
     `best_val_loss` and `best_checkpoint` from the step's `metrics`, and calls `_save_checkpoint`, which writes
@@ -76,35 +77,33 @@ class CheckpointCallback(MonitoringCallback):
         self.save_steps = save_steps
         self.save_total_limit = save_total_limit
         self.save_best_only = save_best_only
-        self._trainer: TrainerAPI | None = None  # the managed trainer of the current run, if any
-        self._best_value: float | None = None  # the hand-written loop's record of the best
-        self._best_path: str | None = None
+        self._best = BestRecord(self._monitor)
         self._written: list[str] = []  # what this callback wrote itself in a hand-written loop, oldest first
 
     @property
     def best_val_loss(self) -> float:
         """The best value of `monitor` (the name is the quick reference's); +inf (-inf for `max`) before one."""
-        best = self._trainer.best_metric if self._trainer is not None else self._best_value
+        best = self._best.best()[0]
         return self._monitor.worst if best is None else best
 
     @best_val_loss.setter
     def best_val_loss(self, value: float) -> None:
-        self._best_value = value
+        self._best.value = value
 
     @property
     def best_checkpoint(self) -> str | None:
         """The path of the best checkpoint, or None while none holds the best evaluation."""
-        if self._trainer is not None:
-            best = self._trainer.best_checkpoint
+        if self._best.trainer is not None:
+            best = self._best.trainer.best_checkpoint
             return os.path.join(self.output_dir, os.path.basename(best)) if best else None
-        return self._best_path
+        return self._best.checkpoint
 
     @property
     def checkpoints(self) -> list[str]:
         """The checkpoints kept, oldest first. In a hand-written loop this is the callback's own list: paths
         appended to it (or a list assigned to it) are rotated by `_rotate_checkpoints()`; with SFTTrainer it is
         a fresh list of the checkpoints on disk."""
-        if self._trainer is not None:
+        if self._best.managed:
             return [str(path) for path in self._own_checkpoints()]
         return self._written
 
@@ -113,8 +112,7 @@ class CheckpointCallback(MonitoringCallback):
         self._written = [os.fspath(path) for path in paths]
 
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
-        api = trainer_api(trainer)
-        self._trainer = api if api.managed else None
+        self._best.attach(trainer)
 
     # --- decisions, asked by the trainer -----------------------------------------------------------------------
 
@@ -166,20 +164,20 @@ class CheckpointCallback(MonitoringCallback):
         api = trainer_api(trainer)
         if api.managed or step % self.save_steps != 0:
             return
-        value = metrics.get(self.monitor)
-        improved = value is not None and self._monitor.improves(float(value), self._best_value)
+        value = self.loop_value(api, metrics)
+        previous = self._best.saved()
+        improved = value is not None and self._best.offer(value, step)
         if self.save_best_only and value is not None and not improved:
             logger.info("Not saving step %d: %s %.4f is not better than %.4f", step, self.monitor, value,
                         self.best_val_loss)
             return
         target = self._target(api, step)
-        previous = (self._best_value, self._best_path)
         if improved:
-            self._best_value, self._best_path = float(value), target
+            self._best.checkpoint = target
         try:
             self._save_checkpoint(trainer, step, metrics)
         except BaseException:
-            self._best_value, self._best_path = previous
+            self._best.restore(previous)
             raise
         if target in self._written:  # the same step saved again: it is the newest now
             self._written.remove(target)
@@ -214,7 +212,7 @@ class CheckpointCallback(MonitoringCallback):
         if self.save_total_limit is None:
             return
         excess = len(self._written) - self.save_total_limit
-        protected = {self._best_path, self._written[-1] if self._written else None}
+        protected = {self._best.checkpoint, self._written[-1] if self._written else None}
         for path in [p for p in self._written if p not in protected][: max(excess, 0)]:
             logger.info("Deleting old checkpoint %s (save_total_limit=%d)", path, self.save_total_limit)
             _remove(path)
@@ -223,13 +221,13 @@ class CheckpointCallback(MonitoringCallback):
     def state_dict(self) -> dict[str, Any]:
         """A hand-written loop's record (names inside `output_dir`); with SFTTrainer the trainer holds the best
         and the checkpoints are what is on disk, so there is nothing to save."""
-        if self._trainer is not None:
+        if self._best.managed:
             return {}
-        best = self._best_value
+        best = self._best.checkpoint
         return {
             "checkpoints": [os.path.basename(path) for path in self._written],
-            "best_val_loss": best,
-            "best_checkpoint": os.path.basename(self._best_path) if self._best_path else None,
+            "best_val_loss": self._best.value,
+            "best_checkpoint": os.path.basename(best) if best else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -239,10 +237,10 @@ class CheckpointCallback(MonitoringCallback):
         self._written = [path for path in (os.path.join(self.output_dir, name) for name in names)
                          if os.path.exists(path) and self._is_own(path)]
         best = state.get("best_val_loss")
-        self._best_value = None if best is None else float(best)
+        self._best.value = None if best is None else float(best)
         best_name = state.get("best_checkpoint")
         best_path = os.path.join(self.output_dir, os.path.basename(best_name)) if best_name else None
-        self._best_path = best_path if best_path in self._written else None
+        self._best.checkpoint = best_path if best_path in self._written else None
 
 
 def _write_model(model: torch.nn.Module, target: str) -> None:

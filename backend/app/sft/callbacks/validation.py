@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from app.sft.callbacks.base import SFTCallback, publish_evaluation, trainer_api
+from app.sft.callbacks.base import BestRecord, Monitor, SFTCallback, publish_evaluation, trainer_api
 from app.sft.data import PaddedCollator
 from app.sft.loss import IGNORE_INDEX, evaluation_totals
 
@@ -28,8 +28,9 @@ class ValidationCallback(SFTCallback):
     over all processes. Each validation is handed to the trainer (`publish_evaluation`: the trainer keeps it
     in `trainer.metrics`, updates its best record and fires `on_evaluate`) and written into the step's (or
     epoch's) `metrics` dict as `val_loss`, `val_perplexity` and `best_val_loss`, the lowest validation loss so
-    far (also the attribute `best_val_loss`, with its step in `best_step`). An epoch end that falls on a step
-    that was just validated reuses that result: one evaluation, one `on_evaluate`.
+    far (also the attribute `best_val_loss`, with its step in `best_step`: with SFTTrainer they read the
+    trainer's record, in a hand-written loop the callback keeps them itself). An epoch end that falls on a
+    step that was just validated reuses that result: one evaluation, one `on_evaluate`.
 
     Data: `val_dataset` (a `datasets.Dataset` or torch `Dataset`) is batched by the trainer's
     `make_eval_dataloader` when it has one (raw text/alpaca/chat rows or tokenized rows), otherwise by a
@@ -50,18 +51,24 @@ class ValidationCallback(SFTCallback):
         self.val_dataset = val_dataset
         self.eval_steps = eval_steps
         self.eval_on_epoch_end = eval_on_epoch_end
-        self.best_val_loss = float("inf")
-        self.best_step: int | None = None
+        self._best = BestRecord(Monitor("val_loss", "min"))
         self._loader: Iterable[Mapping[str, Any]] | None = None  # built once from val_dataset
         self._last_result: tuple[int, dict[str, float]] | None = None  # step and metrics of the newest one
 
+    @property
+    def best_val_loss(self) -> float:
+        """The lowest validation loss so far; +inf before one."""
+        best = self._best.best()[0]
+        return math.inf if best is None else best
+
+    @property
+    def best_step(self) -> int | None:
+        """The step of `best_val_loss`, or None."""
+        return self._best.best()[1]
+
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
         self._loader = None  # a new run may come with a different trainer: rebuild the loader lazily
-        api = trainer_api(trainer)
-        if api.managed:  # a resumed run: the best so far is in the trainer's history, not in this callback
-            for step, value in api.history("val_loss"):
-                if value < self.best_val_loss:
-                    self.best_val_loss, self.best_step = value, step
+        self._best.attach(trainer)
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         if step % self.eval_steps == 0:
@@ -79,16 +86,18 @@ class ValidationCallback(SFTCallback):
             metrics.update(self._last_result[1])
             return
         val_loss = self._run_validation(trainer)
-        if val_loss < self.best_val_loss:
+        previous = self.best_val_loss
+        if self._best.offer(val_loss, step):
             logger.info("Validation loss improved to %.4f at step %s (previous best %.4f)", val_loss, step,
-                        self.best_val_loss)
-            self.best_val_loss, self.best_step = val_loss, step
+                        previous)
+            best = val_loss
         else:
-            logger.info("Validation loss %.4f at step %s (best %.4f)", val_loss, step, self.best_val_loss)
+            logger.info("Validation loss %.4f at step %s (best %.4f)", val_loss, step, previous)
+            best = previous
         result = {
             "val_loss": val_loss,
             "val_perplexity": math.exp(min(val_loss, MAX_LOG_PERPLEXITY)),
-            "best_val_loss": self.best_val_loss,
+            "best_val_loss": best,
         }
         self._last_result = (step, result)
         metrics.update(result)
