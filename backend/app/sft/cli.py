@@ -280,10 +280,10 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     out = summary["output_dir"]
     write_model_card(out)
-    best = summary["best_val_loss"]
+    best, name = summary.get("best_metric"), summary.get("best_metric_name")
     print(f"Trained {summary['global_step']} steps in {summary['runtime_s']:.1f} s "
           f"({summary['stop_reason']}): train loss {_fmt(summary['train_loss'])}"
-          + (f", best val loss {best:.4f} at step {summary['best_step']}" if best is not None else ""))
+          + (f", best {name} {best:.4f} at step {summary['best_step']}" if best is not None else ""))
     print(f"Outputs in {out}: the trained weights, {RUN_CONFIG_FILE}, metrics.jsonl, report.html, README.md")
     print(f"Next: sft eval {out} | sft chat {out} | sft merge {out}")
     return 0

@@ -246,7 +246,8 @@ class SFTConfig(BaseModel):
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop after this many validations without improvement; None: never."""
     early_stopping_min_delta: float = Field(0.0, ge=0.0)
-    """The smallest decrease of the validation loss that counts as an improvement."""
+    """How much an evaluation must beat the run's best of `best_metric` so far to count as an improvement (in its
+    `best_metric_mode` direction)."""
     best_metric: str = Field("val_loss", min_length=1)
     """The metric that decides the best checkpoint (and early stopping): `val_loss`, or any metric an
     evaluation reports (e.g. `gen_exact_match`)."""
