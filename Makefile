@@ -25,6 +25,7 @@ $(STAMP): backend/pyproject.toml
 	touch $(STAMP)
 
 test: setup
+	cd backend && ../$(VENV)/bin/lint-imports
 	cd backend && ../$(PY) -m pytest -q
 
 lint: setup

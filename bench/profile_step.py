@@ -79,7 +79,7 @@ def demo_trainer(overrides: list[str], output_dir: str, max_steps: int) -> SFTTr
 
 def full_trainer(overrides: list[str], output_dir: str, max_steps: int, all_tokens: bool) -> SFTTrainer:
     from _workload import SEED, llama_config, load_tokenizer, load_work
-    from app.sft.modeling import cache_root
+    from app.sft.paths import cache_root
     from cpu_compare import BATCH_SIZE, MAX_LEN, N_CONVERSATIONS
     from transformers import LlamaForCausalLM
 

@@ -69,7 +69,7 @@ if TYPE_CHECKING:
         WandBCallback,
     )
     from app.sft.config import ConfigError, SFTConfig
-    from app.sft.data import DataError
+    from app.sft.errors import DataError
     from app.sft.metrics_log import MetricsLog, read_metrics
     from app.sft.report import render_report
     from app.sft.templates import PromptTemplate, TemplateRegistry

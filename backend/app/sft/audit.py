@@ -7,9 +7,6 @@ tokens start every row, truncation cuts the replies away, the validation set is 
 records per row) and runs one check per mistake; `run_audit` applies the config's `audit` mode (`error` raises
 `AuditError`, `warn` warns once, `off` skips). `SFTTrainer.train()` runs it before the first step and stores the
 result in `training_summary.json`; `sft validate` prints it. See docs/audit.md.
-
-At save time, `chat_template_for` gives the Jinja chat template that renders conversations exactly as training
-did, so the saved tokenizer chats in the trained format (`modeling.save_final_model`).
 """
 
 from __future__ import annotations
@@ -28,8 +25,10 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from app.sft.config import SFTConfig
-from app.sft.data import IGNORE_INDEX, DataError, DataFacts, TokenizedDataset, epoch_batches
-from app.sft.templates import PromptTemplate, TemplateError
+from app.sft.data import epoch_batches
+from app.sft.errors import DataError
+from app.sft.loss import IGNORE_INDEX
+from app.sft.tokenized import DataFacts, TokenizedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -495,96 +494,3 @@ def enforce_audit(report: AuditReport, *, warn: bool = True) -> None:
     else:
         warnings.warn(f"data audit: a finding to look at (training anyway):\n"
                       f"{report.failure_message(report.warnings)}", AuditWarning, stacklevel=3)
-
-
-# ---------------------------------------------------------------------------------------------- template parity
-
-_PROBES: list[dict[str, Any]] = [
-    {"messages": [{"role": "user", "content": "what is the capital of france ?"},
-                  {"role": "assistant", "content": "paris ."}]},
-    {"messages": [{"role": "system", "content": "be brief ."}, {"role": "user", "content": "hello"},
-                  {"role": "assistant", "content": "hi !"}, {"role": "user", "content": "what is one plus two ?"},
-                  {"role": "assistant", "content": "three"}]},
-    {"instruction": "translate", "input": "hello world", "output": "hallo welt"},
-]
-"""Conversations the saved chat template must render as training did (a system turn, several turns, an alpaca
-`input`); those a template cannot render are skipped."""
-
-
-def chat_template_for(template: PromptTemplate | None, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The Jinja chat template to save with `tokenizer` so that chat renders prompts exactly as training did.
-
-    For every probe conversation, `apply_chat_template(messages[:-1], add_generation_prompt=True)` must give,
-    token for token, the prompt prefix the training data had before the last reply. The template's own Jinja
-    (`PromptTemplate.chat_template`, with the special tokens the tokenizer adds written in front) is tried
-    first, then the tokenizer's current chat template. None for plain-text (completion) training. Raises
-    `TemplateError` when neither matches: saving a tokenizer that chats in another format is an error.
-    """
-    if template is None:
-        return None
-    own = template.chat_template(tokenizer)
-    candidates = []
-    if own is not None:
-        candidates.append(_leading_specials(tokenizer) + own if template.add_special_tokens else own)
-    current = getattr(tokenizer, "chat_template", None)
-    if isinstance(current, str) and current not in candidates:
-        candidates.append(current)
-    problem = "it has no Jinja form (its chat_template() returns None) and the tokenizer has no chat template"
-    for candidate in candidates:
-        problem = _parity_problem(template, tokenizer, candidate)
-        if problem is None:
-            return candidate
-    raise TemplateError(
-        f"template {template.name!r}: no chat template to save renders prompts as training did ({problem}); "
-        "chat with the saved model would use another format. Give the template a chat_template() method that "
-        "returns equivalent Jinja"
-    )
-
-
-def _leading_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The special tokens the tokenizer puts before a text (a BOS)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return full[: full.index(plain[0])] if plain and plain[0] in full else []
-
-
-def _leading_specials(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Jinja for the special tokens the tokenizer puts before a text (a BOS), which a chat template must write."""
-    tokens = tokenizer.convert_ids_to_tokens(_leading_ids(tokenizer))
-    return "".join("{{- bos_token -}}" if token == tokenizer.bos_token else f"{{{{- {json.dumps(token)} -}}}}"
-                   for token in tokens)
-
-
-def _parity_problem(template: PromptTemplate, tokenizer: PreTrainedTokenizerBase, jinja: str) -> str | None:
-    """Why `jinja` does not reproduce the training prompt of some probe (None: it does for every one).
-
-    The training prompt is the rendered text before the last reply, tokenized as training tokenizes (with the
-    special tokens the tokenizer adds in front): the trained prompt prefix token for token, except where a token
-    spans prompt and reply (which the audit's `prompt_reply_boundary` check reports).
-    """
-    import jinja2
-
-    lead = _leading_ids(tokenizer) if template.add_special_tokens else []
-    for probe in _PROBES:
-        messages = probe["messages"] if "messages" in probe else [
-            {"role": "user", "content": probe["instruction"], "input": probe["input"]},
-            {"role": "assistant", "content": probe["output"]}]
-        try:
-            segments = template.render(messages, tokenizer)
-        except (ValueError, KeyError, jinja2.TemplateError):  # TemplateError is a ValueError
-            continue  # a conversation this template does not render
-        replies = [i for i, (_, trained) in enumerate(segments) if trained]
-        if not replies:
-            continue
-        prompt = "".join(text for text, _ in segments[: replies[-1]])
-        trained_prefix = lead + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        try:
-            text = tokenizer.apply_chat_template(template.chat_messages(messages[:-1]), chat_template=jinja,
-                                                 add_generation_prompt=True, tokenize=False)
-        except (jinja2.TemplateError, TemplateError, ValueError) as error:
-            return f"the chat template fails on {messages[:-1]!r}: {error}"
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if ids != trained_prefix:
-            return (f"for {messages[:-1]!r} the chat template gives {tokenizer.decode(ids)!r}, training had "
-                    f"{tokenizer.decode(trained_prefix)!r}")
-    return None

@@ -30,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from app.sft.layout import Layout
+from app.sft.modeling import quiet_missing_base_config
 from app.sft.state import TrainerState
 
 logger = logging.getLogger(__name__)
@@ -143,15 +143,6 @@ def write_pointer(checkpoint_dir: str | os.PathLike, name: str, target: str | os
 def remove_pointer(checkpoint_dir: str | os.PathLike, name: str) -> None:
     """Remove the pointer file `checkpoint_dir/name` (e.g. `best` once no checkpoint holds the best)."""
     (Path(checkpoint_dir) / name).unlink(missing_ok=True)
-
-
-@contextmanager
-def quiet_missing_base_config() -> Iterator[None]:
-    """Hide peft's warning that it finds no config.json at the base model's name: the name is the one the user
-    gave (a `.gguf` file, `package://...`), recorded on purpose so the adapter is portable."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
-        yield
 
 
 def save_weights(model: nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from app.sft.config import SFTConfig
-    from app.sft.data import TokenizedDataset
     from app.sft.generation import Generator
     from app.sft.templates import Message
+    from app.sft.tokenized import TokenizedDataset
 
 _USAGE_ERROR_CLASSES = (
     ("app.sft.config", "ConfigError"),
@@ -292,10 +292,11 @@ def _train(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from app.sft.audit import enforce_audit, run_audit
     from app.sft.data import build_datasets, epoch_batches, resolve_template
+    from app.sft.hardware import resolve_for_hardware
     from app.sft.modeling import load_tokenizer
 
     config = _load_config(args.config, args.overrides, no_cache=args.no_cache)
-    config.resolve_for_hardware()  # warns about settings this machine would change, refuses impossible ones
+    resolve_for_hardware(config)  # warns about settings this machine would change, refuses impossible ones
     tokenizer = load_tokenizer(config)
     template = resolve_template(config, tokenizer)
     train, val = build_datasets(config, tokenizer)

@@ -3,7 +3,7 @@
 A config comes from Python keyword arguments, a dict, a YAML file, or any of those plus command-line
 `--set key=value` overrides. Every route validates the same way and reports every problem at once in a
 single `ConfigError` (`field: message` lines, with a did-you-mean for misspelt keys), so a user fixes a
-config in one go. `resolve_for_hardware` then turns settings this machine cannot honour into ones it can,
+config in one go. `hardware.resolve_for_hardware` then turns settings this machine cannot honour into ones it can,
 warning once per change, or refuses with a clear message where no honest fallback exists (QLoRA).
 
 Configs written for TRL/Hugging Face or Axolotl mostly work as they are: their common names are read as
@@ -15,9 +15,7 @@ docstring (pydantic's `description`), which `sft config --defaults` prints (`des
 from __future__ import annotations
 
 import difflib
-import importlib
 import logging
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,24 +24,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from app.sft.errors import ConfigError
+
 if TYPE_CHECKING:
     from app.sft.precision import PrecisionChoice
-
-logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message lists every problem, one `field: message` per line."""
-
-    def __init__(self, message: str, problems: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.problems: list[str] = problems if problems is not None else [message]
-        """The individual `field: message` problems."""
-
-
-class ConfigWarning(UserWarning):
-    """A setting was changed to one this machine can run (see `SFTConfig.resolve_for_hardware`)."""
-
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +39,6 @@ has hundreds; nested aliases (an "alias bomb") can stand for billions and exhaus
 
 ReportTarget = Literal["wandb", "tensorboard", "mlflow"]
 _ALL_REPORT_TARGETS: list[str] = ["wandb", "tensorboard", "mlflow"]
-_BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
 class DistributedConfig(BaseModel):
@@ -478,78 +461,6 @@ class SFTConfig(BaseModel):
             return self._precision_choice
         return PrecisionChoice(self.mixed_precision, "config", "set in the config")  # type: ignore[arg-type]
 
-    def resolve_for_hardware(
-        self,
-        *,
-        cuda: bool | None = None,
-        bf16_supported: bool | None = None,
-        bitsandbytes: bool | None = None,
-        model_config: Any | None = None,
-    ) -> SFTConfig:
-        """A copy whose settings this machine can run, with one `ConfigWarning` per setting changed.
-
-        Each argument left as None is detected (torch for CUDA and bf16, an import for bitsandbytes).
-        `mixed_precision: auto` becomes the faster precision of this machine (`precision.choose_mixed_precision`,
-        which times `model_config`'s products; None: the base model's config, if it is available locally), recorded
-        in `precision_choice` (the trainer logs it in one line when training starts).
-        Falls back: bf16 without bf16 support and fp16 without
-        CUDA to fp32; 8-bit/paged optimizers without bitsandbytes and CUDA, and the fused AdamW without CUDA, to
-        `adamw`. Raises `ConfigError` for QLoRA without CUDA and bitsandbytes: 4-bit training cannot be emulated.
-        """
-        from app.sft.precision import PrecisionChoice, choose_mixed_precision
-
-        cuda = _cuda_available() if cuda is None else cuda
-        changes: dict[str, Any] = {}
-
-        def has_bitsandbytes() -> bool:
-            return _bitsandbytes_importable() if bitsandbytes is None else bitsandbytes
-
-        if self.use_qlora:
-            missing = [] if cuda else ["a CUDA GPU"]
-            if not has_bitsandbytes():
-                missing.append("the bitsandbytes package")
-            if missing:
-                raise ConfigError(
-                    f"use_qlora: QLoRA needs {' and '.join(missing)} (4-bit weights cannot be emulated "
-                    "here); set use_qlora: false to train plain LoRA"
-                )
-        precision = None  # recorded only when mixed_precision changes (so a config that needs no change is equal)
-        if self.mixed_precision == "auto":
-            precision = choose_mixed_precision(
-                cuda=cuda,
-                bf16_supported=_bf16_supported(cuda) if bf16_supported is None else bf16_supported,
-                model_config=model_config if model_config is not None else lambda: _local_model_config(self),
-                tokens=self.batch_size * self.max_seq_length,
-            )
-            changes["mixed_precision"] = precision.mixed_precision
-            logger.debug("%s", precision.describe())  # the trainer says it at the start of training
-        elif self.mixed_precision == "bf16":
-            supported = _bf16_supported(cuda) if bf16_supported is None else bf16_supported
-            if not supported:
-                changes["mixed_precision"] = None
-                precision = PrecisionChoice(None, "config", "bf16 was set but is not supported here")
-                _warn("mixed_precision 'bf16' is not supported on this machine; training in fp32 instead")
-        elif self.mixed_precision == "fp16" and not cuda:
-            changes["mixed_precision"] = None
-            precision = PrecisionChoice(None, "config", "fp16 was set but needs a CUDA GPU")
-            _warn("mixed_precision 'fp16' needs a CUDA GPU; training in fp32 instead")
-        if self.optimizer_type in _BITSANDBYTES_OPTIMIZERS and not (cuda and has_bitsandbytes()):
-            changes["optimizer_type"] = "adamw"
-            _warn(f"optimizer_type {self.optimizer_type!r} needs bitsandbytes and a CUDA GPU; using 'adamw'")
-        elif self.optimizer_type == "adamw_fused" and not cuda:
-            changes["optimizer_type"] = "adamw"
-            _warn("optimizer_type 'adamw_fused' needs a CUDA GPU; using 'adamw' instead")
-        if self.torch_compile and not cuda:
-            changes["torch_compile"] = False
-            _warn("torch_compile is for CUDA GPUs (on a CPU it costs compile time and gains nothing); off here")
-        if self.use_liger_kernel and not cuda:
-            changes["use_liger_kernel"] = False
-            _warn("use_liger_kernel needs a CUDA GPU (Triton kernels); using the stock layers instead")
-        resolved = self.model_copy(update=changes, deep=True)
-        if precision is not None:
-            resolved._precision_choice = precision
-        return resolved
-
 
 def load_yaml(text: str, source: str) -> Any:
     """`yaml.safe_load(text)`, refusing in a `ConfigError` naming `source` invalid YAML and aliases that expand
@@ -789,53 +700,3 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def warn_beyond_positions(config: SFTConfig, model_config: Any) -> None:
-    """A `ConfigWarning` when `max_seq_length` is longer than the model's `max_position_embeddings`: positions
-    past that were never trained (and some models fail on them)."""
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if isinstance(limit, int) and config.max_seq_length > limit:
-        _warn(f"max_seq_length {config.max_seq_length} is longer than the model's max_position_embeddings "
-              f"{limit}: tokens past position {limit} are outside what the model was trained on (and some models "
-              f"fail on them); set max_seq_length: {limit} or less")
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, ConfigWarning, stacklevel=3)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _bf16_supported(cuda: bool) -> bool:
-    """bf16 support: the GPU's on CUDA; on a CPU, native bf16 instructions (AVX512-BF16 or AMX)."""
-    import torch
-
-    if cuda:
-        return torch.cuda.is_bf16_supported()
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def _local_model_config(config: SFTConfig) -> Any | None:
-    """The base model's transformers config when it is on this machine (a directory, a GGUF file, the Hub
-    cache), else None; never downloads."""
-    try:
-        from app.sft.modeling import base_model_config
-
-        return base_model_config(config, local_files_only=True)
-    except Exception as error:  # any unreadable model: auto then trains in fp32 and says why
-        logger.debug("mixed_precision auto: cannot read the shapes of %s (%s)", config.base_model, error)
-        return None
-
-
-def _bitsandbytes_importable() -> bool:
-    try:
-        importlib.import_module("bitsandbytes")
-    except Exception:  # bitsandbytes raises various errors when its native library cannot load
-        return False
-    return True

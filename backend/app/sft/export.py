@@ -34,7 +34,7 @@ from app.sft.config import ConfigError, SFTConfig
 from app.sft.data import resolve_template
 from app.sft.generation import load_run_config, load_trained_model
 from app.sft.modeling import load_tokenizer, resolve_model_source
-from app.sft.templates import PromptTemplate
+from app.sft.templates import PromptTemplate, TemplateError, chat_template_for
 
 logger = logging.getLogger(__name__)
 
@@ -458,10 +458,8 @@ def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer: ExportedTokenizer, chat
 
 
 def template_jinja(template: PromptTemplate, tokenizer: PreTrainedTokenizerBase) -> str:
-    """`template` as the Jinja chat template saved with the run's tokenizer (`audit.chat_template_for`: checked
+    """`template` as the Jinja chat template saved with the run's tokenizer (`templates.chat_template_for`: checked
     token for token against the training prompts), refusing one that has none."""
-    from app.sft.audit import chat_template_for
-    from app.sft.templates import TemplateError
 
     try:
         jinja = chat_template_for(template, tokenizer)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.sft.config import ConfigError
+from app.sft.errors import ConfigError
 
 MetricFunction = Callable[[str, str], float]
 """A user metric: `f(prediction, reference) -> float`."""

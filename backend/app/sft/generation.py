@@ -39,9 +39,9 @@ from transformers import (
 )
 
 from app.sft import checkpointing
-from app.sft.audit import chat_template_for
 from app.sft.config import SFTConfig
-from app.sft.data import DataError, PaddedCollator, TokenizedDataset, prompt_and_reference, resolve_template
+from app.sft.data import PaddedCollator, prompt_and_reference, resolve_template
+from app.sft.errors import DataError
 from app.sft.loss import evaluation_totals
 from app.sft.modeling import (
     ensure_pad_token,
@@ -53,7 +53,8 @@ from app.sft.modeling import (
     refuse_pickled_weights,
 )
 from app.sft.progress import phase
-from app.sft.templates import Message, PromptTemplate, Segment, TemplateError, message_text
+from app.sft.templates import Message, PromptTemplate, Segment, TemplateError, chat_template_for, message_text
+from app.sft.tokenized import TokenizedDataset
 
 RUN_CONFIG_FILE = "config.yaml"
 """The config a finished run writes into its output directory."""

@@ -19,9 +19,10 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.sft.config import SFTConfig
+if TYPE_CHECKING:
+    from app.sft.config import SFTConfig
 
 _LARGEST = 2**31 - 1
 """The largest count a saved layout may hold (a crafted one can't make the search for a cut take long)."""

@@ -38,17 +38,15 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from app.sft.checkpointing import quiet_missing_base_config
-from app.sft.config import ConfigError
+from app.sft.errors import ConfigError
+from app.sft.paths import cache_root
 from app.sft.progress import phase
+from app.sft.templates import PromptTemplate, chat_template_for
 
 if TYPE_CHECKING:
     from app.sft.config import SFTConfig
-    from app.sft.templates import PromptTemplate
 
 logger = logging.getLogger(__name__)
-
-CACHE_ENV_VAR = "LLM_PLAYGROUND_CACHE"
 
 # `org/name` or a bare legacy name such as `gpt2`; each part starts with a letter or digit.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -56,6 +54,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _PAD_TOKEN_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextmanager
+def quiet_missing_base_config() -> Iterator[None]:
+    """Hide peft's warning that it finds no config.json at the base model's name: the name is the one the user
+    gave (a `.gguf` file, `package://...`), recorded on purpose so the adapter is portable."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+        yield
 
 
 @dataclass(frozen=True)
@@ -154,11 +161,6 @@ def gguf_cache_dir(gguf_path: str | os.PathLike[str]) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     return cache_root() / "gguf" / f"{path.stem}-{key}"
-
-
-def cache_root() -> Path:
-    """The library's user cache folder: `$LLM_PLAYGROUND_CACHE`, default `~/.cache/llm-playground`."""
-    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "llm-playground").expanduser()
 
 
 _HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
@@ -504,7 +506,7 @@ def save_final_model(
     peft loads on top of the base model; any other model saves all its weights. Pass the unwrapped
     model (for example `accelerator.unwrap_model(model)`) and, for a sharded (FSDP) model, the full
     `state_dict` gathered from every process. With the prompt `template` the run trained with, the saved
-    tokenizer's chat template renders prompts exactly as training did (`audit.chat_template_for`); one that
+    tokenizer's chat template renders prompts exactly as training did (`templates.chat_template_for`); one that
     cannot raises `TemplateError` before anything is written.
     """
     chat_template = _parity_chat_template(template, tokenizer)
@@ -519,7 +521,6 @@ def save_final_model(
 def _parity_chat_template(template: PromptTemplate | None, tokenizer: PreTrainedTokenizerBase) -> str | None:
     if template is None:
         return None
-    from app.sft.audit import chat_template_for  # the audit needs the data pipeline; saving usually does not
 
     return chat_template_for(template, tokenizer)
 

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from app.sft.paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 PROBE_SECONDS = 1.0
@@ -233,8 +235,6 @@ def _launched_processes() -> int:
 
 def default_cache_path() -> Path:
     """`precision.json` in the library's cache folder (`LLM_PLAYGROUND_CACHE`, default `~/.cache/llm-playground`)."""
-    from app.sft.modeling import cache_root
-
     return cache_root() / CACHE_FILE
 
 

@@ -13,8 +13,8 @@ import numpy as np
 
 from app.sft.checkpointing import CONFIG_FILE, CheckpointError
 from app.sft.config import SFTConfig
-from app.sft.data import TokenizedDataset
 from app.sft.layout import Layout, count_processes, keeping_global_batch
+from app.sft.tokenized import TokenizedDataset
 
 logger = logging.getLogger(__name__)
 

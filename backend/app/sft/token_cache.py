@@ -18,7 +18,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -28,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from app.sft.modeling import CACHE_ENV_VAR
+from app.sft.errors import DataWarning
+from app.sft.paths import cache_root
+from app.sft.tokenized import DataFacts, TokenizedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,7 @@ class CacheWarning(UserWarning):
 
 def tokenized_cache_dir() -> Path:
     """`$LLM_PLAYGROUND_CACHE/tokenized` (default `~/.cache/llm-playground/tokenized`)."""
-    root = Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "llm-playground").expanduser()
-    return root / "tokenized"
+    return cache_root() / "tokenized"
 
 
 def file_digest(path: str | Path) -> str:
@@ -81,13 +81,16 @@ def template_fingerprint(template: Any) -> str:
     return hashlib.sha256(f"{template.name}|{type(template).__qualname__}|{code}".encode()).hexdigest()
 
 
+_TOKENIZING_SOURCES = ("data.py", "templates.py", "tokenized.py")
+"""The modules that turn rows into tokens, beside this one: hashed by path (importing them here would make the
+cache depend on the data pipeline that uses it)."""
+
+
 def code_fingerprint() -> str:
     """A hash of the source of the modules that turn rows into tokens (a code change invalidates entries)."""
-    from app.sft import data, templates
-
     digest = hashlib.sha256(str(FORMAT_VERSION).encode())
-    for module in (data, templates):
-        digest.update(Path(module.__file__).read_bytes())
+    for name in _TOKENIZING_SOURCES:
+        digest.update(Path(__file__).with_name(name).read_bytes())
     return digest.hexdigest()
 
 
@@ -114,25 +117,19 @@ def cached(parts: Mapping[str, Any], build: Callable[[], Any], *, name: str = "d
         else:
             logger.info("Tokenized %s: %s examples from the cache (%s)", name, f"{len(dataset):,}", directory)
             for message in messages:
-                warnings.warn(message, _data_warning(), stacklevel=2)
+                warnings.warn(message, DataWarning, stacklevel=2)
             return dataset
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dataset = build()
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    messages = [str(warning.message) for warning in caught if issubclass(warning.category, _data_warning())]
+    messages = [str(warning.message) for warning in caught if issubclass(warning.category, DataWarning)]
     try:
         _write(directory, parts, dataset, messages)
     except (OSError, TypeError, ValueError) as error:  # a full disk or an unusual column: run without it
         logger.warning("Could not store tokenized %s in the cache (%s); continuing without it", name, error)
     return dataset
-
-
-def _data_warning() -> type[Warning]:
-    from app.sft.data import DataWarning
-
-    return DataWarning
 
 
 def _write(directory: Path, parts: Mapping[str, Any], dataset: Any, messages: list[str]) -> None:
@@ -180,8 +177,6 @@ def _write(directory: Path, parts: Mapping[str, Any], dataset: Any, messages: li
 
 def _read(directory: Path, parts: Mapping[str, Any]) -> tuple[Any, list[str]]:
     """The dataset stored in `directory` and its warnings; raises on any mismatch or damage."""
-    from app.sft.data import DataFacts, TokenizedDataset
-
     meta = json.loads((directory / _META_FILE).read_text(encoding="utf-8"))
     expected = json.loads(json.dumps(dict(parts), default=str))
     if meta.get("version") != FORMAT_VERSION or meta.get("parts") != expected:

@@ -61,7 +61,7 @@ from app.sft.callbacks import (
     WandBCallback,
 )
 from app.sft.callbacks.base import CallbackHandler, Monitor, TrainerAPI
-from app.sft.config import ConfigError, SFTConfig, warn_beyond_positions
+from app.sft.config import ConfigError, SFTConfig
 from app.sft.data import (
     PackedCollator,
     PaddedCollator,
@@ -72,6 +72,7 @@ from app.sft.data import (
     resolve_template,
 )
 from app.sft.distributed import make_accelerator
+from app.sft.hardware import resolve_for_hardware, warn_beyond_positions
 from app.sft.layout import Layout, deal
 from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, label_positions
 from app.sft.metrics_log import MetricsLog
@@ -120,7 +121,7 @@ class SFTTrainer(TrainerAPI):
     ) -> None:
         if not isinstance(config, SFTConfig):
             raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
-        self.config = config.resolve_for_hardware(model_config=getattr(model, "config", None))
+        self.config = resolve_for_hardware(config, model_config=getattr(model, "config", None))
         self.accelerator: Accelerator = make_accelerator(self.config)
         set_seed(self.config.seed)
         self.layout = Layout.from_config(self.config, self.num_processes)  # a resume may choose another

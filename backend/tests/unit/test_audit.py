@@ -15,12 +15,19 @@ from helpers import build_tiny_tokenizer, tiny_llama, write_jsonl
 from transformers import AutoTokenizer
 
 from app.sft import SFTConfig, SFTTrainer
-from app.sft.audit import AuditError, AuditWarning, audit_data, chat_template_for
+from app.sft.audit import AuditError, AuditWarning, audit_data
 from app.sft.cli import main
 from app.sft.data import IGNORE_INDEX, DataWarning, tokenize_dataset, tokenize_example
 from app.sft.generation import Generator
 from app.sft.modeling import load_tokenizer, save_final_model
-from app.sft.templates import AlpacaTemplate, ChatMLTemplate, PromptTemplate, TemplateError, default_registry
+from app.sft.templates import (
+    AlpacaTemplate,
+    ChatMLTemplate,
+    PromptTemplate,
+    TemplateError,
+    chat_template_for,
+    default_registry,
+)
 
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 ROWS = [{"instruction": f"what is {NUMBERS[a]} plus {NUMBERS[b]} ?", "output": NUMBERS[a + b]}

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.sft.config import ConfigError, ConfigWarning, SFTConfig
+from app.sft.config import ConfigError, SFTConfig
+from app.sft.errors import ConfigWarning
+from app.sft.hardware import resolve_for_hardware
 
 
 def problems_of(excinfo: pytest.ExceptionInfo[ConfigError]) -> list[str]:
@@ -229,7 +231,7 @@ def test_diff_lists_changed_settings_with_dotted_nested_keys() -> None:
 def resolve(config: SFTConfig, **machine: bool) -> tuple[SFTConfig, list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        resolved = config.resolve_for_hardware(**machine)
+        resolved = resolve_for_hardware(config, **machine)
     assert all(issubclass(w.category, ConfigWarning) for w in caught)
     return resolved, [str(w.message) for w in caught]
 
@@ -292,7 +294,7 @@ def test_hub_kernels_and_gpu_levers_are_off_by_default() -> None:
 def test_qlora_cannot_be_emulated(machine: dict[str, bool], missing: str) -> None:
     config = SFTConfig(base_model="m", use_qlora=True, mixed_precision=None)
     with pytest.raises(ConfigError, match=f"use_qlora: QLoRA needs {missing} "):
-        config.resolve_for_hardware(**machine)
+        resolve_for_hardware(config, **machine)
     assert resolve(config, cuda=True, bitsandbytes=True) == (config, [])
 
 

@@ -12,7 +12,8 @@ import torch
 from transformers import LlamaConfig
 
 from app.sft import SFTConfig, SFTTrainer
-from app.sft.config import ConfigWarning
+from app.sft.errors import ConfigWarning
+from app.sft.hardware import resolve_for_hardware
 from app.sft.precision import (
     CACHE_FILE,
     MIN_PRODUCT_FLOPS,
@@ -49,7 +50,7 @@ def auto_config(**overrides) -> SFTConfig:
 def resolve(config: SFTConfig, **machine) -> SFTConfig:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)  # auto chooses; it never falls back with a warning
-        return config.resolve_for_hardware(**machine)
+        return resolve_for_hardware(config, **machine)
 
 
 def write_rates(config: SFTConfig, model_config: LlamaConfig, rates: dict[str, float]) -> None:
@@ -195,7 +196,7 @@ def test_an_unwritable_cache_only_warns(tmp_path: Path, monkeypatch: pytest.Monk
 def test_explicit_settings_are_honoured_as_before(cache: Path, setting, machine, expected) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)
-        resolved = auto_config(mixed_precision=setting).resolve_for_hardware(**machine)
+        resolved = resolve_for_hardware(auto_config(mixed_precision=setting), **machine)
     assert resolved.mixed_precision == expected
     assert resolved.precision_choice.source == "config" and resolved.precision_choice.gflops == {}
     assert not cache.exists()

@@ -333,7 +333,7 @@ def test_final_checkpoint_is_the_best_when_only_the_epoch_end_validates(tmp_path
 
 
 def test_max_seq_length_beyond_the_models_positions_warns(tmp_path, tiny_model_dir):
-    from app.sft.config import ConfigWarning
+    from app.sft.errors import ConfigWarning
 
     config = make_config(tmp_path, tiny_model_dir, max_seq_length=512)  # tiny_llama has 256 positions
     with pytest.warns(ConfigWarning, match=r"max_seq_length 512 .* max_position_embeddings 256"):
