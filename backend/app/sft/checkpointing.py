@@ -46,6 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from app.sft import atomic
+from app.sft.atomic import write_json, write_text
 from app.sft.layout import Layout
 from app.sft.modeling import quiet_missing_base_config
 from app.sft.state import TrainerState
@@ -72,36 +74,19 @@ class CheckpointError(RuntimeError):
 
 @contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success flush it and rename it to `final`, else remove it."""
+    """`atomic.atomic_directory` for a checkpoint: a failed write is a `CheckpointError` naming the file being
+    written (a full disk said as such), and nothing of the checkpoint is left."""
     final = Path(final)
-    tmp = final.parent / f".tmp-{final.name}"
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        discard_leftover(tmp)
-        tmp.mkdir()
-        yield tmp
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (after a resume): swap, then drop the old copy
-            old = final.parent / f".old-{final.name}"
-            discard_leftover(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except CheckpointError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except Exception as exc:  # OSError, and the RuntimeError/SafetensorError that torch and safetensors raise
+
+    def explain(tmp: Path, exc: Exception) -> None:
+        if isinstance(exc, CheckpointError):
+            return
         message = _write_failure(final, tmp, exc)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if message is None:
-            raise
-        raise CheckpointError(message) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if message is not None:
+            raise CheckpointError(message) from exc
+
+    with atomic.atomic_directory(final, on_failure=explain) as tmp:
+        yield tmp
 
 
 def _write_failure(final: Path, tmp: Path, exc: BaseException) -> str | None:
@@ -137,7 +122,7 @@ def _write_failure(final: Path, tmp: Path, exc: BaseException) -> str | None:
 def write_pointer(checkpoint_dir: str | os.PathLike, name: str, target: str | os.PathLike) -> None:
     """Atomically make `checkpoint_dir/name` (e.g. `latest`) name the checkpoint directory `target`, by its
     folder name (so the run folder can be copied or moved and still resumes)."""
-    write_text(Path(checkpoint_dir) / name, Path(target).name + "\n", fsync=True)
+    write_text(Path(checkpoint_dir) / name, Path(target).name + "\n")
 
 
 def remove_pointer(checkpoint_dir: str | os.PathLike, name: str) -> None:
@@ -438,15 +423,6 @@ def load_rng_state(path: Path, process_index: int = 0) -> None:
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 
-def discard_leftover(path: str | os.PathLike[str]) -> None:
-    """Remove a leftover of an interrupted write or deletion (a `.tmp-`, `.old-` or `.deleting-` name): a folder
-    with its files, a file, or a link itself (never what it points to); a missing one is fine."""
-    if os.path.islink(path) or os.path.isfile(path):
-        os.remove(path)
-    elif os.path.isdir(path):
-        shutil.rmtree(path)
-
-
 def is_inside(path: Path, root: Path) -> bool:
     """Whether `path` is directly inside folder `root`, after resolving symlinks and `..` of both."""
     return path.resolve().parent == root.resolve()
@@ -459,27 +435,6 @@ def file_checksum(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as indented JSON with `write_text`."""
-    write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
-
-
-def write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> None:
-    """Write `text` to `path` through a new temporary sibling renamed into place: `path` is never left half
-    written, and a link at `path` or at the temporary name is replaced, never written through."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    discard_leftover(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:
@@ -544,19 +499,3 @@ def _apply(path: Path, load: Any) -> Any:
         return load()
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {path} does not match this run: {exc}") from exc
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

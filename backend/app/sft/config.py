@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from app.sft.atomic import write_text
 from app.sft.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -406,8 +407,7 @@ class SFTConfig(BaseModel):
     def to_yaml(self, path: str | Path) -> Path:
         """Write the config as YAML that `from_yaml` reads back to an equal config."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
 
     def with_overrides(self, overrides: list[str]) -> SFTConfig:

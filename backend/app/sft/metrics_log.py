@@ -19,12 +19,12 @@ import json
 import logging
 import math
 import numbers
-import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
+
+from app.sft.atomic import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +110,7 @@ class MetricsLog:
     def _truncate_after(self, step: int) -> float:
         """Atomically rewrite the file keeping records up to `step`; return the last kept `elapsed_s`."""
         kept = [record for record in read_metrics(self.path) if record.get("step", 0) <= step]
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.writelines(json.dumps(record) + "\n" for record in kept)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         return max((record.get("elapsed_s") or 0.0 for record in kept), default=0.0)
 
     def _fail(self, err: Exception) -> None:

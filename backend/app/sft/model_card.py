@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from app.sft.checkpointing import write_text
+from app.sft.atomic import write_text
 
 CARD_FILE = "README.md"
 

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import tempfile
 import warnings
@@ -38,6 +37,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from app.sft.atomic import atomic_directory
 from app.sft.errors import ConfigError
 from app.sft.paths import cache_root
 from app.sft.progress import phase
@@ -196,18 +196,9 @@ def convert_gguf(gguf_path: str | os.PathLike[str]) -> Path:
     logger.info("Converting %s to Hugging Face format in %s (once)", path, target)
     with phase(f"Converting {path.name} to Hugging Face format"):
         model, tokenizer = read_gguf(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        with phase(f"Saving the conversion of {path.name}"):
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    except OSError:
-        if not target.is_dir():  # a concurrent run that finished first is fine; anything else is not
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(target, shared=True) as tmp, phase(f"Saving the conversion of {path.name}"):
+        model.save_pretrained(tmp)  # a concurrent run that finishes first is fine (`shared`)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -597,18 +588,12 @@ def merge_lora(
         tokenizer = load_tokenizer(base_model)
     chat_template = _parity_chat_template(template, tokenizer)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        with phase(f"Saving the merged model to {out}"):
-            merged.save_pretrained(tmp)
-            _save_tokenizer(tokenizer, tmp, chat_template)
-            written = sorted(path.name for path in tmp.iterdir())
-            record = {"adapter": str(adapter_dir), "base_model": base_model, "dtype": dtype, "files": written}
-            (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(out) as tmp, phase(f"Saving the merged model to {out}"):
+        merged.save_pretrained(tmp)
+        _save_tokenizer(tokenizer, tmp, chat_template)
+        written = sorted(path.name for path in tmp.iterdir())
+        record = {"adapter": str(adapter_dir), "base_model": base_model, "dtype": dtype, "files": written}
+        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return str(out)
 
 
@@ -653,14 +638,3 @@ _MERGE_DTYPES: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
 }
 """`merge_lora` dtypes; every explicit one merges in float32 first."""
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put the directory `new` at `target`; an existing `target` is removed only after `new` is in place."""
-    if not target.exists():
-        new.rename(target)
-        return
-    old = target.with_name(f".{target.name}-old-{os.getpid()}")
-    target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old)

@@ -22,13 +22,13 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from app.sft.atomic import write_text
 from app.sft.paths import cache_root
 
 logger = logging.getLogger(__name__)
@@ -290,16 +290,7 @@ def store_rates(path: Path, key: Mapping[str, Any], rates: Mapping[str, float]) 
     entries = [*entries, {"key": dict(key), "gflops": dict(rates)}][-_MAX_CACHE_ENTRIES:]
     data = json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=1)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_text(path, data)
     except OSError as error:
         logger.warning("Could not cache the precision measurement in %s: %s", path, error)
 

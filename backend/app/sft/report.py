@@ -20,13 +20,12 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from app.sft.atomic import write_bytes
 from app.sft.config import load_yaml
 from app.sft.metrics_log import RECORD_TYPES, numbered_records
 from app.sft.precision import PrecisionChoice
@@ -134,19 +133,6 @@ def _plot(records: Sequence[dict[str, Any]], title: str, monitored: _Monitored) 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` through a temporary sibling renamed into place: a failure (a full disk) leaves the previous
-    file, never half of a new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _finish(ax: Any, title: str, ylabel: str, has_data: bool, empty_message: str) -> None:
@@ -454,7 +440,7 @@ def render_report(output_dir: str | Path, *, title: str | None = None) -> tuple[
                  _generation_section(records, output_dir, monitored))
     for path, data in ((png_path, png), (html_path, page.encode("utf-8"))):
         try:
-            _write_atomic(path, data)
+            write_bytes(path, data)
         except OSError as error:
             raise ReportError(f"{path}: cannot write it ({error.strerror or error}); the file it replaces, if any, "
                               "is kept") from error

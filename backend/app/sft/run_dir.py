@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from app.sft.checkpointing import discard_leftover
+from app.sft.atomic import discard_leftover
 from app.sft.config import ConfigError, SFTConfig
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,6 @@ import hashlib
 import inspect
 import json
 import logging
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from app.sft.atomic import atomic_directory
 from app.sft.errors import DataWarning
 from app.sft.paths import cache_root
 from app.sft.tokenized import DataFacts, TokenizedDataset
@@ -159,20 +158,11 @@ def _write(directory: Path, parts: Mapping[str, Any], dataset: Any, messages: li
             arrays[name] = array.astype(np.int32)  # token ids fit: half the disk and the read time
     meta = {"version": FORMAT_VERSION, "parts": dict(parts), "class": type(dataset).__qualname__,
             "columns": columns, "scalars": scalars, "facts": facts, "warnings": messages}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
+    # shared: a concurrent run that stores the same entry first is fine; a corrupt entry being rebuilt is replaced
+    with atomic_directory(directory, shared=True) as tmp:
         with (tmp / _ARRAYS_FILE).open("wb") as file:
             np.savez(file, **arrays)
         (tmp / _META_FILE).write_text(json.dumps(meta, default=str), encoding="utf-8")
-        if directory.exists():  # a corrupt entry being rebuilt: replace it
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except OSError:
-        if not directory.is_dir():  # a concurrent run that stored the same entry first is fine
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read(directory: Path, parts: Mapping[str, Any]) -> tuple[Any, list[str]]:

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.integrations.neftune import activate_neftune, deactivate_neftune
 
-from app.sft import checkpointing, optim, resume
+from app.sft import atomic, checkpointing, optim, resume
 from app.sft.attention import register_document_attention
 from app.sft.audit import run_audit
 from app.sft.callbacks import (
@@ -852,7 +852,7 @@ class SFTTrainer(TrainerAPI):
         """`training_summary.json` (written last of the outputs), the model card, `report.html` and `loss.png`."""
         if not self.is_main_process:
             return
-        checkpointing.write_json(self.output_dir / SUMMARY_FILE, summary)
+        atomic.write_json(self.output_dir / SUMMARY_FILE, summary)
         write_model_card(self.output_dir)
         try:
             render_report(self.output_dir)

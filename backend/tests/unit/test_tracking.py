@@ -252,7 +252,7 @@ def test_report_on_a_full_disk_is_one_message_and_keeps_the_previous_files(
     def full(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("app.sft.report.os.fdopen", full)
+    monkeypatch.setattr("app.sft.atomic.os.fdopen", full)  # the one writer
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "loss.png" in err and "Traceback" not in err

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from app.sft import checkpointing
+from app.sft import atomic, checkpointing
 from app.sft.callbacks.base import BestRecord, Monitor, MonitoringCallback, TrainerAPI, trainer_api
 
 logger = logging.getLogger(__name__)
@@ -244,15 +244,14 @@ class CheckpointCallback(MonitoringCallback):
 
 
 def _write_model(model: torch.nn.Module, target: str) -> None:
-    """Save `model` to `target` through a temporary sibling, so `target` is never left half written."""
-    partial = target + ".partial"
-    _remove(partial)
+    """Save `model` to `target` atomically (`atomic`): a folder through `save_pretrained`, else a `torch.save`
+    file of its state dict; `target` is never left half written."""
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(partial)
+        with atomic.atomic_directory(target) as tmp:
+            model.save_pretrained(tmp)
     else:
-        torch.save(model.state_dict(), partial)
-    _remove(target)
-    os.replace(partial, target)
+        with atomic.replacing(target) as file:
+            torch.save(model.state_dict(), file)
 
 
 def _remove(path: str) -> None:
@@ -263,7 +262,7 @@ def _remove(path: str) -> None:
     """
     if os.path.isdir(path) and not os.path.islink(path):
         doomed = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}")
-        checkpointing.discard_leftover(doomed)
+        atomic.discard_leftover(doomed)
         os.replace(path, doomed)
         shutil.rmtree(doomed)
     elif os.path.lexists(path):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from app.sft import checkpointing
+from app.sft import atomic
 from app.sft.callbacks.base import SFTCallback, TrainerAPI, publish_evaluation, trainer_api
 from app.sft.config import ConfigError
 from app.sft.data import EVAL_SPLITS, load_rows, resolve_template, split_train_val
@@ -264,7 +264,7 @@ class GenerationEvalCallback(SFTCallback):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             text = "".join(json.dumps({"step": step, **sample}) + "\n" for sample in self.latest_samples)
-            checkpointing.write_text(path, text)
+            atomic.write_text(path, text)
         except OSError as error:
             logger.warning("Cannot write the generation samples of step %d to %s (%s); training goes on.",
                            step, path, error)
