@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "sft export outputs/demo\nsft export outputs/demo --dtype f16 --out demo-f16.gguf --force")
     export.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (or a checkpoint, or a model folder)")
     export.add_argument("--format", choices=["gguf"], default="gguf", help="file format (gguf)")
-    export.add_argument("--dtype", default="q8_0", help="weight type: f32, f16, bf16 or q8_0 (default q8_0)")
+    export.add_argument("--dtype", default="q8_0", help="weight type: f32, f16, bf16, q8_0 (default) or q4_1, "
+                        "the 4-bit type (the gguf package cannot write q4_k_m; q4_1 is the best 4-bit type it can)")
     export.add_argument("--out", metavar="FILE", help="the .gguf file to write (default: RUN_DIR/model.gguf)")
     export.add_argument("--force", action="store_true", help="replace an existing file and Modelfile")
 
