@@ -128,7 +128,8 @@ def export_gguf(
     be checked without the weights (dtype, output folder, existing files) is checked before the model is loaded.
     """
     if dtype not in DTYPES:
-        raise ExportError(f"dtype {dtype!r} is not one of the valid dtypes: {', '.join(DTYPES)}")
+        k_quant = " (the gguf package cannot write k-quants; q4_1 is the 4-bit type)" if "_k" in dtype.lower() else ""
+        raise ExportError(f"dtype {dtype!r} is not one of the valid dtypes: {', '.join(DTYPES)}{k_quant}")
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else (run_dir if run_dir.is_dir() else run_dir.parent) / "model.gguf"
     if out.suffix.lower() != ".gguf":

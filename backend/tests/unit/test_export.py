@@ -415,7 +415,9 @@ def test_run_directory_without_weights_is_reported(tmp_path):
 def test_unknown_dtype_lists_the_valid_ones(runs):
     with pytest.raises(ExportError, match="'int4' is not one of the valid dtypes: f32, f16, bf16, q8_0"):
         export_gguf(runs["llama"], dtype="int4")
-    assert set(DTYPES) == {"f32", "f16", "bf16", "q8_0"}
+    assert set(DTYPES) == {"f32", "f16", "bf16", "q8_0", "q4_1"}
+    with pytest.raises(ExportError, match="cannot write k-quants.*q4_1 is the 4-bit type"):
+        export_gguf(runs["llama"], dtype="q4_k_m")
 
 
 def test_output_in_a_missing_folder_is_reported(runs, tmp_path):
@@ -514,6 +516,7 @@ def test_smollm2_export_has_the_metadata_of_the_file_llama_cpp_made(tmp_path):
     assert len(keys) > 20 and not [key for key in keys if key not in exported]
     assert [key for key in keys if exported[key].contents() != original[key].contents()] == []
     assert exported["tokenizer.ggml.pre"].contents() == "smollm"
+    assert exported["general.name"].contents() == "SmolLM2-135M-Instruct (Q8_0)"  # not the base file's Q4_1
 
 
 # --- 4-bit, the file's name, the check in llama.cpp -------------------------------------------------------------
