@@ -197,6 +197,12 @@ def test_bad_requests_get_an_openai_error_naming_the_field(server, body, status,
     assert error["param"] == param and says in error["message"] and error["type"] == "invalid_request_error"
 
 
+def test_unknown_routes_and_methods_get_an_openai_error(server):
+    assert error_of(httpx.get(f"{server.url}/completions/nothing", timeout=60))["message"].endswith("Not Found")
+    response = httpx.get(f"{server.url}/chat/completions", timeout=60)
+    assert response.status_code == 405 and "Method Not Allowed" in error_of(response)["message"]
+
+
 def test_bad_requests_through_the_openai_client(server):
     with pytest.raises(openai.NotFoundError) as raised:
         ask(server, model="gpt-4")
