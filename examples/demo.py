@@ -107,21 +107,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def export_for_llama_cpp(run_dir: Path, trained: Any, prompts: list) -> None:
     """Export the run to one GGUF file (q8_0) for llama.cpp and Ollama, check that the file answers the held-out
-    prompts as the trained model does, and say how to run it."""
-    from app.sft.export import export_gguf
-    from app.sft.generation import Generator
-
-    limit = 64  # tokens per answer: the demo's JSON answers are about 25
+    prompts as the trained model does (read back by transformers, and in llama.cpp when a runtime is installed:
+    see docs/export.md), and say how to run it."""
+    from app.sft.export import check_export, export_gguf
 
     print("\nExporting to GGUF (q8_0) for llama.cpp and Ollama ...", flush=True)
     path = export_gguf(run_dir, run_dir / "model.gguf", dtype="q8_0", force=True)
-    exported = Generator.load(path)
-    same = sum(
-        exported.generate([user], max_new_tokens=limit) == trained.generate([user], max_new_tokens=limit)
-        for user in prompts
-    )
-    print(f"  {path} ({path.stat().st_size / 1e6:.0f} MB) answers {same} of {len(prompts)} held-out prompts "
-          "exactly as the trained model does.")
+    # 64 tokens per answer: the demo's JSON answers are about 25
+    checks = check_export(path, trained, [[user] for user in prompts], max_new_tokens=64)
+    print(f"  {path} ({path.stat().st_size / 1e6:.0f} MB): per held-out prompt, the file's answer vs the trained "
+          "model's")
+    for number, check in enumerate(checks, 1):
+        native = {None: "no llama.cpp runtime installed", True: "same", False: f"differs: {check.llama_cpp!r}"}
+        print(f"    prompt {number}: read by transformers {'same' if check.agrees else 'differs'}; "
+              f"in llama.cpp {native[check.llama_cpp_agrees]}")
     print(f"  llama.cpp: llama-cli -m {path} -cnv        (or llama-server -m {path})")
     print(f"  Ollama:    ollama create sft-demo -f {run_dir / 'Modelfile'} && ollama run sft-demo")
     print(f"  here:      .venv/bin/sft chat {path}")

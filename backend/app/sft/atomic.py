@@ -28,24 +28,34 @@ def discard_leftover(path: str | os.PathLike[str]) -> None:
 
 
 @contextmanager
-def replacing(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
-    """A binary file to write `path`'s new content into; when the block succeeds it replaces `path` (see the
-    module's rule), when it fails `path` is left as it was."""
+def replacing_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """The path of a new, empty temporary file beside `path` for a writer that opens files itself; when the block
+    succeeds the file replaces `path` (see the module's rule), when it fails `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     discard_leftover(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))  # ours, never a link
     try:
-        with os.fdopen(fd, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         discard_leftover(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def replacing(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """A binary file to write `path`'s new content into; when the block succeeds it replaces `path` (see the
+    module's rule), when it fails `path` is left as it was."""
+    with replacing_path(path) as tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW), "wb") as file:
+        yield file
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -4,6 +4,7 @@
     sft validate CONFIG [--json]  sft preview CONFIG [-n 3]    sft eval TARGET [--generate]
     sft generate TARGET --prompt "..."     sft chat TARGET     sft merge RUN_DIR [--out DIR] [--dtype bf16]
     sft export RUN_DIR [--dtype q8_0]      sft report RUN_DIR  sft init [PATH]  sft config --defaults  sft templates
+    sft serve TARGET [--host 127.0.0.1] [--port 8000] [--model-name NAME] [--api-key KEY]
 
 TARGET is a run's output_dir, a checkpoint, a config file, a Hugging Face model folder (e.g. a run's
 `merged/`), a Hub id or a `.gguf` file. Also `python -m app.sft`. Exit codes: 0 success, 2 a usage, config
@@ -59,6 +60,11 @@ _CHAT_HELP = """chat commands (a line starting with '/' is never sent to the mod
   /system TEXT   set the system message and start over (/system alone removes it)
   /exit          end the chat (Ctrl-D too)"""
 
+_SERVE_HELP = """routes: GET /v1/models, POST /v1/chat/completions (messages, max_tokens, temperature, top_p, stop,
+seed, stream). Prompts use the chat template the run trained with; temperature 0 answers as 'sft generate' does.
+Requests are answered one at a time, in order (none is dropped); SIGTERM finishes the answers in flight, then
+exits 0. For many users at once, serve the merged model with an inference engine instead, e.g. vLLM:
+  sft merge outputs/demo && vllm serve outputs/demo/merged --served-model-name demo"""
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `sft` command with `argv` (default: `sys.argv[1:]`) and return its exit code."""
@@ -186,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("target", metavar="TARGET", help=_TARGET_HELP)
     _add_generation_options(chat)
 
+    serve = command("serve", _serve, "answer OpenAI-compatible chat requests over HTTP (one process, requests "
+                    "queued)", "sft serve outputs/demo\n"
+                    "SFT_API_KEY=secret sft serve outputs/demo/merged --host 0.0.0.0 --port 8000 --model-name demo",
+                    details=_SERVE_HELP)
+    serve.add_argument("target", metavar="TARGET", help=_TARGET_HELP)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--model-name", help="the model id clients send (default: TARGET as given)")
+    serve.add_argument("--api-key", default=os.environ.get("SFT_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every request (default: $SFT_API_KEY; "
+                       "the environment variable keeps the key out of the process list)")
+    _add_overrides(serve)
+
     merge = command("merge", _merge, "merge a run's LoRA adapter into its base model",
                     "sft merge outputs/demo\n"
                     "sft merge outputs/demo --dtype bf16 --out outputs/demo-bf16 --force")
@@ -203,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "sft export outputs/demo\nsft export outputs/demo --dtype f16 --out demo-f16.gguf --force")
     export.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (or a checkpoint, or a model folder)")
     export.add_argument("--format", choices=["gguf"], default="gguf", help="file format (gguf)")
-    export.add_argument("--dtype", default="q8_0", help="weight type: f32, f16, bf16 or q8_0 (default q8_0)")
+    export.add_argument("--dtype", default="q8_0", help="weight type: f32, f16, bf16, q8_0 (default) or q4_1, "
+                        "the 4-bit type (the gguf package cannot write q4_k_m; q4_1 is the best 4-bit type it can)")
     export.add_argument("--out", metavar="FILE", help="the .gguf file to write (default: RUN_DIR/model.gguf)")
     export.add_argument("--force", action="store_true", help="replace an existing file and Modelfile")
 
@@ -485,6 +506,25 @@ def _chat(args: argparse.Namespace) -> int:
                                    top_p=args.top_p, on_text=_write_stdout)
         print(flush=True)
         history.append({"role": "assistant", "content": reply})
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from app.sft.config import ConfigError
+    from app.sft.generation import Generator
+
+    try:
+        from app.sft.serve import create_app, serve
+    except ImportError as error:
+        raise ConfigError(f"sft serve needs FastAPI and uvicorn: pip install 'llm-playground-sft[serve]' "
+                          f"({error})") from None
+    generator = Generator.load(args.target, args.overrides)
+    name = args.model_name or args.target.rstrip("/")
+    app = create_app(generator, model_name=name, api_key=args.api_key or None)
+    where = f"http://{args.host}:{args.port}/v1"
+    print(f"Serving {name!r} (template {generator.template.name}) at {where}"
+          f"{' (API key required)' if args.api_key else ''}; Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True)
+    serve(app, host=args.host, port=args.port)
+    return 0
 
 
 def _merge(args: argparse.Namespace) -> int:

