@@ -284,7 +284,6 @@ def _positive_int(text: str) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from app.sft.generation import RUN_CONFIG_FILE
-    from app.sft.model_card import write_model_card
     from app.sft.trainer import SFTTrainer
 
     overrides = [*args.overrides, "allow_data_change=true"] if args.allow_data_change else args.overrides
@@ -299,8 +298,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"Stopped at step {summary['global_step']}; a checkpoint was saved. Continue with:\n"
               f"  sft train {args.config} --resume")
         return 130
-    out = summary["output_dir"]
-    write_model_card(out)
+    out = summary["output_dir"]  # the trainer wrote the model card with the other outputs
     best, name = summary.get("best_metric"), summary.get("best_metric_name")
     print(f"Trained {summary['global_step']} steps in {summary['runtime_s']:.1f} s "
           f"({summary['stop_reason']}): train loss {_fmt(summary['train_loss'])}"

@@ -140,13 +140,7 @@ class CheckpointCallback(MonitoringCallback):
         api = trainer_api(trainer)
         if self.save_total_limit is None or not api.is_main_process:
             return
-        kept = self._own_checkpoints()
-        best = api.best_checkpoint
-        protected = {kept[-1].name if kept else None, os.path.basename(best) if best else None}
-        excess = len(kept) - self.save_total_limit
-        for path in [p for p in kept if p.name not in protected][: max(excess, 0)]:
-            logger.info("Deleting old checkpoint %s (save_total_limit=%d)", path, self.save_total_limit)
-            _remove(str(path))
+        self._delete_oldest([str(path) for path in self._own_checkpoints()], api.best_checkpoint)
 
     def _own_checkpoints(self) -> list[Path]:
         """Complete checkpoints of ours on disk in `output_dir`, oldest first (never links)."""
@@ -211,12 +205,19 @@ class CheckpointCallback(MonitoringCallback):
             self._written.remove(path)
         if self.save_total_limit is None:
             return
-        excess = len(self._written) - self.save_total_limit
-        protected = {self._best.checkpoint, self._written[-1] if self._written else None}
-        for path in [p for p in self._written if p not in protected][: max(excess, 0)]:
+        for path in self._delete_oldest(self._written, self._best.checkpoint):
+            self._written.remove(path)
+
+    def _delete_oldest(self, checkpoints: list[str], best: str | None) -> list[str]:
+        """The one rotation: delete the oldest of `checkpoints` (oldest first, all ours) beyond
+        `save_total_limit`, sparing the best and the newest; returns the deleted ones."""
+        spared = {os.path.basename(best) if best else None, os.path.basename(checkpoints[-1]) if checkpoints else None}
+        excess = len(checkpoints) - self.save_total_limit
+        doomed = [path for path in checkpoints if os.path.basename(path) not in spared][: max(excess, 0)]
+        for path in doomed:
             logger.info("Deleting old checkpoint %s (save_total_limit=%d)", path, self.save_total_limit)
             _remove(path)
-            self._written.remove(path)
+        return doomed
 
     def state_dict(self) -> dict[str, Any]:
         """A hand-written loop's record (names inside `output_dir`); with SFTTrainer the trainer holds the best
