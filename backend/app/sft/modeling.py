@@ -500,20 +500,13 @@ def save_final_model(
     tokenizer's chat template renders prompts exactly as training did (`templates.chat_template_for`); one that
     cannot raises `TemplateError` before anything is written.
     """
-    chat_template = _parity_chat_template(template, tokenizer)
+    chat_template = chat_template_for(template, tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with quiet_missing_base_config():  # peft looks for a config.json at the base's name (a .gguf/package:// one)
         model.save_pretrained(out, state_dict=state_dict)
     _save_tokenizer(tokenizer, out, chat_template)
     return str(out)
-
-
-def _parity_chat_template(template: PromptTemplate | None, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    if template is None:
-        return None
-
-    return chat_template_for(template, tokenizer)
 
 
 def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path, chat_template: str | None) -> None:
@@ -586,7 +579,7 @@ def merge_lora(
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     else:
         tokenizer = load_tokenizer(base_model)
-    chat_template = _parity_chat_template(template, tokenizer)
+    chat_template = chat_template_for(template, tokenizer)
 
     with atomic_directory(out) as tmp, phase(f"Saving the merged model to {out}"):
         merged.save_pretrained(tmp)
