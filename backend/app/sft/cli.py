@@ -18,23 +18,21 @@ package it needs (torch, transformers, peft, datasets) inside its function, so `
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import math
 import os
-import statistics
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from app.sft.console import console_logging, histogram, is_main_process, log_warning, print_data_stats
 
 if TYPE_CHECKING:
     from app.sft.config import SFTConfig
     from app.sft.generation import Generator
     from app.sft.templates import Message
-    from app.sft.tokenized import TokenizedDataset
 
 _USAGE_ERROR_CLASSES = (
     ("app.sft.config", "ConfigError"),
@@ -46,7 +44,6 @@ _USAGE_ERROR_CLASSES = (
 """Errors in what the user gave (exit code 2, one message, no traceback), besides missing/existing files.
 Looked up only in modules already imported: an error class whose module was never loaded was never raised."""
 
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 _MARK_START, _MARK_END = "[[", "]]"
 _COLOR_START, _COLOR_END = "\033[1;32m", "\033[0m"
 _CUT_MARK = "[cut]"
@@ -75,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 0
     if not sys.stderr.isatty():  # download/weight-loading bars would run into the command's own output
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    with _console_logging(args.debug), warnings.catch_warnings():
-        warnings.showwarning = _log_warning
+    with console_logging(args.debug), warnings.catch_warnings():
+        warnings.showwarning = log_warning
         if not args.debug:  # libraries' notes to developers, not to the user of the command
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -328,16 +325,16 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"Config {args.config}: OK ({config.dataset_format} data, template {template_name}, "
           f"max_seq_length {config.max_seq_length})")
     print(f"Tokenizer of {config.base_model}: {len(tokenizer):,} tokens")
-    _print_data_stats("train", _data_source(config), train)
+    print_data_stats("train", _data_source(config), train)
     if val is None:
         print("validation: none (set eval_dataset_name or validation_split to validate during training)")
     elif config.eval_dataset_name is not None:
-        _print_data_stats("validation", config.eval_dataset_name, val)
+        print_data_stats("validation", config.eval_dataset_name, val)
     else:
         print(f"validation: {len(val)} examples split off the training data (validation_split "
               f"{config.validation_split})")
     print(f"Token lengths of the training examples (max_seq_length {config.max_seq_length}):")
-    for line in _histogram(train.lengths):
+    for line in histogram(train.lengths):
         print(f"  {line}")
     budget = config.batch_size * config.max_seq_length if config.packing else None
     micro_batches = len(epoch_batches(train.lengths, batch_size=config.batch_size, epoch=0, seed=config.seed,
@@ -414,7 +411,7 @@ def _eval(args: argparse.Namespace) -> int:
         metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
         results, samples = evaluate_by_generation(args.target, args.overrides, metrics=metrics,
                                                   num_samples=args.num_samples)
-        if _is_main_process():
+        if is_main_process():
             print(f"{args.target}: " + "  ".join(f"{key} {value:.4f}" for key, value in results.items()))
             print(f"samples: {samples}")
         return 0
@@ -431,7 +428,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = load_trained_model(args.target, config)
     batch_size = config.eval_batch_size or config.batch_size
     loss, tokens = evaluate_loss(model, val, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
-    if _is_main_process():
+    if is_main_process():
         print(f"{args.target}: val_loss {loss:.4f}  perplexity {math.exp(min(loss, 100.0)):.3f}  "
               f"({len(val)} examples, {tokens:,} trained tokens)")
     return 0
@@ -453,7 +450,7 @@ def _generate(args: argparse.Namespace) -> int:
     with phase("Generating"):
         reply = generator.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p)
-    if _is_main_process():
+    if is_main_process():
         print(reply)
     return 0
 
@@ -581,7 +578,8 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from app.sft.config import ALIASES, ConfigError, describe_fields
+    from app.sft.aliases import ALIASES
+    from app.sft.config import ConfigError, describe_fields
 
     if args.defaults:
         for name, default, help_ in describe_fields():
@@ -683,32 +681,6 @@ def _mark(text: str, color: bool) -> str:
     return f"{_MARK_START}{text}{_MARK_END}"
 
 
-def _print_data_stats(name: str, source: str | None, data: TokenizedDataset) -> None:
-    from app.sft.data import IGNORE_INDEX
-
-    trained = sum(sum(label != IGNORE_INDEX for label in labels) for labels in data.labels)
-    total = sum(data.lengths)
-    print(f"{name}: {len(data)} examples from {source}; {data.num_dropped} dropped, "
-          f"{data.num_truncated} truncated; {trained:,} of {total:,} tokens trained")
-
-
-def _histogram(lengths: Sequence[int], bins: int = 8, width: int = 40) -> list[str]:
-    """Text histogram lines: `  lo-hi | ####  count`, plus the min/median/max line."""
-    low, high = min(lengths), max(lengths)
-    step = max(1, math.ceil((high - low + 1) / bins))
-    counts = [0] * math.ceil((high - low + 1) / step)
-    for length in lengths:
-        counts[(length - low) // step] += 1
-    digits = len(str(high))
-    lines = [
-        f"{low + i * step:>{digits}}-{min(low + (i + 1) * step - 1, high):>{digits}} | "
-        f"{'#' * math.ceil(width * count / max(counts)):<{width}} {count}"
-        for i, count in enumerate(counts)
-    ]
-    lines.append(f"min {low}, median {statistics.median(lengths):g}, max {high} tokens")
-    return lines
-
-
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -718,44 +690,3 @@ def _message(error: BaseException) -> str:
     if isinstance(error, FileNotFoundError) and error.filename:
         return f"{error.strerror}: {error.filename}"
     return str(error)
-
-
-def _is_main_process() -> bool:
-    """RANK 0, or no launcher at all (`accelerate launch` and `torchrun` set RANK)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-class _StderrHandler(logging.StreamHandler):
-    """A stream handler that writes to whatever `sys.stderr` is when a record is emitted (tests swap it)."""
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _console_logging(debug: bool) -> Iterator[None]:
-    """INFO (DEBUG with --debug) from this package to stderr on the main process, WARNING elsewhere and from
-    other libraries; restored afterwards."""
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
-    root, package = logging.getLogger(), logging.getLogger("app")
-    saved = root.level, package.level
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-    package.setLevel(logging.DEBUG if debug else logging.INFO if _is_main_process() else logging.WARNING)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(saved[0])
-        package.setLevel(saved[1])
-
-
-def _log_warning(message: Warning | str, *_args: Any, **_kwargs: Any) -> None:
-    """Show Python warnings (config fallbacks, dropped examples) as one log line each."""
-    logging.getLogger("app.sft").warning("%s", message)
