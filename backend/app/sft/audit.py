@@ -25,7 +25,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from app.sft.config import SFTConfig
-from app.sft.data import epoch_batches
+from app.sft.data.batching import epoch_batches
 from app.sft.errors import DataError
 from app.sft.loss import IGNORE_INDEX
 from app.sft.tokenized import DataFacts, TokenizedDataset

@@ -307,7 +307,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from app.sft.audit import enforce_audit, run_audit
-    from app.sft.data import build_datasets, epoch_batches, resolve_template
+    from app.sft.data.batching import epoch_batches
+    from app.sft.data.formatting import resolve_template
+    from app.sft.data.splitting import build_datasets
     from app.sft.hardware import resolve_for_hardware
     from app.sft.modeling import load_tokenizer
 
@@ -349,7 +351,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     from app.sft.audit import label_spans
-    from app.sft.data import IGNORE_INDEX, load_rows, map_columns, resolve_template, tokenize_example
+    from app.sft.data.formatting import resolve_template
+    from app.sft.data.loading import load_rows, map_columns
+    from app.sft.data.tokenizing import tokenize_example
+    from app.sft.loss import IGNORE_INDEX
     from app.sft.modeling import load_tokenizer
 
     config = _load_config(args.config, args.overrides)
@@ -400,7 +405,7 @@ def _preview(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from app.sft.config import ConfigError
-    from app.sft.data import build_datasets
+    from app.sft.data.splitting import build_datasets
     from app.sft.generation import evaluate_loss, load_run_config, load_trained_model
     from app.sft.modeling import load_tokenizer
 

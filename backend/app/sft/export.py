@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from app.sft import atomic
 from app.sft.config import ConfigError, SFTConfig
-from app.sft.data import resolve_template
+from app.sft.data.formatting import resolve_template
 from app.sft.generation import Generator, load_run_config, load_trained_model, stop_token_ids
 from app.sft.llama_cpp import Runtime, find_runtime, llama_cpp_answers
 from app.sft.modeling import load_tokenizer, resolve_model_source

@@ -42,7 +42,8 @@ from transformers import (
 
 from app.sft import checkpointing
 from app.sft.config import SFTConfig
-from app.sft.data import PaddedCollator, prompt_and_reference, resolve_template
+from app.sft.data.batching import PaddedCollator
+from app.sft.data.formatting import prompt_and_reference, resolve_template
 from app.sft.errors import DataError
 from app.sft.loss import evaluation_totals
 from app.sft.modeling import (

@@ -80,16 +80,19 @@ def template_fingerprint(template: Any) -> str:
     return hashlib.sha256(f"{template.name}|{type(template).__qualname__}|{code}".encode()).hexdigest()
 
 
-_TOKENIZING_SOURCES = ("data.py", "templates.py", "tokenized.py")
-"""The modules that turn rows into tokens, beside this one: hashed by path (importing them here would make the
-cache depend on the data pipeline that uses it)."""
+def _tokenizing_sources() -> list[Path]:
+    """The modules that turn rows into tokens, beside this one: every module of the `data` package (sorted),
+    `templates.py` and `tokenized.py`. Hashed by path: importing them here would make the cache depend on the
+    data pipeline that uses it."""
+    here = Path(__file__).parent
+    return [*sorted((here / "data").glob("*.py")), here / "templates.py", here / "tokenized.py"]
 
 
 def code_fingerprint() -> str:
     """A hash of the source of the modules that turn rows into tokens (a code change invalidates entries)."""
     digest = hashlib.sha256(str(FORMAT_VERSION).encode())
-    for name in _TOKENIZING_SOURCES:
-        digest.update(Path(__file__).with_name(name).read_bytes())
+    for path in _tokenizing_sources():
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

@@ -62,15 +62,10 @@ from app.sft.callbacks import (
 )
 from app.sft.callbacks.base import CallbackHandler, Monitor, TrainerAPI
 from app.sft.config import ConfigError, SFTConfig
-from app.sft.data import (
-    PackedCollator,
-    PaddedCollator,
-    TokenizedDataset,
-    build_datasets,
-    epoch_batches,
-    prepare_dataset,
-    resolve_template,
-)
+from app.sft.data.batching import PackedCollator, PaddedCollator, epoch_batches
+from app.sft.data.formatting import resolve_template
+from app.sft.data.splitting import build_datasets
+from app.sft.data.tokenizing import prepare_dataset
 from app.sft.distributed import make_accelerator
 from app.sft.hardware import resolve_for_hardware, warn_beyond_positions
 from app.sft.layout import Layout, deal
@@ -82,6 +77,7 @@ from app.sft.report import render_report
 from app.sft.run_dir import run_folder, staged_outputs
 from app.sft.signals import StopSignals
 from app.sft.state import TrainerState
+from app.sft.tokenized import TokenizedDataset
 
 logger = logging.getLogger(__name__)
 

@@ -695,7 +695,7 @@ def _entries(directory: Path) -> list[Path]:
 def test_tokenized_data_is_cached_and_reused_only_for_the_same_key(
     tmp_path: Path, _tokenized_cache_in_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import app.sft.data as data_module
+    import app.sft.data.tokenizing as data_module  # tokenized_source calls prepare_dataset there
 
     cache = _tokenized_cache_in_tmp
     before = set(_entries(cache))

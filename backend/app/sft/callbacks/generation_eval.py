@@ -23,7 +23,9 @@ import torch
 from app.sft import atomic
 from app.sft.callbacks.base import SFTCallback, TrainerAPI, publish_evaluation, trainer_api
 from app.sft.config import ConfigError
-from app.sft.data import EVAL_SPLITS, load_rows, resolve_template, split_train_val
+from app.sft.data.formatting import resolve_template
+from app.sft.data.loading import EVAL_SPLITS, load_rows
+from app.sft.data.splitting import split_train_val
 from app.sft.gen_metrics import Generation, Metric, MetricFunction, resolve_metrics, score_generations
 from app.sft.generation import (
     GenerationPrompt,

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from app.sft.callbacks.base import BestRecord, Monitor, SFTCallback, publish_evaluation, trainer_api
-from app.sft.data import PaddedCollator
+from app.sft.data.batching import PaddedCollator
 from app.sft.loss import IGNORE_INDEX, evaluation_totals
 
 logger = logging.getLogger(__name__)
