@@ -124,3 +124,11 @@ def test_weight_decay_is_reapplied_to_the_decaying_groups_whatever_their_order()
     optimizer = torch.optim.AdamW([{**no_decay, "weight_decay": 0.3}, {**decay, "weight_decay": 0.0}])
     optim.apply_weight_decay(optimizer, model, 0.01)
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.0, 0.01]
+
+
+def test_a_resumed_run_trains_on_with_the_configs_weight_decay(tmp_path, tiny_model_dir):
+    first = lora_config(tmp_path, tiny_model_dir, "run", max_steps=2, weight_decay=0.1)
+    run(first)
+    trainer, _, _ = run(first.model_copy(update={"max_steps": 3, "weight_decay": 0.05}), resume="latest")
+    decays = {group["weight_decay"] for group in trainer.optimizer.param_groups if group["params"]}
+    assert decays == {0.05}  # the LoRA matrices: the one non-empty group, and it decays
