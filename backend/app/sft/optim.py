@@ -19,10 +19,23 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+            (decay if _decays(name, param) else no_decay).append(param)
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters")
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def apply_weight_decay(optimizer: torch.optim.Optimizer, model: nn.Module, weight_decay: float) -> None:
+    """Set `weight_decay` on the optimizer's groups of decaying parameters and 0 on the others (after loading a
+    checkpoint, whose groups hold the interrupted run's value); each group is recognised by its parameters."""
+    decaying = {id(param) for name, param in model.named_parameters() if param.requires_grad and _decays(name, param)}
+    for group in optimizer.param_groups:
+        group["weight_decay"] = weight_decay if any(id(param) in decaying for param in group["params"]) else 0.0
+
+
+def _decays(name: str, param: nn.Parameter) -> bool:
+    """Whether a trainable parameter decays: weight matrices do, biases and norms don't."""
+    return param.ndim >= 2 and "norm" not in name.lower()
 
 
 def build_optimizer(model: nn.Module, config: SFTConfig, device: torch.device) -> torch.optim.Optimizer:

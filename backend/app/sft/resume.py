@@ -1,4 +1,7 @@
-"""What a resumed run may change: fields that are refused, fields that are honoured, fields only noted, and the
+"""Resuming a run: `plan` turns a checkpoint, this launch's config and processes into a `ResumePlan` (what is
+restored, what changed, the data position, the random states to load or derive) that the trainer applies.
+
+Also what a resumed run may change: fields that are refused, fields that are honoured, fields only noted, and the
 layout of processes and micro-batches that keeps the global batch."""
 
 from __future__ import annotations
@@ -6,14 +9,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from app.sft import checkpointing
 from app.sft.checkpointing import CONFIG_FILE, CheckpointError
 from app.sft.config import SFTConfig
 from app.sft.layout import Layout, count_processes, keeping_global_batch
+from app.sft.state import TrainerState
 from app.sft.tokenized import TokenizedDataset
 
 logger = logging.getLogger(__name__)
@@ -40,6 +48,159 @@ SAFE_FIELDS = (
 
 LAYOUT_FIELDS = ("batch_size", "gradient_accumulation_steps")
 """Fields a resumed run adapts to keep the global batch (`resume_layout`): their change is reported with it."""
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a resume restores and what it changes, for one process of this launch.
+
+    `state` is the loop state to continue from: its `epoch` and `batch_in_epoch` are the data position in this
+    run's sample order (converted from a checkpoint of an earlier version, rebuilt after an allowed data change),
+    its `best_checkpoint` a path in the run's checkpoint folder. `derived_seed` is None when this process loads
+    its own random states from the checkpoint, else the seed it starts from (a process the checkpoint's run did
+    not have). `checksummed`: the checkpoint's files were already checked against its manifest when it was found.
+    """
+
+    path: Path
+    state: TrainerState
+    callback_states: dict[str, dict[str, Any]]
+    then: Layout
+    layout: Layout
+    layout_change: str | None
+    config_changes: dict[str, tuple[Any, Any]]
+    data_changes: list[str]
+    epoch_units: int
+    metrics: dict[str, float]
+    metric_steps: dict[str, int]
+    derived_seed: int | None
+    checksummed: bool
+
+    @property
+    def schedule_changed(self) -> bool:
+        """Whether the learning-rate schedule differs from the checkpoint's run (its fields, the global batch or
+        the data changed)."""
+        return (any(key in SCHEDULE_FIELDS for key in self.config_changes)
+                or self.then.global_batch != self.layout.global_batch or bool(self.data_changes))
+
+    def summary(self, dropout: str | None) -> str:
+        """What the resume continues: checkpoint, step, data position, processes then and now, global batch, what
+        was changed to keep it, and where the random states come from (`dropout`: the model's, in words; the
+        step count is `state.max_steps`, which the trainer sets for this launch)."""
+        state, then, now = self.state, self.then, self.layout
+        lines = [
+            f"Resumed from {self.path} at step {state.global_step} of {state.max_steps}: epoch {state.epoch}, "
+            f"{state.batch_in_epoch} of its {self.epoch_units} micro-batches of {now.unit_size} trained on",
+            f"  processes: {then.processes} then, {now.processes} now; global batch {now.per_step()} per step "
+            f"({now.describe()})",
+            f"  changed to keep it: {self.layout_change or 'nothing'}",
+        ]
+        if then.processes == now.processes:
+            lines.append("  random states: every process's own, from the checkpoint")
+        else:
+            kept = min(then.processes, now.processes)
+            source = (f"{_ranks(0, kept)} from the checkpoint (those of {_ranks(kept, then.processes)} are not used)"
+                      if now.processes < then.processes else
+                      f"{_ranks(0, kept)} from the checkpoint, {_ranks(kept, now.processes)} derived from the seed "
+                      "(seed + 1000003 × process + step)")
+            lines.append(
+                f"  random states: {source}; "
+                + (f"the model has dropout ({dropout}), so the run continues correctly but not bit for bit"
+                   if dropout else "the step draws no random numbers (no dropout), so the run continues exactly "
+                   "(up to the order of floating-point sums)"))
+        return "\n".join(lines)
+
+
+def find(checkpoint_dir: str | os.PathLike, spec: str | os.PathLike | bool) -> tuple[Path, bool]:
+    """The checkpoint `spec` names (`checkpointing.resolve_checkpoint`) and whether finding it checked its files'
+    checksums (the `latest` search does; a path given is checked after loading, whose messages say more)."""
+    return checkpointing.resolve_checkpoint(checkpoint_dir, spec), spec is True or spec == "latest"
+
+
+def plan(path: Path, config: SFTConfig, processes: int, process_index: int, data: dict[str, Any],
+         epoch_length: Callable[[int, int], int], *, checkpoint_dir: Path, checksummed: bool = False) -> ResumePlan:
+    """The plan for resuming from checkpoint `path` with `config` on `processes` processes (this one
+    `process_index`), with the data recorded as `data` (`data_record`); `epoch_length(epoch, unit_size)` counts
+    an epoch's units in this run's sample order. Raises a `CheckpointError` for a resume that the config, the
+    launch or the data refuse (see `check_config`, `data_changes`) or a checkpoint that does not read."""
+    trainer_state, callback_states = checkpointing.read_trainer_state(path)
+    saved_config = checkpointing.read_config(path)
+    then = _saved_layout(path, trainer_state, saved_config, config)
+    changes, layout, layout_change = check_config(path, saved_config, config, then, processes)
+    saved_data = trainer_state.pop("data", None)
+    changed_data = data_changes(path, saved_data, data, config.allow_data_change)
+    state = TrainerState.from_dict(trainer_state)
+    if state.best_checkpoint:  # saved as a name (a copied run stays portable), used as a path
+        state.best_checkpoint = str(Path(checkpoint_dir) / state.best_checkpoint)
+    units = epoch_length(state.epoch, layout.unit_size)
+    if changed_data:
+        _rebuild_position(state, units, saved_data.get("epoch_units"), changed_data)
+    metrics: dict[str, float] = {}
+    metric_steps: dict[str, int] = {}
+    for record in state.log_history:  # the newest value of every metric, as the run had them
+        values = {k: v for k, v in record.items() if k not in ("type", "step")}
+        metrics.update(values)
+        metric_steps.update(dict.fromkeys(values, record["step"]))
+    derived = None if process_index < then.processes else derived_seed(config.seed, process_index,
+                                                                          state.global_step)
+    return ResumePlan(path, state, callback_states, then, layout, layout_change, changes, changed_data, units,
+                      metrics, metric_steps, derived, checksummed)
+
+
+def derived_seed(seed: int, process_index: int, step: int) -> int:
+    """The seed of a process the checkpoint has no random state for: `seed + 1000003 × process + step`."""
+    return seed + 1_000_003 * process_index + step
+
+
+def _saved_layout(path: Path, trainer_state: dict[str, Any], saved_config: dict[str, Any] | None,
+                  config: SFTConfig) -> Layout:
+    """The layout the checkpoint's run trained with (taken out of `trainer_state`). Checkpoints of earlier
+    versions have none: it is the one their config gives, and their data position, counted then in this
+    process's micro-batches, is converted to the run's."""
+    processes = trainer_state.pop("num_processes", 1)
+    if "layout" in trainer_state:
+        return Layout.from_dict(trainer_state.pop("layout"))
+    if saved_config is not None:
+        config = SFTConfig.from_dict(saved_config, source=str(path))
+    trainer_state["batch_in_epoch"] = trainer_state.get("batch_in_epoch", 0) * processes
+    return Layout.from_config(config, processes)
+
+
+def _rebuild_position(state: TrainerState, units: int, units_then: Any, changes: list[str]) -> None:
+    """After `allow_data_change`: the epoch's sample order is the new data's; the run continues after the same
+    share of the epoch as it had trained (what changed and where it continues are logged)."""
+    before = state.batch_in_epoch
+    if isinstance(units_then, int) and units_then > 0:
+        state.batch_in_epoch = min(units, round(before * units / units_then))
+    else:
+        state.batch_in_epoch = min(before, units)
+    logger.warning("Resuming on changed data (allow_data_change):\n  %s\n  the sample order is rebuilt for the new "
+                   "data: epoch %d continues after %d of its %d micro-batches (%s of %s before)",
+                   "\n  ".join(changes), state.epoch, state.batch_in_epoch, units, before, units_then)
+
+
+def nothing_left_to_train(state: TrainerState, config: SFTConfig, continue_after_stop: bool) -> bool:
+    """True (and says why) when the resumed run in `state` has nothing left to train; clears its stop reason
+    when it trains on."""
+    stopped_by = state.stop_reason or ""
+    if stopped_by == "early_stopping" or stopped_by.startswith("callback"):
+        if not continue_after_stop:
+            logger.warning(
+                "The run was stopped at step %d by %s; not training further. To train on, pass "
+                "continue_after_stop=True to train() (`sft train CONFIG --resume --continue`).",
+                state.global_step, stopped_by.replace("callback:", "the callback "))
+            return True
+        logger.info("Continuing a run that %s stopped at step %d", stopped_by, state.global_step)
+    if state.global_step >= state.max_steps:
+        logger.warning("The run already reached its last step (%d); nothing to train.", state.global_step)
+        state.stop_reason = state.stop_reason or ("max_steps" if config.max_steps else "completed")
+        return True
+    state.stop_reason = None
+    return False
+
+
+def _ranks(first: int, end: int) -> str:
+    """`process 2` or `processes 2-3`: the process indices first..end-1."""
+    return f"process {first}" if end - first == 1 else f"processes {first}-{end - 1}"
 
 
 def check_config(path: Path, saved: dict[str, Any] | None, config: SFTConfig, then: Layout,

@@ -369,7 +369,7 @@ class SFTTrainer(TrainerAPI):
         self._add_default_callbacks()
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
-            if self._nothing_left_to_train(continue_after_stop):
+            if resume.nothing_left_to_train(self.state, self.config, continue_after_stop):
                 return self._finish_ended_run()
         started = time.perf_counter()
         if self.is_main_process:
@@ -564,9 +564,10 @@ class SFTTrainer(TrainerAPI):
                     disable=not self.is_main_process or self.config.disable_progress_bar
                     or not sys.stderr.isatty())
 
-    def _epoch_units(self, epoch: int) -> list[list[int]]:
-        """The run's sample order for `epoch`: its units (lists of example indices), the same on every layout."""
-        cfg, size = self.config, self.layout.unit_size
+    def _epoch_units(self, epoch: int, unit_size: int | None = None) -> list[list[int]]:
+        """The run's sample order for `epoch`: its units (lists of example indices, `unit_size` those of the
+        run's layout unless given), the same on every layout."""
+        cfg, size = self.config, unit_size or self.layout.unit_size
         return epoch_batches(self.train_data.lengths, batch_size=size, epoch=epoch, seed=cfg.seed, shuffle=True,
                              token_budget=size * cfg.max_seq_length if cfg.packing else None)
 
@@ -695,129 +696,40 @@ class SFTTrainer(TrainerAPI):
     # --- resume --------------------------------------------------------------------------------------------------
 
     def _resume(self, spec: str | bool) -> None:
-        """Restore weights, optimizer, schedule, random states, loop state, metrics and callback states, on this
-        launch's processes (`resume.resume_layout` keeps the checkpoint's global batch on another number)."""
-        path = checkpointing.resolve_checkpoint(self.checkpoint_dir, spec)
-        trainer_state, callback_states = checkpointing.read_trainer_state(path)
-        saved_config = checkpointing.read_config(path)
-        then = self._saved_layout(path, trainer_state, saved_config)
-        changes, self.layout, layout_change = resume.check_config(path, saved_config, self.config, then,
-                                                                  self.num_processes)
-        saved_data = trainer_state.pop("data", None)
-        data_changes = resume.data_changes(path, saved_data, self._data_record, self.config.allow_data_change)
+        """Apply the `resume.plan` for checkpoint `spec`: weights, optimizer, schedule, random states, loop state,
+        metrics and callback states, on this launch's processes and layout."""
+        path, checksummed = resume.find(self.checkpoint_dir, spec)
+        plan = resume.plan(path, self.config, self.num_processes, self.process_index, self._data_record,
+                           lambda epoch, size: len(self._epoch_units(epoch, size)),
+                           checkpoint_dir=self.checkpoint_dir, checksummed=checksummed)
         checkpointing.load_weights(self._unwrapped_model(), path)
         checkpointing.load_optimizer_and_scheduler(path, self.model, self.optimizer.optimizer, None)
-        self.state = TrainerState.from_dict(trainer_state)
-        if self.state.best_checkpoint:  # saved as a name (a copied run stays portable), used as a path
-            self.state.best_checkpoint = str(self.checkpoint_dir / self.state.best_checkpoint)
-        if data_changes:
-            self._rebuild_position(data_changes, saved_data.get("epoch_units"))
+        self.layout, self.state = plan.layout, plan.state
         self.state.max_steps = self._total_steps()
         old_rate = self.optimizer.param_groups[0]["lr"]
-        for group, decay in zip(self.optimizer.param_groups, (self.config.weight_decay, 0.0), strict=True):
-            group["weight_decay"] = decay  # the config's value, not the interrupted run's
+        optim.apply_weight_decay(self.optimizer, self.model, self.config.weight_decay)  # not the interrupted run's
         self.lr_scheduler = optim.build_scheduler(self.optimizer, self.config, self.state.max_steps,
                                                   current_step=self.state.global_step)
-        new_rate = self.lr_scheduler.get_last_lr()[0]
-        if (any(key in resume.SCHEDULE_FIELDS for key in changes) or then.global_batch != self.layout.global_batch
-                or data_changes):
+        if plan.schedule_changed:
             logger.warning("Learning rate at step %d: %.3g before, %.3g with the new schedule (%d steps in all)",
-                           self.state.global_step, old_rate, new_rate, self.state.max_steps)
-        for record in self.state.log_history:  # the newest value of every metric, as the run had them
-            step = record["step"]
-            values = {k: v for k, v in record.items() if k not in ("type", "step")}
-            self._metrics.update(values)
-            self._metric_steps.update(dict.fromkeys(values, step))
-        self.callback_handler.load_state_dict(callback_states)
-        if self.process_index < then.processes:
+                           self.state.global_step, old_rate, self.lr_scheduler.get_last_lr()[0], self.state.max_steps)
+        self._metrics.update(plan.metrics)
+        self._metric_steps.update(plan.metric_steps)
+        self.callback_handler.load_state_dict(plan.callback_states)
+        if plan.derived_seed is None:
             checkpointing.load_rng_state(path, self.process_index)
         else:  # a process the checkpoint's run did not have
-            set_seed(self._derived_seed())
-        checkpointing.check_manifest(path)  # after the loaders, whose messages say more about what they refuse
+            set_seed(plan.derived_seed)
+        if not plan.checksummed:  # after the loaders, whose messages say more about what they refuse
+            checkpointing.check_manifest(path)
         self._stop_requested = None
         if self.is_main_process:
-            logger.info("%s", self._resume_summary(path, then, layout_change))
+            logger.info("%s", plan.summary(_dropout_in(self._unwrapped_model())))
 
     @functools.cached_property
     def _data_record(self) -> dict[str, Any]:
         """What a checkpoint records of the training and validation data (`resume.data_record`)."""
         return resume.data_record(self.train_data, self.val_data)
-
-    def _rebuild_position(self, changes: list[str], units_then: Any) -> None:
-        """After `allow_data_change`: the epoch's sample order is the new data's; the run continues after the same
-        share of the epoch as it had trained (what changed and where it continues are logged)."""
-        state = self.state
-        units = len(self._epoch_units(state.epoch))
-        before = state.batch_in_epoch
-        if isinstance(units_then, int) and units_then > 0:
-            state.batch_in_epoch = min(units, round(before * units / units_then))
-        else:
-            state.batch_in_epoch = min(before, units)
-        logger.warning("Resuming on changed data (allow_data_change):\n  %s\n  the sample order is rebuilt for the new "
-                       "data: epoch %d continues after %d of its %d micro-batches (%s of %s before)",
-                       "\n  ".join(changes), state.epoch, state.batch_in_epoch, units, before, units_then)
-
-    def _saved_layout(self, path: Path, trainer_state: dict[str, Any], saved_config: dict[str, Any] | None) -> Layout:
-        """The layout the checkpoint's run trained with (taken out of `trainer_state`). Checkpoints of earlier
-        versions have none: it is the one their config gives, and their data position, counted then in this
-        process's micro-batches, is converted to the run's."""
-        processes = trainer_state.pop("num_processes", 1)
-        if "layout" in trainer_state:
-            return Layout.from_dict(trainer_state.pop("layout"))
-        config = SFTConfig.from_dict(saved_config, source=str(path)) if saved_config is not None else self.config
-        trainer_state["batch_in_epoch"] = trainer_state.get("batch_in_epoch", 0) * processes
-        return Layout.from_config(config, processes)
-
-    def _derived_seed(self) -> int:
-        """The seed of a process the checkpoint has no random state for: `seed + 1000003 × process + step`."""
-        return self.config.seed + 1_000_003 * self.process_index + self.state.global_step
-
-    def _resume_summary(self, path: Path, then: Layout, layout_change: str | None) -> str:
-        """What a resume continues: checkpoint, step, data position, processes then and now, global batch, what
-        was changed to keep it, and where the random states come from."""
-        state, now = self.state, self.layout
-        units = len(self._epoch_units(state.epoch))
-        lines = [
-            f"Resumed from {path} at step {state.global_step} of {state.max_steps}: epoch {state.epoch}, "
-            f"{state.batch_in_epoch} of its {units} micro-batches of {now.unit_size} trained on",
-            f"  processes: {then.processes} then, {now.processes} now; global batch {now.per_step()} per step "
-            f"({now.describe()})",
-            f"  changed to keep it: {layout_change or 'nothing'}",
-        ]
-        if then.processes == now.processes:
-            lines.append("  random states: every process's own, from the checkpoint")
-        else:
-            kept = min(then.processes, now.processes)
-            source = (f"{_ranks(0, kept)} from the checkpoint (those of {_ranks(kept, then.processes)} are not used)"
-                      if now.processes < then.processes else
-                      f"{_ranks(0, kept)} from the checkpoint, {_ranks(kept, now.processes)} derived from the seed "
-                      "(seed + 1000003 × process + step)")
-            dropout = _dropout_in(self._unwrapped_model())
-            lines.append(
-                f"  random states: {source}; "
-                + (f"the model has dropout ({dropout}), so the run continues correctly but not bit for bit"
-                   if dropout else "the step draws no random numbers (no dropout), so the run continues exactly "
-                   "(up to the order of floating-point sums)"))
-        return "\n".join(lines)
-
-    def _nothing_left_to_train(self, continue_after_stop: bool) -> bool:
-        """True (and says why) when the resumed run has nothing left to train."""
-        state = self.state
-        stopped_by = state.stop_reason or ""
-        if stopped_by == "early_stopping" or stopped_by.startswith("callback"):
-            if not continue_after_stop:
-                logger.warning(
-                    "The run was stopped at step %d by %s; not training further. To train on, pass "
-                    "continue_after_stop=True to train() (`sft train CONFIG --resume --continue`).",
-                    state.global_step, stopped_by.replace("callback:", "the callback "))
-                return True
-            logger.info("Continuing a run that %s stopped at step %d", stopped_by, state.global_step)
-        if state.global_step >= state.max_steps:
-            logger.warning("The run already reached its last step (%d); nothing to train.", state.global_step)
-            state.stop_reason = state.stop_reason or ("max_steps" if self.config.max_steps else "completed")
-            return True
-        state.stop_reason = None
-        return False
 
     def _finish_ended_run(self) -> dict[str, Any]:
         """The summary of a resumed run that trains no further, writing the outputs it never wrote (a run killed
@@ -913,11 +825,6 @@ class _MaskedPadding(Dataset):
         example = dict(self.data[-1 - index])
         example["labels"] = [IGNORE_INDEX] * len(example["input_ids"])
         return example
-
-
-def _ranks(first: int, end: int) -> str:
-    """`process 2` or `processes 2-3`: the process indices first..end-1."""
-    return f"process {first}" if end - first == 1 else f"processes {first}-{end - 1}"
 
 
 def _dropout_in(model: torch.nn.Module) -> str | None:
