@@ -631,3 +631,24 @@ _MERGE_DTYPES: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
 }
 """`merge_lora` dtypes; every explicit one merges in float32 first."""
+
+
+def dropout_in(model: torch.nn.Module) -> str | None:
+    """`lora_dropout 0.1`-like words for the first dropout with a non-zero rate in `model`, or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            return f"{name or 'dropout'} {module.p:g}"
+    settings = getattr(model, "config", None)
+    for key, value in (settings.to_dict() if hasattr(settings, "to_dict") else {}).items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0:
+            return f"{key} {value:g}"
+    return None
+
+
+def compile_decoder_layers(model: torch.nn.Module, dynamic: bool) -> None:
+    """Compile each transformer block on its own (regional compilation: fast to compile, hook-friendly; the
+    blocks share one compiled graph). `dynamic`: for packed rows, whose length changes every step, compile once
+    for any length rather than once per length."""
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            module.compile(dynamic=True if dynamic else None)

@@ -34,7 +34,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.integrations.neftune import activate_neftune, deactivate_neftune
@@ -50,29 +50,30 @@ from transformers.integrations.neftune import activate_neftune, deactivate_neftu
 from app.sft import atomic, checkpointing, optim, resume
 from app.sft.attention import register_document_attention
 from app.sft.audit import run_audit
-from app.sft.callbacks import (
-    CheckpointCallback,
-    EarlyStoppingCallback,
-    GenerationEvalCallback,
-    MLflowCallback,
-    SFTCallback,
-    TensorBoardCallback,
-    ValidationCallback,
-    WandBCallback,
-)
+from app.sft.callbacks import CheckpointCallback, SFTCallback
 from app.sft.callbacks.base import CallbackHandler, Monitor, TrainerAPI
+from app.sft.callbacks.defaults import default_callbacks
 from app.sft.config import ConfigError, SFTConfig
-from app.sft.data.batching import PackedCollator, PaddedCollator, epoch_batches
+from app.sft.data.batching import MaskedCopies, PackedCollator, PaddedCollator, epoch_batches, with_label_positions
 from app.sft.data.formatting import resolve_template
 from app.sft.data.splitting import build_datasets
 from app.sft.data.tokenizing import prepare_dataset
 from app.sft.distributed import make_accelerator
 from app.sft.hardware import resolve_for_hardware, warn_beyond_positions
 from app.sft.layout import Layout, deal
-from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, label_positions
+from app.sft.loss import causal_lm_loss_sum
 from app.sft.metrics_log import MetricsLog
 from app.sft.model_card import write_model_card
-from app.sft.modeling import apply_liger_kernels, apply_lora, load_model, load_tokenizer, merge_lora, save_final_model
+from app.sft.modeling import (
+    apply_liger_kernels,
+    apply_lora,
+    compile_decoder_layers,
+    dropout_in,
+    load_model,
+    load_tokenizer,
+    merge_lora,
+    save_final_model,
+)
 from app.sft.report import render_report
 from app.sft.run_dir import run_folder, staged_outputs
 from app.sft.signals import StopSignals
@@ -175,7 +176,7 @@ class SFTTrainer(TrainerAPI):
             model = apply_liger_kernels(model)
         model = apply_lora(model, cfg)
         if cfg.torch_compile:
-            _compile_decoder_layers(model, dynamic=cfg.packing)
+            compile_decoder_layers(model, dynamic=cfg.packing)
         # FSDP2 shards the model together with the optimizer (`_setup_optimizer`); DDP wraps it now.
         self.model = model if self.accelerator.is_fsdp2 else self.accelerator.prepare_model(model)
 
@@ -321,7 +322,7 @@ class SFTTrainer(TrainerAPI):
         plan = epoch_batches(data.lengths, batch_size=self.eval_batch_size, epoch=0, seed=self.config.seed,
                              shuffle=False, token_budget=budget)
         shard = deal(plan, self.process_index, self.num_processes)  # topped up with masked copies
-        return DataLoader(_MaskedPadding(data), batch_sampler=shard, collate_fn=self.collate_fn,
+        return DataLoader(MaskedCopies(data), batch_sampler=shard, collate_fn=self.collate_fn,
                           num_workers=self.config.dataloader_num_workers,
                           generator=torch.Generator().manual_seed(self.config.seed))
 
@@ -366,7 +367,10 @@ class SFTTrainer(TrainerAPI):
     def _train(self, resume_from_checkpoint: str | bool | None, continue_after_stop: bool,
                audit: Any) -> dict[str, Any]:
         self._decide_monitor()
-        self._add_default_callbacks()
+        for callback in default_callbacks(self.config, self.callbacks, validation=self.val_dataloader is not None,
+                                          checkpoint_dir=self.checkpoint_dir, monitor=self.monitor,
+                                          mode=self.monitor_mode, eval_rows=self._eval_rows):
+            self.add_callback(callback)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
             if resume.nothing_left_to_train(self.state, self.config, continue_after_stop):
@@ -439,9 +443,9 @@ class SFTTrainer(TrainerAPI):
 
     def _train_loader(self, batch_plan: list[list[int]]) -> DataLoader:
         return DataLoader(
-            _MaskedPadding(self.train_data),
+            MaskedCopies(self.train_data),
             batch_sampler=batch_plan,
-            collate_fn=functools.partial(_with_label_positions, collate=self.collate_fn),
+            collate_fn=functools.partial(with_label_positions, collate=self.collate_fn),
             num_workers=self.config.dataloader_num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.config.seed),  # keeps the global RNG untouched
@@ -583,39 +587,6 @@ class SFTTrainer(TrainerAPI):
 
     # --- callbacks and checkpoints -------------------------------------------------------------------------------
 
-    def _add_default_callbacks(self) -> None:
-        """Add the callbacks the config asks for, unless one of that kind was given."""
-        cfg = self.config
-
-        def missing(kind: type) -> bool:
-            return not any(isinstance(cb, kind) for cb in self.callbacks)
-
-        if self.val_dataloader is not None and missing(ValidationCallback):
-            self.add_callback(ValidationCallback(eval_steps=cfg.eval_steps))
-        if cfg.early_stopping_patience is not None and self.val_dataloader is None and missing(ValidationCallback):
-            logger.warning("early_stopping_patience is set but there is no validation data (eval_dataset_name or "
-                           "validation_split), so early stopping will never trigger")
-        if cfg.early_stopping_patience is not None and missing(EarlyStoppingCallback):
-            self.add_callback(EarlyStoppingCallback(patience=cfg.early_stopping_patience,
-                                                    min_delta=cfg.early_stopping_min_delta,
-                                                    monitor=self.monitor, mode=self.monitor_mode))
-        if missing(CheckpointCallback):
-            self.add_callback(CheckpointCallback(self.checkpoint_dir, save_steps=cfg.save_steps,
-                                                 save_total_limit=cfg.save_total_limit,
-                                                 save_best_only=cfg.save_best_only,
-                                                 monitor=self.monitor, mode=self.monitor_mode))
-        if cfg.generation_eval_metrics and missing(GenerationEvalCallback):
-            self.add_callback(GenerationEvalCallback.from_config(cfg, self._eval_rows))
-        if (cfg.wandb_project or "wandb" in cfg.report_to) and missing(WandBCallback):
-            self.add_callback(WandBCallback(project=cfg.wandb_project or "llm-playground-sft",
-                                            run_name=cfg.wandb_run_name or cfg.run_name,
-                                            config=cfg.to_dict(), entity=cfg.wandb_entity))
-        if "tensorboard" in cfg.report_to and missing(TensorBoardCallback):
-            self.add_callback(TensorBoardCallback(log_dir=str(self.output_dir / "tensorboard")))
-        if "mlflow" in cfg.report_to and missing(MLflowCallback):
-            self.add_callback(MLflowCallback(tracking_uri=cfg.mlflow_tracking_uri, experiment=cfg.mlflow_experiment,
-                                             run_name=cfg.run_name, log_model=cfg.mlflow_log_model))
-
     def _savers(self) -> list[CheckpointCallback]:
         """The attached CheckpointCallbacks; the first one's folder is the run's checkpoint folder."""
         return [cb for cb in self.callbacks if isinstance(cb, CheckpointCallback)]
@@ -724,7 +695,7 @@ class SFTTrainer(TrainerAPI):
             checkpointing.check_manifest(path)
         self._stop_requested = None
         if self.is_main_process:
-            logger.info("%s", plan.summary(_dropout_in(self._unwrapped_model())))
+            logger.info("%s", plan.summary(dropout_in(self._unwrapped_model())))
 
     @functools.cached_property
     def _data_record(self) -> dict[str, Any]:
@@ -800,49 +771,3 @@ class SFTTrainer(TrainerAPI):
 
     def _is_sharded(self) -> bool:
         return self.accelerator.distributed_type.name == "FSDP"
-
-
-def _with_label_positions(examples: list[dict[str, Any]], collate: Callable[[list], dict[str, Any]]) -> dict[str, Any]:
-    """`collate(examples)` plus the flat indices of its trained positions (`loss.label_positions`), computed in
-    the data loader (its workers, if any) rather than by the GPU during the step."""
-    batch = collate(examples)
-    batch["label_positions"] = label_positions(batch["labels"])
-    return batch
-
-
-class _MaskedPadding(Dataset):
-    """A tokenized dataset where index -1-i is example i with every label masked (it adds no tokens)."""
-
-    def __init__(self, data: TokenizedDataset) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if index >= 0:
-            return self.data[index]
-        example = dict(self.data[-1 - index])
-        example["labels"] = [IGNORE_INDEX] * len(example["input_ids"])
-        return example
-
-
-def _dropout_in(model: torch.nn.Module) -> str | None:
-    """`lora_dropout 0.1`-like words for the first dropout with a non-zero rate in `model`, or None."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and module.p > 0:
-            return f"{name or 'dropout'} {module.p:g}"
-    settings = getattr(model, "config", None)
-    for key, value in (settings.to_dict() if hasattr(settings, "to_dict") else {}).items():
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0:
-            return f"{key} {value:g}"
-    return None
-
-
-def _compile_decoder_layers(model: torch.nn.Module, dynamic: bool) -> None:
-    """Compile each transformer block on its own (regional compilation: fast to compile, hook-friendly; the
-    blocks share one compiled graph). `dynamic`: for packed rows, whose length changes every step, compile once
-    for any length rather than once per length."""
-    for module in model.modules():
-        if type(module).__name__.endswith("DecoderLayer"):
-            module.compile(dynamic=True if dynamic else None)

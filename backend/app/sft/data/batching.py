@@ -4,12 +4,14 @@ and `PackedCollator` (padding-free) turn a micro-batch into tensors."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset as TorchDataset
 
-from app.sft.loss import IGNORE_INDEX
+from app.sft.loss import IGNORE_INDEX, label_positions
+from app.sft.tokenized import TokenizedDataset
 
 
 def epoch_batches(
@@ -127,3 +129,28 @@ class PackedCollator:
             "max_length_q": longest,
             "max_length_k": longest,
         }
+
+
+def with_label_positions(examples: list[dict[str, Any]], collate: Callable[[list], dict[str, Any]]) -> dict[str, Any]:
+    """`collate(examples)` plus the flat indices of its trained positions (`loss.label_positions`), computed in
+    the data loader (its workers, if any) rather than by the GPU during the step."""
+    batch = collate(examples)
+    batch["label_positions"] = label_positions(batch["labels"])
+    return batch
+
+
+class MaskedCopies(TorchDataset):
+    """A tokenized dataset where index -1-i is example i with every label masked (it adds no tokens)."""
+
+    def __init__(self, data: TokenizedDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index >= 0:
+            return self.data[index]
+        example = dict(self.data[-1 - index])
+        example["labels"] = [IGNORE_INDEX] * len(example["input_ids"])
+        return example
