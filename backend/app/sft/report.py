@@ -144,7 +144,7 @@ def _finish(ax: Any, title: str, ylabel: str, has_data: bool, empty_message: str
         ax.text(0.5, 0.5, empty_message, transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.set_yticks([])
     elif ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right")
+        ax.legend(loc="best")  # where it hides the fewest points (the best's star among them)
 
 
 def _fmt(value: Any) -> str:
