@@ -116,18 +116,11 @@ def atomic_directory(
                     raise
         fsync_dir(final.parent)
     except Exception as error:
-        try:
-            if on_failure is not None:
-                on_failure(tmp, error)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if on_failure is not None:
+            on_failure(tmp, error)
         raise
-    except BaseException:
+    finally:  # the temporary folder, unless it became `final` (or another process's entry won the race)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if shared:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fsync_tree(root: str | os.PathLike[str]) -> None:
