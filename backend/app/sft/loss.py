@@ -37,11 +37,6 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", 
 _HEAD_OUTPUT_RETURNED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-def count_label_tokens(labels: torch.Tensor) -> int:
-    """Number of positions trained on in a batch: labels after the causal shift that are not ignored."""
-    return int((labels[..., 1:] != IGNORE_INDEX).sum())
-
-
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
     """Flat indices (into `labels.flatten()`, int64) of the positions whose *next* label is trained: the positions
     whose logits the loss scores. Computed on the host by the trainer's data loader, so that the step never

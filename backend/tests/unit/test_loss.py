@@ -7,7 +7,12 @@ from helpers import tiny_llama
 from peft import LoraConfig, get_peft_model
 
 from app.sft import loss as loss_module
-from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, count_label_tokens, linear_cross_entropy_sum
+from app.sft.loss import IGNORE_INDEX, causal_lm_loss_sum, linear_cross_entropy_sum
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """The reference count: labels after the causal shift that are not ignored."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
 def _examples(seed: int = 0, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,5 +1,6 @@
 """Batching: `epoch_batches` plans each epoch's micro-batches deterministically from the seed; `PaddedCollator`
-and `PackedCollator` (padding-free) turn a micro-batch into tensors."""
+and `PackedCollator` (padding-free) turn a micro-batch into tensors; `with_label_positions` adds the trained
+positions on the host; `MaskedCopies` serves the fully masked copies that even out processes' shares."""
 
 from __future__ import annotations
 
