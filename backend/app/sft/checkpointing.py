@@ -285,8 +285,8 @@ def resolve_checkpoint(checkpoint_dir: str | os.PathLike, spec: str | os.PathLik
     `spec` is `"latest"` or `True` (the `latest` pointer in `checkpoint_dir`, falling back with a warning to the
     newest complete checkpoint whose files match its manifest and whose trainer state reads when the pointer is
     missing or a link, names anything but a complete checkpoint inside `checkpoint_dir`, or names one with a
-    damaged file) or a checkpoint path (whose
-    files the loaders and then `check_manifest` check, naming a damaged one in a `CheckpointError`).
+    damaged file) or a checkpoint path (whose files the loaders and then `check_manifest` check, naming a damaged
+    one in a `CheckpointError`).
     """
     if spec is True or spec == "latest":
         root = Path(checkpoint_dir)

@@ -20,7 +20,7 @@ _BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit
 
 
 def resolve_for_hardware(
-config: SFTConfig,
+    config: SFTConfig,
     *,
     cuda: bool | None = None,
     bf16_supported: bool | None = None,
