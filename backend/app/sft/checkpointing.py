@@ -233,11 +233,14 @@ def verify_checkpoint(path: str | os.PathLike, *, checksums: bool = True) -> str
         file = path / name
         if Path(name).is_absolute() or ".." in Path(name).parts or not file.is_file():
             return f"{file} is missing"
-        actual = file.stat().st_size
-        if actual != size:
-            return f"{file} is corrupt: it has {actual} bytes where {MANIFEST_FILE} recorded {size} (truncated?)"
-        if checksums and checksum is not None and file_checksum(file) != checksum:
-            return f"{file} is corrupt: its checksum differs from the one {MANIFEST_FILE} recorded"
+        try:
+            actual = file.stat().st_size
+            if actual != size:
+                return f"{file} is corrupt: it has {actual} bytes where {MANIFEST_FILE} recorded {size} (truncated?)"
+            if checksums and checksum is not None and file_checksum(file) != checksum:
+                return f"{file} is corrupt: its checksum differs from the one {MANIFEST_FILE} recorded"
+        except FileNotFoundError:  # deleted while we looked (a running training rotating its checkpoints)
+            return f"{file} is missing"
     return None
 
 
