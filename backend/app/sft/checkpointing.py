@@ -169,6 +169,32 @@ def save_training_state(
     write_json(directory / TRAINER_STATE_FILE, {"trainer": trainer_state, "callbacks": callback_states})
 
 
+def write_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None,
+    rng_states: list[dict[str, Any]],
+    optimizer_state: dict[str, Any] | None,
+    lr_scheduler: Any | None,
+    trainer_state: dict[str, Any],
+    callback_states: dict[str, dict[str, Any]],
+    config: dict[str, Any] | None,
+    best: bool,
+) -> None:
+    """Write the complete checkpoint `path` atomically (weights, every process's random states, the training
+    state), then point `latest`, and `best` when it holds the run's best, at it. Main process only."""
+    with atomic_directory(path) as tmp:
+        save_weights(model, tmp, state_dict)
+        for rank, rng in enumerate(rng_states):
+            write_rng_state(tmp, rank, rng)
+        save_training_state(tmp, optimizer_state=optimizer_state, lr_scheduler=lr_scheduler,
+                            trainer_state=trainer_state, callback_states=callback_states, config=config)
+    write_pointer(path.parent, LATEST_POINTER, path)
+    if best:
+        write_pointer(path.parent, BEST_POINTER, path)
+
+
 def write_manifest(directory: Path) -> None:
     """Record the size and checksum of every file of a checkpoint being written in `manifest.json`.
 

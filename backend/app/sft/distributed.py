@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
-from accelerate.utils import DistributedType, get_cpu_distributed_information
+from accelerate.utils import DistributedType, gather_object, get_cpu_distributed_information
 
 if TYPE_CHECKING:
     from app.sft.config import SFTConfig
@@ -58,6 +58,19 @@ def make_accelerator(config: SFTConfig) -> Accelerator:
             "distributed.strategy to 'fsdp' or 'auto', or launch without --use_fsdp"
         )
     return accelerator
+
+
+def agree_on_stop(accelerator: Accelerator, reason: str | None, signalled: bool) -> tuple[str | None, bool]:
+    """The stop every process takes after this step, `(reason, signalled)`: when any process was asked to stop
+    (`reason`: the first one given wins) or received a signal, all of them are. Every process must call it."""
+    if accelerator.num_processes == 1:
+        return reason, signalled
+    flags = torch.tensor([float(reason is not None), float(signalled)], device=accelerator.device)
+    flags = accelerator.reduce(flags, reduction="sum")
+    if flags[0] > 0:  # the same on every process, so all of them join this collective
+        reasons = gather_object([reason])
+        reason = reason or next(given for given in reasons if given)
+    return reason, signalled or bool(flags[1] > 0)
 
 
 def _has_accelerator_device() -> bool:

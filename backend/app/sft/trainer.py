@@ -47,23 +47,22 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.integrations.neftune import activate_neftune, deactivate_neftune
 
-from app.sft import atomic, checkpointing, optim, resume
+from app.sft import checkpointing, optim, resume
 from app.sft.attention import register_document_attention
 from app.sft.audit import run_audit
 from app.sft.callbacks import CheckpointCallback, SFTCallback
 from app.sft.callbacks.base import CallbackHandler, Monitor, TrainerAPI
-from app.sft.callbacks.defaults import default_callbacks
-from app.sft.config import ConfigError, SFTConfig
-from app.sft.data.batching import MaskedCopies, PackedCollator, PaddedCollator, epoch_batches, with_label_positions
+from app.sft.callbacks.defaults import decide_monitor, default_callbacks
+from app.sft.config import SFTConfig
+from app.sft.data.batching import PackedCollator, PaddedCollator, epoch_batches, make_loader, with_label_positions
 from app.sft.data.formatting import resolve_template
 from app.sft.data.splitting import build_datasets
 from app.sft.data.tokenizing import prepare_dataset
-from app.sft.distributed import make_accelerator
+from app.sft.distributed import agree_on_stop, make_accelerator
 from app.sft.hardware import resolve_for_hardware, warn_beyond_positions
 from app.sft.layout import Layout, deal
 from app.sft.loss import causal_lm_loss_sum
 from app.sft.metrics_log import MetricsLog
-from app.sft.model_card import write_model_card
 from app.sft.modeling import (
     apply_liger_kernels,
     apply_lora,
@@ -71,18 +70,14 @@ from app.sft.modeling import (
     dropout_in,
     load_model,
     load_tokenizer,
-    merge_lora,
-    save_final_model,
 )
-from app.sft.report import render_report
-from app.sft.run_dir import run_folder, staged_outputs
+from app.sft.outputs import SUMMARY_FILE, run_summary, save_outputs, write_summary_and_report
+from app.sft.run_dir import run_folder
 from app.sft.signals import StopSignals
 from app.sft.state import TrainerState
 from app.sft.tokenized import TokenizedDataset
 
 logger = logging.getLogger(__name__)
-
-SUMMARY_FILE = "training_summary.json"
 
 
 class SFTTrainer(TrainerAPI):
@@ -322,9 +317,8 @@ class SFTTrainer(TrainerAPI):
         plan = epoch_batches(data.lengths, batch_size=self.eval_batch_size, epoch=0, seed=self.config.seed,
                              shuffle=False, token_budget=budget)
         shard = deal(plan, self.process_index, self.num_processes)  # topped up with masked copies
-        return DataLoader(MaskedCopies(data), batch_sampler=shard, collate_fn=self.collate_fn,
-                          num_workers=self.config.dataloader_num_workers,
-                          generator=torch.Generator().manual_seed(self.config.seed))
+        return make_loader(data, shard, self.collate_fn, seed=self.config.seed,
+                           num_workers=self.config.dataloader_num_workers)
 
     def train_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """A step's metrics without the ones this step's evaluations reported."""
@@ -392,8 +386,8 @@ class SFTTrainer(TrainerAPI):
                     self._save_outputs()
                 summary = self._summary(time.perf_counter() - started)
                 summary["audit"] = audit.to_dict() if audit is not None else None
-                if finished:  # before on_train_end, so that trackers can log the summary and report
-                    self._write_summary_and_report(summary)
+                if finished and self.is_main_process:  # before on_train_end: trackers log the summary, report
+                    write_summary_and_report(self.output_dir, summary)
         except BaseException as exc:
             error = exc
             raise
@@ -442,14 +436,9 @@ class SFTTrainer(TrainerAPI):
                         break
 
     def _train_loader(self, batch_plan: list[list[int]]) -> DataLoader:
-        return DataLoader(
-            MaskedCopies(self.train_data),
-            batch_sampler=batch_plan,
-            collate_fn=functools.partial(with_label_positions, collate=self.collate_fn),
-            num_workers=self.config.dataloader_num_workers,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(self.config.seed),  # keeps the global RNG untouched
-        )
+        collate = functools.partial(with_label_positions, collate=self.collate_fn)
+        return make_loader(self.train_data, batch_plan, collate, seed=self.config.seed,
+                           num_workers=self.config.dataloader_num_workers, pin_memory=self.device.type == "cuda")
 
     def _training_step(self, window: list[dict[str, torch.Tensor]], epoch_length: int) -> dict[str, float]:
         """One optimizer step over the micro-batches in `window` (this process's share of the step's units, of
@@ -508,27 +497,16 @@ class SFTTrainer(TrainerAPI):
 
     def _stop_reason(self) -> str | None:
         """Why the run ends after this step (the same on every process), or None to go on."""
-        self._agree_on_stop()
-        if self._signals.received is not None:
+        self._stop_requested, signalled = agree_on_stop(self.accelerator, self._stop_requested,
+                                                        self._signals.received is not None)
+        if signalled:
+            self._signals.received = self._signals.received or signal.SIGTERM
             return "signal"
         if self._stop_requested is not None:
             return self._stop_requested
         if self.state.global_step >= self.state.max_steps:
             return "max_steps" if self.config.max_steps is not None else "completed"
         return None
-
-    def _agree_on_stop(self) -> None:
-        """Make every process stop at the same step, for the same reason, when any one of them was asked to."""
-        if self.num_processes == 1:
-            return
-        flags = torch.tensor([float(self._stop_requested is not None), float(self._signals.received is not None)],
-                             device=self.device)
-        flags = self.all_reduce_sum(flags)
-        if flags[0] > 0:  # the same on every process, so all of them join this collective
-            reasons = gather_object([self._stop_requested])
-            self._stop_requested = self._stop_requested or next(reason for reason in reasons if reason)
-        if flags[1] > 0 and self._signals.received is None:
-            self._signals.received = signal.SIGTERM
 
     def _end_epoch(self, advance: bool) -> None:
         """Fire `on_epoch_end` with the epoch's token-weighted mean loss (also for a partial last epoch);
@@ -593,24 +571,9 @@ class SFTTrainer(TrainerAPI):
 
     def _decide_monitor(self) -> None:
         """Decide once, before the default callbacks are built from it, the metric the run's one record of the
-        best follows: the config's `best_metric`/`best_metric_mode`, unless the CheckpointCallbacks given to
-        the trainer monitor another one (they must agree): then theirs, said in the log. The first one's
-        folder is the run's checkpoint folder."""
-        savers = self._savers()
-        choices = {(saver.monitor, saver.mode) for saver in savers}
-        if len(choices) > 1:
-            raise ConfigError("the CheckpointCallbacks monitor different metrics: "
-                              + ", ".join(f"{m!r} ({mode})" for m, mode in sorted(choices))
-                              + "; the run keeps one record of the best, so give them the same monitor and mode")
-        self.monitor, self.monitor_mode = self.config.best_metric, self.config.best_metric_mode
-        if savers:
-            saver = savers[0]
-            if (saver.monitor, saver.mode) != (self.monitor, self.monitor_mode) and self.is_main_process:
-                logger.info("The best follows %s (%s), the monitor of the CheckpointCallback given, not the "
-                            "config's best_metric %s (%s)", saver.monitor, saver.mode, self.monitor,
-                            self.monitor_mode)
-            self.monitor, self.monitor_mode = saver.monitor, saver.mode
-            self.checkpoint_dir = Path(saver.output_dir)
+        best follows, and the run's checkpoint folder (`callbacks.defaults.decide_monitor`)."""
+        self.monitor, self.monitor_mode, self.checkpoint_dir = decide_monitor(self.config, self._savers(),
+                                                                              log=self.is_main_process)
         self._best = Monitor(self.monitor, self.monitor_mode)
 
     def _save_due_checkpoints(self) -> None:
@@ -643,24 +606,14 @@ class SFTTrainer(TrainerAPI):
         full_state = self.accelerator.get_state_dict(self.model) if self._is_sharded() else None
         optimizer_state = checkpointing.full_optimizer_state(self.model, self.optimizer.optimizer)
         if self.is_main_process:
-            with checkpointing.atomic_directory(path) as tmp:
-                checkpointing.save_weights(self._unwrapped_model(), tmp, full_state)
-                for rank, rng in enumerate(rng_states):
-                    checkpointing.write_rng_state(tmp, rank, rng)
-                checkpointing.save_training_state(
-                    tmp,
-                    optimizer_state=optimizer_state,
-                    lr_scheduler=self.lr_scheduler,
-                    trainer_state={**self.state.to_dict(), "best_checkpoint": self._best_name(),
-                                   "num_processes": self.num_processes, "layout": self.layout.to_dict(),
-                                   "data": {**self._data_record,
-                                            "epoch_units": len(self._epoch_units(self.state.epoch))}},
-                    callback_states=self.callback_handler.state_dict(),
-                    config=self.config.to_dict(),
-                )
-            checkpointing.write_pointer(path.parent, checkpointing.LATEST_POINTER, path)
-            if self._best_name() == path.name:
-                checkpointing.write_pointer(path.parent, checkpointing.BEST_POINTER, path)
+            checkpointing.write_checkpoint(
+                path, model=self._unwrapped_model(), state_dict=full_state, rng_states=rng_states,
+                optimizer_state=optimizer_state, lr_scheduler=self.lr_scheduler,
+                trainer_state={**self.state.to_dict(), "best_checkpoint": self._best_name(),
+                               "num_processes": self.num_processes, "layout": self.layout.to_dict(),
+                               "data": {**self._data_record, "epoch_units": len(self._epoch_units(self.state.epoch))}},
+                callback_states=self.callback_handler.state_dict(), config=self.config.to_dict(),
+                best=self._best_name() == path.name)
         self.accelerator.wait_for_everyone()
         return str(path)
 
@@ -709,7 +662,8 @@ class SFTTrainer(TrainerAPI):
         if not (self.output_dir / SUMMARY_FILE).is_file():
             logger.warning("The run's outputs were never written; writing them from the last checkpoint.")
             self._save_outputs()
-            self._write_summary_and_report(summary)
+            if self.is_main_process:
+                write_summary_and_report(self.output_dir, summary)
         return summary
 
     # --- outputs ---------------------------------------------------------------------------------------------
@@ -718,49 +672,17 @@ class SFTTrainer(TrainerAPI):
         """Write the trained adapter or model, the tokenizer, the config and (if asked) the merged model."""
         full_state = self.accelerator.get_state_dict(self.model) if self._is_sharded() else None
         if self.is_main_process:
-            model = self._unwrapped_model()
             template = resolve_template(self.config, self.tokenizer) if self.train_data.facts.templated else None
-            with staged_outputs(self.output_dir) as staging:  # links in output_dir are replaced, not written
-                save_final_model(model, self.tokenizer, staging, state_dict=full_state, template=template)
-                self.config.to_yaml(staging / "config.yaml")
-            if self.config.save_merged_model and hasattr(model, "peft_config"):
-                merge_lora(self.output_dir, self.output_dir / "merged")
+            save_outputs(self._unwrapped_model(), self.tokenizer, self.config, state_dict=full_state,
+                         template=template)
         self.accelerator.wait_for_everyone()
-
-    def _write_summary_and_report(self, summary: dict[str, Any]) -> None:
-        """`training_summary.json` (written last of the outputs), the model card, `report.html` and `loss.png`."""
-        if not self.is_main_process:
-            return
-        atomic.write_json(self.output_dir / SUMMARY_FILE, summary)
-        write_model_card(self.output_dir)
-        try:
-            render_report(self.output_dir)
-        except Exception as exc:
-            logger.warning("No training report: %s (the training itself succeeded; `sft report %s` retries)",
-                           exc, self.output_dir)
 
     def _summary(self, runtime_s: float) -> dict[str, Any]:
         state = self.state
-        val_losses = [value for _, value in self.history("val_loss")]
-        best_val_loss = self.best_of("val_loss")
-        return {
-            "train_loss": state.train_loss_sum / state.train_tokens if state.train_tokens else None,
-            "final_train_loss": self._metrics.get("loss"),
-            "final_val_loss": val_losses[-1] if val_losses else None,
-            "best_val_loss": best_val_loss[0] if best_val_loss else None,
-            "best_metric": state.best_metric,
-            "best_metric_name": self.monitor,
-            "best_metric_mode": self.monitor_mode,
-            "best_step": state.best_step,
-            "best_checkpoint": state.best_checkpoint,
-            "global_step": state.global_step,
-            "epochs": state.epoch + state.batch_in_epoch / max(len(self._epoch_units(state.epoch)), 1),
-            "train_tokens": state.train_tokens,
-            "runtime_s": round(runtime_s, 3),
-            "stop_reason": state.stop_reason,
-            "mixed_precision": self.config.precision_choice.to_dict(),
-            "output_dir": str(self.output_dir),
-        }
+        epochs = state.epoch + state.batch_in_epoch / max(len(self._epoch_units(state.epoch)), 1)
+        return run_summary(state, self.config, monitor=self.monitor, mode=self.monitor_mode,
+                           final_train_loss=self._metrics.get("loss"), best_val_loss=self.best_of("val_loss"),
+                           epochs=epochs, runtime_s=runtime_s)
 
     def _best_name(self) -> str | None:
         """The best checkpoint's folder name (what `trainer_state.json` keeps), or None."""

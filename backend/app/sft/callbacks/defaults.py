@@ -1,5 +1,5 @@
 """The callbacks a config asks for (`SFTTrainer` adds them at the start of training), except those of a kind the
-user already gave."""
+user already gave, and the metric the run's record of the best follows (`decide_monitor`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from app.sft.callbacks.mlflow_logger import MLflowCallback
 from app.sft.callbacks.tensorboard import TensorBoardCallback
 from app.sft.callbacks.validation import ValidationCallback
 from app.sft.callbacks.wandb_logger import WandBCallback
-from app.sft.config import SFTConfig
+from app.sft.config import ConfigError, SFTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -64,3 +64,23 @@ def default_callbacks(
         added.append(MLflowCallback(tracking_uri=cfg.mlflow_tracking_uri, experiment=cfg.mlflow_experiment,
                                     run_name=cfg.run_name, log_model=cfg.mlflow_log_model))
     return added
+
+
+def decide_monitor(config: SFTConfig, savers: Sequence[CheckpointCallback], *, log: bool) -> tuple[str, str, Path]:
+    """The metric the run's one record of the best follows, its mode, and the run's checkpoint folder: the
+    config's `best_metric`/`best_metric_mode` and `checkpoint_dir`, unless CheckpointCallbacks were given to the
+    trainer (`savers`, which must agree on the monitor): then theirs (said in the log when `log`), and the first
+    one's folder."""
+    choices = {(saver.monitor, saver.mode) for saver in savers}
+    if len(choices) > 1:
+        raise ConfigError("the CheckpointCallbacks monitor different metrics: "
+                          + ", ".join(f"{m!r} ({mode})" for m, mode in sorted(choices))
+                          + "; the run keeps one record of the best, so give them the same monitor and mode")
+    monitor, mode = config.best_metric, config.best_metric_mode
+    if not savers:
+        return monitor, mode, Path(config.resolved_checkpoint_dir)
+    saver = savers[0]
+    if (saver.monitor, saver.mode) != (monitor, mode) and log:
+        logger.info("The best follows %s (%s), the monitor of the CheckpointCallback given, not the config's "
+                    "best_metric %s (%s)", saver.monitor, saver.mode, monitor, mode)
+    return saver.monitor, saver.mode, Path(saver.output_dir)

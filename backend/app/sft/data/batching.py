@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from app.sft.loss import IGNORE_INDEX, label_positions
@@ -155,3 +156,11 @@ class MaskedCopies(TorchDataset):
         example = dict(self.data[-1 - index])
         example["labels"] = [IGNORE_INDEX] * len(example["input_ids"])
         return example
+
+
+def make_loader(data: TokenizedDataset, batches: Sequence[Sequence[int]], collate: Callable[[list], dict[str, Any]], *,
+                seed: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over exactly `batches` (lists of example indices; -1-i: example i fully masked, see
+    `MaskedCopies`), with its own random generator so that loading never moves the global random streams."""
+    return DataLoader(MaskedCopies(data), batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
