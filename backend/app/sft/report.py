@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 from app.sft.atomic import write_bytes
 from app.sft.config import load_yaml
 from app.sft.metrics_log import RECORD_TYPES, numbered_records
+from app.sft.paths import GENERATIONS_DIR
 from app.sft.precision import PrecisionChoice
 
 METRICS_FILE = "metrics.jsonl"
@@ -374,7 +375,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _samples(output_dir: Path, step: int) -> list[dict[str, Any]]:
-    path = output_dir / "generations" / f"step_{step}.jsonl"
+    path = output_dir / GENERATIONS_DIR / f"step_{step}.jsonl"
     if not path.is_file():
         return []
     samples = []

@@ -37,6 +37,7 @@ import yaml
 
 from app.sft.atomic import discard_leftover
 from app.sft.config import ConfigError, SFTConfig
+from app.sft.paths import GENERATIONS_DIR, LOGGER_FOLDERS, TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ _DELETION_LEFTOVER = re.compile(r"^\.deleting-checkpoint_step_\d+(\.pt)?$")
 _POINTER_FILES = frozenset({"latest", "best", ".tmp-latest", ".tmp-best"})
 _TENSORBOARD_FILE = re.compile(r"^events\.out\.tfevents\.")
 _METRICS_TMP = re.compile(r"^\.metrics\.jsonl\..*\.tmp$")
-_GENERATIONS_DIR = "generations"
 _GENERATIONS_FILE = re.compile(r"^(step_\d+|eval_[\w.-]+)\.jsonl$")
 """The samples of evaluation by generation (`generations/step_<N>.jsonl`, `sft eval --generate`'s `eval_*.jsonl`)."""
 
@@ -172,7 +172,8 @@ def check_run_paths(config: SFTConfig, *, explicit_checkpoint_dir: bool = False)
     or `eval_dataset_name` (or a parent of it); an existing file. `checkpoint_dir` is checked the same way when
     it is set, and reported under its own name. The default `<output_dir>/checkpoints` may not be a symbolic
     link (rotation and `--overwrite` delete in it; a folder elsewhere must be named as `checkpoint_dir`, which
-    then gets its own lock); `explicit_checkpoint_dir` says the run's CheckpointCallback named its folder.
+    then gets its own lock); `explicit_checkpoint_dir` says the run's CheckpointCallback named its folder. Nor
+    may the folders the loggers write into inside `output_dir` (`paths.LOGGER_FOLDERS`).
     """
     cwd = Path.cwd().resolve()
     inputs = _input_folders(config)
@@ -209,8 +210,21 @@ def check_run_paths(config: SFTConfig, *, explicit_checkpoint_dir: bool = False)
                     f"overwrite or mix with it. Use a folder of its own, e.g. outputs/<run name>"
                 )
                 break
+    for name in LOGGER_FOLDERS:
+        problem = linked_folder_problem(Path(config.output_dir) / name)
+        if problem is not None:
+            problems.append(f"output_dir: {problem}")
     if problems:
         raise ConfigError("\n".join(problems), problems)
+
+
+def linked_folder_problem(folder: Path) -> str | None:
+    """Why the run may not write into `folder` inside its run folder (a symbolic link), or None."""
+    if not folder.is_symlink():
+        return None
+    return (f"{str(folder)!r} is a symbolic link to {os.path.realpath(folder)}; a run writes into its own folders "
+            "and never through a link it did not make. Remove the link (a logger can be given another folder: "
+            "TensorBoardCallback(log_dir=...), WANDB_DIR, mlflow_tracking_uri)")
 
 
 def _input_folders(config: SFTConfig) -> list[tuple[str, Path]]:
@@ -283,7 +297,7 @@ def holds_run(output_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike |
 
 def _holds_only_generations(path: Path) -> bool:
     """`path` is our `generations/` folder, holding nothing but samples files of ours."""
-    return (path.name == _GENERATIONS_DIR and path.is_dir() and not path.is_symlink()
+    return (path.name == GENERATIONS_DIR and path.is_dir() and not path.is_symlink()
             and all(_GENERATIONS_FILE.match(name) and (path / name).is_file() for name in _names(path)))
 
 
@@ -334,12 +348,12 @@ def clear_run_files(output_dir: str | os.PathLike, checkpoint_dir: str | os.Path
     if merged.is_dir() and not merged.is_symlink():
         removed += _clear_model_files(merged)
         _rmdir_if_empty(merged)
-    generations = output_dir / _GENERATIONS_DIR
+    generations = output_dir / GENERATIONS_DIR
     if _holds_only_generations(generations):
         for name in _names(generations):
             removed += _delete(generations / name, tree=False)
         _rmdir_if_empty(generations)
-    tensorboard = output_dir / "tensorboard"
+    tensorboard = output_dir / TENSORBOARD_DIR
     if tensorboard.is_dir() and not tensorboard.is_symlink():
         for name in _names(tensorboard):
             if _TENSORBOARD_FILE.match(name):

@@ -114,6 +114,30 @@ def test_a_linked_run_lock_is_refused_and_its_target_untouched(tmp_path, finishe
     assert target.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("name", ["generations", "tensorboard", "wandb", "mlflow"])
+def test_a_linked_logger_folder_in_the_run_is_refused_and_its_target_untouched(tmp_path, finished, name):
+    config = copy_run(finished, tmp_path / "run")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    shutil.rmtree(Path(config.output_dir) / name, ignore_errors=True)
+    (Path(config.output_dir) / name).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ConfigError, match=rf"output_dir: '.*/{name}' is a symbolic link to {outside}"):
+        run(config.model_copy(update={"max_steps": 4}), resume="latest")
+    assert tree(outside) == {"keep.txt": b"mine"}
+
+
+def test_sft_eval_generate_refuses_a_linked_generations_folder(tmp_path, trained, capsys):  # noqa: F811
+    run_dir, outside = tmp_path / "run", tmp_path / "outside"
+    shutil.copytree(trained[1], run_dir, symlinks=True)
+    outside.mkdir()
+    shutil.rmtree(run_dir / "generations", ignore_errors=True)
+    (run_dir / "generations").symlink_to(outside, target_is_directory=True)
+    assert main(["eval", str(run_dir), "--generate", "-n", "1"]) == 2
+    assert "generations' is a symbolic link" in capsys.readouterr().err
+    assert list(outside.iterdir()) == []
+
+
 # --- B.6 a linked checkpoints/ folder; B.7 a shared checkpoint_dir is locked -----------------------------------
 
 

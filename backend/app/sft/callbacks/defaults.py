@@ -17,6 +17,7 @@ from app.sft.callbacks.tensorboard import TensorBoardCallback
 from app.sft.callbacks.validation import ValidationCallback
 from app.sft.callbacks.wandb_logger import WandBCallback
 from app.sft.config import ConfigError, SFTConfig
+from app.sft.paths import TENSORBOARD_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def default_callbacks(
                                    run_name=cfg.wandb_run_name or cfg.run_name, config=cfg.to_dict(),
                                    entity=cfg.wandb_entity))
     if "tensorboard" in cfg.report_to and missing(TensorBoardCallback):
-        added.append(TensorBoardCallback(log_dir=str(Path(cfg.output_dir) / "tensorboard")))
+        added.append(TensorBoardCallback(log_dir=str(Path(cfg.output_dir) / TENSORBOARD_DIR)))
     if "mlflow" in cfg.report_to and missing(MLflowCallback):
         added.append(MLflowCallback(tracking_uri=cfg.mlflow_tracking_uri, experiment=cfg.mlflow_experiment,
                                     run_name=cfg.run_name, log_model=cfg.mlflow_log_model))

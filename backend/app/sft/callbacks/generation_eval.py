@@ -37,10 +37,11 @@ from app.sft.generation import (
     stop_token_ids,
 )
 from app.sft.modeling import load_tokenizer
+from app.sft.paths import GENERATIONS_DIR
+from app.sft.run_dir import linked_folder_problem
 
 logger = logging.getLogger(__name__)
 
-GENERATIONS_DIR = "generations"
 """Samples of each evaluation go to `output_dir/generations/step_<N>.jsonl`."""
 
 
@@ -304,7 +305,6 @@ def evaluate_by_generation(
     if num_samples is not None:
         settings["generation_eval_samples"] = num_samples
     callback = GenerationEvalCallback.from_config(config.model_copy(update=settings))  # checks the names itself
-    model = load_trained_model(target, config)
     if target.is_file():
         run_dir, label = Path(config.output_dir), "base"
     elif (target / "config.yaml").is_file():
@@ -312,6 +312,10 @@ def evaluate_by_generation(
     else:
         run_dir, label = Path(config.output_dir), target.name
     samples_file = run_dir / GENERATIONS_DIR / f"eval_{label}.jsonl"
+    problem = linked_folder_problem(samples_file.parent)
+    if problem is not None:
+        raise ConfigError(problem)
+    model = load_trained_model(target, config)
     evaluation = _Evaluation(model, load_tokenizer(config), config)
     return callback.evaluate(evaluation, 0, samples_file=samples_file), samples_file
 

@@ -16,12 +16,11 @@ from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
 from app.sft.callbacks.trackers import config_dict, scalar
 from app.sft.config import flatten
+from app.sft.paths import MLFLOW_DIR
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "llm-playground-sft"
-LOCAL_STORE = "mlflow"
-"""The folder of the default local store inside the run folder: `mlflow.db` (sqlite) and `artifacts/`."""
 RUN_ARTIFACTS = ("training_summary.json", "report.html", "loss.png", "config.yaml")
 """Files of the run folder logged as artifacts when training ends (those this run wrote)."""
 
@@ -96,7 +95,7 @@ class MLflowCallback(SFTCallback):
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _local_store_uri(output_dir)
         try:
             if uri == _local_store_uri(output_dir):
-                _make_local_store(output_dir / LOCAL_STORE)
+                _make_local_store(output_dir / MLFLOW_DIR)
             with self._http_limits(retries=0):  # a server that is not there fails at once, without retry warnings
                 self.client = MlflowClient(tracking_uri=uri)
                 resumed = self.run_id is not None and self._continue_run(int(api.global_step or 0))
@@ -159,7 +158,7 @@ class MLflowCallback(SFTCallback):
             experiment_id = experiment.experiment_id
         else:
             local = uri == _local_store_uri(output_dir)
-            location = (output_dir / LOCAL_STORE / "artifacts").resolve().as_uri() if local else None
+            location = (output_dir / MLFLOW_DIR / "artifacts").resolve().as_uri() if local else None
             experiment_id = self.client.create_experiment(name, artifact_location=location)
         self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
         self._logged = set()
@@ -247,7 +246,7 @@ def _make_local_store(folder: Path) -> None:
 
 
 def _local_store_uri(output_dir: Path) -> str:
-    return f"sqlite:///{(output_dir / LOCAL_STORE / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(output_dir / MLFLOW_DIR / 'mlflow.db').resolve()}"
 
 
 def _shown(uri: str) -> str:

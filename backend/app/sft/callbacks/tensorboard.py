@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
 from app.sft.callbacks.trackers import scalar
+from app.sft.paths import TENSORBOARD_DIR
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -52,7 +53,7 @@ class TensorBoardCallback(SFTCallback):
         api = trainer_api(trainer)
         if not api.is_main_process:
             return
-        log_dir = self.log_dir or str(Path(api.output_dir or "runs") / "tensorboard")
+        log_dir = self.log_dir or str(Path(api.output_dir or "runs") / TENSORBOARD_DIR)
         step = int(api.global_step or 0)
         try:
             from torch.utils.tensorboard import SummaryWriter
