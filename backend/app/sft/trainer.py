@@ -21,7 +21,7 @@ Features and the config field that controls each:
 - checkpoints hold the full training state (`checkpointing.py`); `train(resume_from_checkpoint=...)` continues
   exactly where a run stopped, also on another number of processes (the sample order is the run's: `layout.py`);
   SIGTERM/SIGINT finish the step, save, and stop (a second signal aborts).
-- outputs in `output_dir`: the adapter or full model and the tokenizer, `merged/` (`save_merged_model`),
+- outputs in `output_dir` (`outputs.py`): the adapter or full model and the tokenizer, `merged/` (`save_merged_model`),
   `metrics.jsonl`, `report.html` + `loss.png`, `training_summary.json`, `config.yaml`.
 """
 
