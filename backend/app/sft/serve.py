@@ -52,10 +52,17 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
+    @classmethod
+    def server_error(cls, error: Exception) -> APIError:
+        """An answer that failed for a reason of the server's (a bug, out of memory, a model that gives NaN)."""
+        return cls(500, f"the answer failed: {type(error).__name__}: {error}", type_="server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 class TextPart(BaseModel):
@@ -111,6 +118,10 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
     @app.exception_handler(APIError)
     async def api_error(_request: Request, error: APIError) -> JSONResponse:
         return error.response()
+
+    @app.exception_handler(Exception)
+    async def server_error(_request: Request, error: Exception) -> JSONResponse:
+        return APIError.server_error(error).response()  # uvicorn then logs the traceback
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -201,7 +212,7 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
                 answer = await job
             except Exception as error:  # the answer's end cannot be sent: say why, in the stream
                 logger.exception("generation failed")
-                yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error'}})}\n\n"
+                yield f"data: {json.dumps(APIError.server_error(error).body())}\n\n"
             else:
                 if text := cutter.finish():
                     yield chunk({"content": text})

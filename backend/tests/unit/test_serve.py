@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 from helpers import save_tiny_model
 
@@ -290,3 +291,24 @@ def test_help_names_the_routes_the_loopback_default_and_vllm(capsys):
 def test_a_plain_text_model_is_refused_before_serving(model_dir, capsys):
     assert main(["serve", str(model_dir), "--set", "dataset_format=completion", "--port", str(free_port())]) == 2
     assert "serve needs a model trained on alpaca or chat data" in capsys.readouterr().err
+
+
+def test_a_failing_answer_gets_an_openai_server_error_and_the_next_request_is_served(model_dir):
+    """A run that diverged saved NaN weights: sampling from it fails inside generation. The client gets OpenAI's
+    error shape (not a plain-text 500), in a stream too, and the worker goes on answering."""
+    diverged = Generator.load(model_dir)
+    with torch.no_grad():
+        diverged.model.lm_head.weight.fill_(float("nan"))
+    body = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 3, "temperature": 1}
+    with Server(diverged) as running:
+        response = httpx.post(f"{running.url}/chat/completions", json=body, timeout=60)
+        assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+        error = error_of(response)
+        assert error["type"] == "server_error" and "probability tensor" in error["message"]
+        with httpx.stream("POST", f"{running.url}/chat/completions", json={**body, "stream": True},
+                          timeout=60) as streamed:
+            events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+        assert set(events[-1]["error"]) == {"message", "type", "param", "code"}
+        assert events[-1]["error"]["type"] == "server_error"
+        greedy = httpx.post(f"{running.url}/chat/completions", json={**body, "temperature": 0}, timeout=60)
+        assert greedy.status_code == 200 and greedy.json()["choices"][0]["finish_reason"] in ("stop", "length")
