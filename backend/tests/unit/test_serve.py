@@ -188,6 +188,10 @@ def error_of(response: httpx.Response) -> dict:
     ({"model": NAME, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", "'user'"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature",
      "greater than or equal to 0"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, 400, "seed",
+     "less than or equal to 18446744073709551615"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "seed": -(2**63) - 1, "stream": True}, 400,
+     "seed", "greater than or equal to -9223372036854775808"),
 ])
 def test_bad_requests_get_an_openai_error_naming_the_field(server, body, status, param, says):
     content = body if isinstance(body, str) else json.dumps(body)
