@@ -62,6 +62,9 @@ from app.sft.tokenized import TokenizedDataset
 RUN_CONFIG_FILE = "config.yaml"
 """The config a finished run writes into its output directory."""
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (as vLLM does): logits divided by a tiny one overflow to inf/NaN."""
+
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 """`org/name`: a Hugging Face Hub model id (a bare name such as `gpt2` is read as a local path)."""
@@ -408,10 +411,10 @@ def generate_batch(
 ) -> list[GeneratedText]:
     """Answers to a batch of tokenized prompts in one `generate` call.
 
-    Prompts are left-padded, decoding uses the KV cache, is greedy at `temperature` 0 (else samples with
-    `temperature`/`top_p`) and stops each row at its first stop token, or its first `stop_strings` text
-    (cut from the answer). Runs in eval mode under `no_grad` and
-    puts the model back in the mode it was in. `synced_gpus` keeps every process stepping until all are done
+    Prompts are left-padded, decoding uses the KV cache, is greedy at a `temperature` below `GREEDY_BELOW`
+    (else samples with `temperature`/`top_p`) and stops each row at its first stop token, or its first
+    `stop_strings` text (cut from the answer). Runs in eval mode under `no_grad` and puts the model back in the
+    mode it was in. `synced_gpus` keeps every process stepping until all are done
     (needed when the weights are sharded, where each forward pass is collective); `streamer` receives the
     tokens as they are generated (one prompt).
     """
@@ -432,7 +435,7 @@ def generate_batch(
             input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
     # Every decoding choice is explicit, so the model's own generation defaults (often sampling) never apply.
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature >= GREEDY_BELOW else {
         "do_sample": False}
     settings = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
                                 use_cache=True, num_beams=1, **sampling)

@@ -316,3 +316,11 @@ def test_a_failing_answer_gets_an_openai_server_error_and_the_next_request_is_se
         assert events[-1]["error"]["type"] == "server_error"
         greedy = httpx.post(f"{running.url}/chat/completions", json={**body, "temperature": 0}, timeout=60)
         assert greedy.status_code == 200 and greedy.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_vanishing_temperature_answers_greedily_instead_of_failing(server):
+    """OpenAI takes any temperature in [0, 2]; dividing the logits by 1e-300 overflows them, so (as in vLLM) a
+    temperature this close to 0 decodes greedily."""
+    greedy = ask(server, max_tokens=5).choices[0].message.content
+    for tiny in (1e-300, 1e-45, 1e-6):
+        assert ask(server, max_tokens=5, temperature=tiny).choices[0].message.content == greedy
