@@ -31,7 +31,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.sft.config import ConfigError
@@ -72,7 +72,17 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: list[TextPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _one_text_or_parts(cls, content: Any) -> Any:
+        """A string is one text part (no union of the two shapes: its errors would name a type, not the field)."""
+        if isinstance(content, str):
+            return [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise ValueError("should be a string or a list of content parts")
+        return content
 
 
 class ChatRequest(BaseModel):
@@ -86,11 +96,20 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=1)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_or_more(cls, stop: Any) -> Any:
+        if isinstance(stop, str):
+            return [stop]
+        if stop is not None and not isinstance(stop, list):
+            raise ValueError("should be a string or a list of strings")
+        return stop
 
 
 def context_length(generator: Generator) -> int | None:
@@ -167,7 +186,7 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
         except (TemplateError, ValueError) as error:
             raise APIError(400, f"messages: {error}", param="messages", code="invalid_value") from None
         max_tokens = _max_tokens(body, len(prompt_ids), limit)
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stop = body.stop or []
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
 
@@ -262,7 +281,7 @@ def _conversation(messages: list[ChatMessage]) -> list[Message]:
     """OpenAI messages as our conversation (text parts joined; `developer` is the system message)."""
     out: list[Message] = []
     for message in messages:
-        content = message.content if isinstance(message.content, str) else "".join(p.text for p in message.content)
+        content = "".join(part.text for part in message.content)
         out.append({"role": "system" if message.role == "developer" else message.role, "content": content})
     return out
 
