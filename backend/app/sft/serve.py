@@ -25,13 +25,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.sft.config import ConfigError
@@ -65,9 +65,22 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+def _text(value: str) -> str:
+    """`value`, if it is text: JSON's escapes can spell a lone surrogate (`\\ud800`), which no tokenizer takes."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as error:
+        raise ValueError(f"holds a lone surrogate at character {error.start} (an unpaired \\u escape), "
+                         "not text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -79,7 +92,7 @@ class ChatMessage(BaseModel):
     def _one_text_or_parts(cls, content: Any) -> Any:
         """A string is one text part (no union of the two shapes: its errors would name a type, not the field)."""
         if isinstance(content, str):
-            return [{"type": "text", "text": content}]
+            return [{"type": "text", "text": _text(content)}]
         if not isinstance(content, list):
             raise ValueError("should be a string or a list of content parts")
         return content
@@ -90,13 +103,13 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Text
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] | None = None
+    stop: list[Text] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     stream: bool = False
     stream_options: dict[str, Any] | None = None
