@@ -160,15 +160,18 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
         return APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}").response()
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
         if first.get("type") == "json_invalid":
             return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
                             code="invalid_json").response()
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(location) or None
-        return APIError(400, f"{param or 'body'}: {first.get('msg')}", param=param,
-                        code="invalid_value").response()
+        if not location:  # the body itself: missing, not an object, or a form (curl -d without a Content-Type)
+            sent = request.headers.get("content-type") or "no Content-Type"
+            return APIError(400, "the request body should be a JSON object sent with Content-Type: application/json "
+                            f"(this one: {sent}: {first.get('msg')})", code="invalid_value").response()
+        param = ".".join(location)
+        return APIError(400, f"{param}: {first.get('msg')}", param=param, code="invalid_value").response()
 
     @app.middleware("http")
     async def authorize(request: Request, call_next: Callable[[Request], Any]) -> Any:

@@ -338,3 +338,18 @@ def test_a_vanishing_temperature_answers_greedily_instead_of_failing(server):
     greedy = ask(server, max_tokens=5).choices[0].message.content
     for tiny in (1e-300, 1e-45, 1e-6):
         assert ask(server, max_tokens=5, temperature=tiny).choices[0].message.content == greedy
+
+
+@pytest.mark.parametrize("content, content_type", [
+    (json.dumps({"model": NAME, "messages": [{"role": "user", "content": "hi"}]}), "application/x-www-form-urlencoded"),
+    ("[1, 2]", "application/json"),
+    ("", "application/json"),
+])
+def test_a_body_that_is_not_a_json_object_is_told_what_to_send(server, content, content_type):
+    """`curl -d '{...}'` without `-H 'Content-Type: application/json'` sends a form: the error says what is needed."""
+    response = httpx.post(f"{server.url}/chat/completions", content=content, headers={"content-type": content_type},
+                          timeout=60)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert "the request body should be a JSON object sent with Content-Type: application/json" in error["message"]
+    assert f"(this one: {content_type}" in error["message"]
