@@ -222,12 +222,20 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
             })
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        gone = threading.Event()  # set when the stream ends: an answer still generated then has no client
 
         def on_text(text: str) -> None:
+            if gone.is_set():
+                raise ClientGone  # unwinds generate(): the worker goes on to the next request
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
+        def ended(done: asyncio.Future[GeneratedText]) -> None:
+            pieces.put_nowait(None)
+            if not done.cancelled():
+                done.exception()  # retrieved: a stream whose client has left awaits it no more
+
         job = loop.run_in_executor(worker, run, on_text)
-        job.add_done_callback(lambda _job: pieces.put_nowait(None))
+        job.add_done_callback(ended)
 
         def chunk(delta: dict[str, str] | None, finish_reason: str | None = None, **extra: Any) -> str:
             """One server-sent event; `delta` None: no choices (the closing usage chunk)."""
@@ -238,27 +246,34 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
             return f"data: {json.dumps(event)}\n\n"
 
         async def events() -> AsyncIterator[str]:
-            yield chunk({"role": "assistant", "content": ""})
-            cutter = StopCutter(stop)
-            while (piece := await pieces.get()) is not None:
-                if text := cutter.feed(piece):
-                    yield chunk({"content": text})
             try:
-                answer = await job
-            except Exception as error:  # the answer's end cannot be sent: say why, in the stream
-                logger.exception("generation failed")
-                yield f"data: {json.dumps(APIError.server_error(error).body())}\n\n"
-            else:
-                if text := cutter.finish():
-                    yield chunk({"content": text})
-                yield chunk({}, _finish_reason(answer))
-                if include_usage:
-                    yield chunk(None, usage=_usage(len(prompt_ids), answer))
-            yield "data: [DONE]\n\n"
+                yield chunk({"role": "assistant", "content": ""})
+                cutter = StopCutter(stop)
+                while (piece := await pieces.get()) is not None:
+                    if text := cutter.feed(piece):
+                        yield chunk({"content": text})
+                try:
+                    answer = await job
+                except Exception as error:  # the answer's end cannot be sent: say why, in the stream
+                    logger.exception("generation failed")
+                    yield f"data: {json.dumps(APIError.server_error(error).body())}\n\n"
+                else:
+                    if text := cutter.finish():
+                        yield chunk({"content": text})
+                    yield chunk({}, _finish_reason(answer))
+                    if include_usage:
+                        yield chunk(None, usage=_usage(len(prompt_ids), answer))
+                yield "data: [DONE]\n\n"
+            finally:  # also when the client disconnects (the stream is cancelled)
+                gone.set()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+class ClientGone(Exception):
+    """Stops generating a streamed answer whose client has disconnected."""
 
 
 class StopCutter:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -353,3 +354,25 @@ def test_a_body_that_is_not_a_json_object_is_told_what_to_send(server, content, 
     error = error_of(response)
     assert "the request body should be a JSON object sent with Content-Type: application/json" in error["message"]
     assert f"(this one: {content_type}" in error["message"]
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_answer_and_the_next_is_served(model_dir, caplog):
+    """Ctrl-C in a streaming chat: the worker stops generating for nobody (as vLLM aborts the request) and answers
+    the next request at once; nothing is logged as an error."""
+    watched = Generator.load(model_dir)
+    forwards = []
+    watched.model.register_forward_hook(lambda *_: forwards.append(1))
+    body = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 220, "temperature": 0}
+    with Server(watched) as running:
+        url = f"{running.url}/chat/completions"
+        expected = httpx.post(url, json={**body, "max_tokens": 3}, timeout=60).json()["choices"][0]["message"]
+        forwards.clear()
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as streamed:
+            lines = streamed.iter_lines()
+            while '"content": ""' in (line := next(lines)) or not line:  # up to the first piece of the answer
+                pass
+        following = httpx.post(url, json={**body, "max_tokens": 3}, timeout=60)
+        assert following.status_code == 200 and following.json()["choices"][0]["message"] == expected
+        assert len(forwards) < 50  # the abandoned answer's 220 tokens were not all generated
+    gc.collect()  # an abandoned answer's failure is not left to be reported as never retrieved
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
