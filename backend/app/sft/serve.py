@@ -203,7 +203,7 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
             raise APIError(400, f"messages: {error}", param="messages", code="invalid_value") from None
         max_tokens = _max_tokens(body, len(prompt_ids), limit)
         stop = body.stop or []
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        completion_id, completion_created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())  # one per answer
         loop = asyncio.get_running_loop()
 
         def run(on_text: Callable[[str], None] | None = None) -> GeneratedText:
@@ -215,7 +215,7 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
         if not body.stream:
             answer = await loop.run_in_executor(worker, run)
             return JSONResponse({
-                "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+                "id": completion_id, "object": "chat.completion", "created": completion_created, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                              "finish_reason": _finish_reason(answer), "logprobs": None}],
                 "usage": _usage(len(prompt_ids), answer),
@@ -241,7 +241,7 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
             """One server-sent event; `delta` None: no choices (the closing usage chunk)."""
             choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
                                                  "logprobs": None}]
-            event = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+            event = {"id": completion_id, "object": "chat.completion.chunk", "created": completion_created,
                      "model": model_name, "choices": choices, **extra}
             return f"data: {json.dumps(event)}\n\n"
 

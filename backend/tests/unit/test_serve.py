@@ -376,3 +376,20 @@ def test_a_client_that_disconnects_mid_stream_stops_its_answer_and_the_next_is_s
         assert len(forwards) < 50  # the abandoned answer's 220 tokens were not all generated
     gc.collect()  # an abandoned answer's failure is not left to be reported as never retrieved
     assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def test_every_chunk_of_a_stream_has_the_same_id_and_created_time(server):
+    """OpenAI: "each chunk has the same timestamp". A stream queued behind long answers starts at once (its first
+    chunk) and ends seconds later."""
+    long_body = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 220,
+                 "temperature": 0}
+    with ThreadPoolExecutor(6) as pool:
+        queued = [pool.submit(httpx.post, f"{server.url}/chat/completions", json=long_body, timeout=60)
+                  for _ in range(6)]
+        time.sleep(0.1)
+        began = time.monotonic()
+        chunks = list(ask(server, max_tokens=3, stream=True))
+        took = time.monotonic() - began
+        assert all(answer.result().status_code == 200 for answer in queued)
+    assert took > 1  # the stream spanned more than a second, so a clock read per chunk would differ
+    assert len({chunk.created for chunk in chunks}) == 1 and len({chunk.id for chunk in chunks}) == 1
