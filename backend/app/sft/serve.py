@@ -293,7 +293,8 @@ class StopCutter:
             self.done = True
             out, self.held = self.held[:cut], ""
             return out
-        keep = max((k for s in self.stop for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        keep = max((k for s in self.stop for k in range(1, min(len(s), len(self.held) + 1))
+                    if self.held.endswith(s[:k])), default=0)  # never longer than what is held
         out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         return out
 

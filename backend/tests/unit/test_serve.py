@@ -157,6 +157,18 @@ def test_stop_cutter_holds_back_what_could_begin_a_stop_string():
     assert cutter.feed("abc") == "abc" and cutter.finish() == ""
 
 
+def test_a_long_stop_string_does_not_stall_the_stream():
+    """The stop strings come from the client: a 400,000-character one costs each piece of the answer time in
+    proportion to the piece held back, not to the stop string's length squared (seconds a piece, during which the
+    server answered nobody)."""
+    cutter = StopCutter(["ab" * 200_000])
+    began = time.monotonic()
+    assert [cutter.feed(word) for word in ("paris ", "is ", "a", "b", " city ", "in ", "a")] == [
+        "paris ", "is ", "", "", "ab city ", "in ", ""]
+    assert cutter.finish() == "a"
+    assert time.monotonic() - began < 1
+
+
 def test_eight_concurrent_clients_all_get_complete_answers(server):
     expected = ask(server, max_tokens=5).choices[0].message.content
     with ThreadPoolExecutor(8) as pool:
