@@ -98,6 +98,10 @@ class ChatMessage(BaseModel):
         return content
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class ChatRequest(BaseModel):
     """The fields of OpenAI's chat completion request that this server honours; others are ignored."""
 
@@ -112,7 +116,7 @@ class ChatRequest(BaseModel):
     stop: list[Text] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
 
     @field_validator("stop", mode="before")
@@ -197,6 +201,9 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest) -> JSONResponse | StreamingResponse:
         _check_model(body.model, model_name)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options",
+                           code="invalid_value")
         try:
             prompt_ids = generator.prompt_ids(_conversation(body.messages))
         except (TemplateError, ValueError) as error:
@@ -220,7 +227,7 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
                              "finish_reason": _finish_reason(answer), "logprobs": None}],
                 "usage": _usage(len(prompt_ids), answer),
             })
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         gone = threading.Event()  # set when the stream ends: an answer still generated then has no client
 
