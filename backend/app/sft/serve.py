@@ -141,10 +141,13 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
     if not generator.is_chat:
         raise ConfigError(f"{model_name}: serve needs a model trained on alpaca or chat data, not plain text")
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sft-serve")
+    # Prompts are rendered and tokenized off the event loop (a long one takes seconds), in arrival order.
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sft-serve-prompts")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        reader.shutdown(wait=True)
         worker.shutdown(wait=True)
 
     app = FastAPI(title="sft serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -200,18 +203,18 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest) -> JSONResponse | StreamingResponse:
+        completion_id, completion_created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())  # one per answer
+        loop = asyncio.get_running_loop()
         _check_model(body.model, model_name)
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options",
                            code="invalid_value")
         try:
-            prompt_ids = generator.prompt_ids(_conversation(body.messages))
+            prompt_ids = await loop.run_in_executor(reader, generator.prompt_ids, _conversation(body.messages))
         except (TemplateError, ValueError) as error:
             raise APIError(400, f"messages: {error}", param="messages", code="invalid_value") from None
         max_tokens = _max_tokens(body, len(prompt_ids), limit)
         stop = body.stop or []
-        completion_id, completion_created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())  # one per answer
-        loop = asyncio.get_running_loop()
 
         def run(on_text: Callable[[str], None] | None = None) -> GeneratedText:
             if body.seed is not None:

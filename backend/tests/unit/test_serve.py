@@ -409,3 +409,16 @@ def test_every_chunk_of_a_stream_has_the_same_id_and_created_time(server):
         assert all(answer.result().status_code == 200 for answer in queued)
     assert took > 1  # the stream spanned more than a second, so a clock read per chunk would differ
     assert len({chunk.created for chunk in chunks}) == 1 and len({chunk.id for chunk in chunks}) == 1
+
+
+def test_a_long_prompt_being_tokenized_does_not_hold_up_the_other_clients(server):
+    """Reading a 600,000-word prompt takes about a second; meanwhile the server goes on answering (here
+    /v1/models), rather than every client, streams included, waiting for it."""
+    long_body = {"model": NAME, "messages": [{"role": "user", "content": "hi " * 600_000}]}
+    with ThreadPoolExecutor(1) as pool:
+        refused = pool.submit(httpx.post, f"{server.url}/chat/completions", json=long_body, timeout=120)
+        time.sleep(0.3)  # its body has arrived; its tokens are being counted
+        began = time.monotonic()
+        assert httpx.get(f"{server.url}/models", timeout=60).status_code == 200
+        assert time.monotonic() - began < 0.5
+        assert error_of(refused.result())["code"] == "context_length_exceeded"
