@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -202,7 +202,7 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
         return model_card()
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatRequest) -> JSONResponse | StreamingResponse:
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
         completion_id, completion_created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())  # one per answer
         loop = asyncio.get_running_loop()
         _check_model(body.model, model_name)
@@ -215,15 +215,25 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
             raise APIError(400, f"messages: {error}", param="messages", code="invalid_value") from None
         max_tokens = _max_tokens(body, len(prompt_ids), limit)
         stop = body.stop or []
+        gone = threading.Event()  # the client has left (or has its answer): nothing more is generated for it
 
         def run(on_text: Callable[[str], None] | None = None) -> GeneratedText:
+            if gone.is_set():
+                raise ClientGone  # while the request waited in the queue
             if body.seed is not None:
                 torch.manual_seed(body.seed)
             return generator.answer(prompt_ids, max_new_tokens=max_tokens, temperature=body.temperature,
                                     top_p=body.top_p, stop=stop, on_text=on_text)
 
         if not body.stream:
-            answer = await loop.run_in_executor(worker, run)
+            watcher = asyncio.ensure_future(_client_leaves(request))
+            watcher.add_done_callback(lambda done: done.cancelled() or gone.set())
+            try:
+                answer = await loop.run_in_executor(worker, run)
+            except ClientGone:
+                return Response(status_code=499)  # "client closed request": no one reads it
+            finally:
+                watcher.cancel()
             return JSONResponse({
                 "id": completion_id, "object": "chat.completion", "created": completion_created, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
@@ -232,7 +242,6 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
             })
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        gone = threading.Event()  # set when the stream ends: an answer still generated then has no client
 
         def on_text(text: str) -> None:
             if gone.is_set():
@@ -283,7 +292,13 @@ def create_app(generator: Generator, *, model_name: str, api_key: str | None = N
 
 
 class ClientGone(Exception):
-    """Stops generating a streamed answer whose client has disconnected."""
+    """Stops generating an answer whose client has disconnected."""
+
+
+async def _client_leaves(request: Request) -> None:
+    """Returns when the client of `request`, whose body has been read, disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class StopCutter:

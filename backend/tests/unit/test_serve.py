@@ -372,22 +372,31 @@ def test_a_body_that_is_not_a_json_object_is_told_what_to_send(server, content, 
     assert f"(this one: {content_type}" in error["message"]
 
 
+LONG = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 220, "temperature": 0}
+"""A request the tiny model answers with all 220 tokens (a quarter of a second)."""
+
+
+def counting_forwards(model_dir: Path) -> tuple[Generator, list[int]]:
+    """A generator of the tiny model, and the list its every forward pass appends to."""
+    watched = Generator.load(model_dir)
+    forwards: list[int] = []
+    watched.model.register_forward_hook(lambda *_: forwards.append(1))
+    return watched, forwards
+
+
 def test_a_client_that_disconnects_mid_stream_stops_its_answer_and_the_next_is_served(model_dir, caplog):
     """Ctrl-C in a streaming chat: the worker stops generating for nobody (as vLLM aborts the request) and answers
     the next request at once; nothing is logged as an error."""
-    watched = Generator.load(model_dir)
-    forwards = []
-    watched.model.register_forward_hook(lambda *_: forwards.append(1))
-    body = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 220, "temperature": 0}
+    watched, forwards = counting_forwards(model_dir)
     with Server(watched) as running:
         url = f"{running.url}/chat/completions"
-        expected = httpx.post(url, json={**body, "max_tokens": 3}, timeout=60).json()["choices"][0]["message"]
+        expected = httpx.post(url, json={**LONG, "max_tokens": 3}, timeout=60).json()["choices"][0]["message"]
         forwards.clear()
-        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as streamed:
+        with httpx.stream("POST", url, json={**LONG, "stream": True}, timeout=60) as streamed:
             lines = streamed.iter_lines()
             while '"content": ""' in (line := next(lines)) or not line:  # up to the first piece of the answer
                 pass
-        following = httpx.post(url, json={**body, "max_tokens": 3}, timeout=60)
+        following = httpx.post(url, json={**LONG, "max_tokens": 3}, timeout=60)
         assert following.status_code == 200 and following.json()["choices"][0]["message"] == expected
         assert len(forwards) < 50  # the abandoned answer's 220 tokens were not all generated
     gc.collect()  # an abandoned answer's failure is not left to be reported as never retrieved
@@ -397,10 +406,8 @@ def test_a_client_that_disconnects_mid_stream_stops_its_answer_and_the_next_is_s
 def test_every_chunk_of_a_stream_has_the_same_id_and_created_time(server):
     """OpenAI: "each chunk has the same timestamp". A stream queued behind long answers starts at once (its first
     chunk) and ends seconds later."""
-    long_body = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 220,
-                 "temperature": 0}
     with ThreadPoolExecutor(6) as pool:
-        queued = [pool.submit(httpx.post, f"{server.url}/chat/completions", json=long_body, timeout=60)
+        queued = [pool.submit(httpx.post, f"{server.url}/chat/completions", json=LONG, timeout=60)
                   for _ in range(6)]
         time.sleep(0.1)
         began = time.monotonic()
@@ -422,3 +429,19 @@ def test_a_long_prompt_being_tokenized_does_not_hold_up_the_other_clients(server
         assert httpx.get(f"{server.url}/models", timeout=60).status_code == 200
         assert time.monotonic() - began < 0.5
         assert error_of(refused.result())["code"] == "context_length_exceeded"
+
+
+def test_a_request_whose_client_gave_up_while_queued_is_not_answered(model_dir, caplog):
+    """The openai client gives up after its timeout (and sends the request again): the copy it left in the queue
+    costs the worker nothing."""
+    watched, forwards = counting_forwards(model_dir)
+    with Server(watched) as running, ThreadPoolExecutor(3) as pool:
+        url = f"{running.url}/chat/completions"
+        ahead = [pool.submit(httpx.post, url, json=LONG, timeout=60) for _ in range(3)]
+        time.sleep(0.1)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=LONG, timeout=0.1)  # waits behind the three, and gives up
+        assert [answer.result().json()["usage"]["completion_tokens"] for answer in ahead] == [220] * 3
+        assert httpx.post(url, json={**LONG, "max_tokens": 1}, timeout=60).status_code == 200
+    assert len(forwards) == 3 * 220 + 1
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
