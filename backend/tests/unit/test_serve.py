@@ -445,3 +445,13 @@ def test_a_request_whose_client_gave_up_while_queued_is_not_answered(model_dir, 
         assert httpx.post(url, json={**LONG, "max_tokens": 1}, timeout=60).status_code == 200
     assert len(forwards) == 3 * 220 + 1
     assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def test_optional_fields_sent_as_null_mean_their_defaults(server):
+    """OpenAI's API (and vLLM) take null for its optional fields; some clients send every field they know."""
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "stream_options", "seed", "stop",
+                           "max_completion_tokens"))
+    response = httpx.post(f"{server.url}/chat/completions", timeout=60, json={
+        "model": NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 3, **nulls})
+    assert response.status_code == 200, response.text
+    assert response.json()["object"] == "chat.completion" and response.json()["usage"]["completion_tokens"] >= 1
