@@ -7,7 +7,8 @@ Built on FastAPI + uvicorn (the `serve` extra). Routes: `GET /v1/models`, `GET /
 `POST /v1/chat/completions` (`messages`, `max_tokens`, `temperature`, `top_p`, `stop`, `seed`, `stream`).
 Prompts are rendered and answered by `Generator` exactly as `sft generate` does, so a greedy answer
 (`temperature: 0`) is the text `sft generate` prints. Requests are answered one at a time by one worker thread,
-in arrival order; the others wait in its queue (none is dropped). Errors have OpenAI's shape,
+in arrival order; the others wait in its queue (none is dropped; nothing more is generated for a client that has
+disconnected). Errors have OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, and name the field at fault. SIGTERM (or Ctrl-C) stops
 accepting connections, finishes the answers in flight, then returns.
 """
