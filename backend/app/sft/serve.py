@@ -131,7 +131,7 @@ class ChatRequest(BaseModel):
     def _one_stop_or_more(cls, stop: Any) -> Any:
         if isinstance(stop, str):
             return [stop]
-        if stop is not None and not isinstance(stop, list):
+        if not isinstance(stop, list):
             raise ValueError("should be a string or a list of strings")
         return stop
 
