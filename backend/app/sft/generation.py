@@ -220,7 +220,8 @@ class Generator:
     def prompt_text(self, conversation: Sequence[Message] | str) -> str:
         """The text the model sees: the conversation rendered up to the next assistant reply.
 
-        A string is one user message (or, for `completion` data, the text to continue).
+        A string is one user message (or, for `completion` data, the text to continue). A conversation the
+        template cannot render raises `TemplateError` (also when a Jinja chat template refuses it).
         """
         if self.template is None:
             if not isinstance(conversation, str):
@@ -228,11 +229,16 @@ class Generator:
             return conversation
         if isinstance(conversation, str):
             conversation = [{"role": "user", "content": conversation}]
-        if self.use_chat_template:
-            return self.tokenizer.apply_chat_template(
-                self.template.chat_messages(conversation), add_generation_prompt=True, tokenize=False
-            )
-        return self.template.generation_prompt(conversation, self.tokenizer)
+        import jinja2
+
+        try:
+            if self.use_chat_template:
+                return self.tokenizer.apply_chat_template(
+                    self.template.chat_messages(conversation), add_generation_prompt=True, tokenize=False
+                )
+            return self.template.generation_prompt(conversation, self.tokenizer)
+        except jinja2.TemplateError as error:  # a chat template's raise_exception(), e.g. roles out of order
+            raise TemplateError(str(error)) from None
 
     def prompt_length(self, conversation: Sequence[Message] | str) -> int:
         """The prompt's length in tokens."""

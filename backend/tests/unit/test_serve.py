@@ -21,14 +21,16 @@ import httpx
 import pytest
 import torch
 import yaml
-from helpers import save_tiny_model
+from helpers import build_tiny_tokenizer, save_tiny_model, tiny_llama
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from app.sft.cli import main  # noqa: E402
+from app.sft.config import SFTConfig  # noqa: E402
 from app.sft.generation import Generator  # noqa: E402
 from app.sft.serve import StopCutter, create_app  # noqa: E402
+from app.sft.templates import AlpacaTemplate, chat_template_for  # noqa: E402
 
 BACKEND = Path(__file__).resolve().parents[2]
 QUESTION = "what is the capital of france ?"
@@ -455,3 +457,23 @@ def test_optional_fields_sent_as_null_mean_their_defaults(server):
         "model": NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 3, **nulls})
     assert response.status_code == 200, response.text
     assert response.json()["object"] == "chat.completion" and response.json()["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("template_name, use_chat_template", [("alpaca", True), ("tokenizer", False)])
+def test_a_conversation_the_chat_template_refuses_is_a_400_naming_messages(template_name, use_chat_template):
+    """A merged run renders prompts with the chat template saved in its tokenizer, a bare model with its own; a
+    conversation the template refuses (its raise_exception: here a system message after the first) is the
+    client's error, as with a template object, not a server error."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = chat_template_for(AlpacaTemplate(), tokenizer)
+    config = SFTConfig(base_model="tiny", dataset_format="alpaca" if use_chat_template else "chat",
+                       template_name=template_name)
+    served = Generator(tiny_llama(), tokenizer, config, use_chat_template=use_chat_template)
+    assert served.use_chat_template == use_chat_template and served.template.name == template_name
+    with Server(served) as running:
+        assert ask(running, max_tokens=2).choices[0].finish_reason in ("stop", "length")
+        response = httpx.post(f"{running.url}/chat/completions", timeout=60, json={
+            "model": NAME, "messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "no"}]})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == "messages" and "unsupported role system" in error["message"]
