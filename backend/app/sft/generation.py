@@ -62,6 +62,9 @@ from app.sft.tokenized import TokenizedDataset
 RUN_CONFIG_FILE = "config.yaml"
 """The config a finished run writes into its output directory."""
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (as vLLM does): logits divided by a tiny one overflow to inf/NaN."""
+
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 """`org/name`: a Hugging Face Hub model id (a bare name such as `gpt2` is read as a local path)."""
@@ -217,7 +220,8 @@ class Generator:
     def prompt_text(self, conversation: Sequence[Message] | str) -> str:
         """The text the model sees: the conversation rendered up to the next assistant reply.
 
-        A string is one user message (or, for `completion` data, the text to continue).
+        A string is one user message (or, for `completion` data, the text to continue). A conversation the
+        template cannot render raises `TemplateError` (also when a Jinja chat template refuses it).
         """
         if self.template is None:
             if not isinstance(conversation, str):
@@ -225,11 +229,16 @@ class Generator:
             return conversation
         if isinstance(conversation, str):
             conversation = [{"role": "user", "content": conversation}]
-        if self.use_chat_template:
-            return self.tokenizer.apply_chat_template(
-                self.template.chat_messages(conversation), add_generation_prompt=True, tokenize=False
-            )
-        return self.template.generation_prompt(conversation, self.tokenizer)
+        import jinja2
+
+        try:
+            if self.use_chat_template:
+                return self.tokenizer.apply_chat_template(
+                    self.template.chat_messages(conversation), add_generation_prompt=True, tokenize=False
+                )
+            return self.template.generation_prompt(conversation, self.tokenizer)
+        except jinja2.TemplateError as error:  # a chat template's raise_exception(), e.g. roles out of order
+            raise TemplateError(str(error)) from None
 
     def prompt_length(self, conversation: Sequence[Message] | str) -> int:
         """The prompt's length in tokens."""
@@ -408,10 +417,10 @@ def generate_batch(
 ) -> list[GeneratedText]:
     """Answers to a batch of tokenized prompts in one `generate` call.
 
-    Prompts are left-padded, decoding uses the KV cache, is greedy at `temperature` 0 (else samples with
-    `temperature`/`top_p`) and stops each row at its first stop token, or its first `stop_strings` text
-    (cut from the answer). Runs in eval mode under `no_grad` and
-    puts the model back in the mode it was in. `synced_gpus` keeps every process stepping until all are done
+    Prompts are left-padded, decoding uses the KV cache, is greedy at a `temperature` below `GREEDY_BELOW`
+    (else samples with `temperature`/`top_p`) and stops each row at its first stop token, or its first
+    `stop_strings` text (cut from the answer). Runs in eval mode under `no_grad` and puts the model back in the
+    mode it was in. `synced_gpus` keeps every process stepping until all are done
     (needed when the weights are sharded, where each forward pass is collective); `streamer` receives the
     tokens as they are generated (one prompt).
     """
@@ -432,7 +441,7 @@ def generate_batch(
             input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
     # Every decoding choice is explicit, so the model's own generation defaults (often sampling) never apply.
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature >= GREEDY_BELOW else {
         "do_sample": False}
     settings = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
                                 use_cache=True, num_beams=1, **sampling)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -18,15 +19,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
-from helpers import save_tiny_model
+from helpers import build_tiny_tokenizer, save_tiny_model, tiny_llama
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from app.sft.cli import main  # noqa: E402
+from app.sft.config import SFTConfig  # noqa: E402
 from app.sft.generation import Generator  # noqa: E402
 from app.sft.serve import StopCutter, create_app  # noqa: E402
+from app.sft.templates import AlpacaTemplate, chat_template_for  # noqa: E402
 
 BACKEND = Path(__file__).resolve().parents[2]
 QUESTION = "what is the capital of france ?"
@@ -155,6 +159,18 @@ def test_stop_cutter_holds_back_what_could_begin_a_stop_string():
     assert cutter.feed("abc") == "abc" and cutter.finish() == ""
 
 
+def test_a_long_stop_string_does_not_stall_the_stream():
+    """The stop strings come from the client: a 400,000-character one costs each piece of the answer time in
+    proportion to the piece held back, not to the stop string's length squared (seconds a piece, during which the
+    server answered nobody)."""
+    cutter = StopCutter(["ab" * 200_000])
+    began = time.monotonic()
+    assert [cutter.feed(word) for word in ("paris ", "is ", "a", "b", " city ", "in ", "a")] == [
+        "paris ", "is ", "", "", "ab city ", "in ", ""]
+    assert cutter.finish() == "a"
+    assert time.monotonic() - began < 1
+
+
 def test_eight_concurrent_clients_all_get_complete_answers(server):
     expected = ask(server, max_tokens=5).choices[0].message.content
     with ThreadPoolExecutor(8) as pool:
@@ -187,6 +203,28 @@ def error_of(response: httpx.Response) -> dict:
     ({"model": NAME, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", "'user'"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature",
      "greater than or equal to 0"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "stop": [5]}, 400, "stop.0", "valid string"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400, "stop",
+     "a string or a list of strings"),
+    ({"model": NAME, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "messages.0.content.0.type", "Input should be 'text'"),
+    ({"model": NAME, "messages": [{"role": "assistant", "content": None}]}, 400, "messages.0.content",
+     "a string or a list of content parts"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "caf\u00e9 \ud800"}]}, 400, "messages.0.content",
+     "lone surrogate at character 5"),
+    ({"model": NAME, "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, 400,
+     "messages.0.content.0.text", "lone surrogate"),
+    ({"model": "\ud800", "messages": [{"role": "user", "content": "hi"}]}, 400, "model", "lone surrogate"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "stop": ["\ud800"]}, 400, "stop.0",
+     "lone surrogate"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, 400,
+     "stream_options", "only allowed when stream is true"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+      "stream_options": {"include_usage": "perhaps"}}, 400, "stream_options.include_usage", "valid boolean"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, 400, "seed",
+     "less than or equal to 18446744073709551615"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "seed": -(2**63) - 1, "stream": True}, 400,
+     "seed", "greater than or equal to -9223372036854775808"),
 ])
 def test_bad_requests_get_an_openai_error_naming_the_field(server, body, status, param, says):
     content = body if isinstance(body, str) else json.dumps(body)
@@ -290,3 +328,152 @@ def test_help_names_the_routes_the_loopback_default_and_vllm(capsys):
 def test_a_plain_text_model_is_refused_before_serving(model_dir, capsys):
     assert main(["serve", str(model_dir), "--set", "dataset_format=completion", "--port", str(free_port())]) == 2
     assert "serve needs a model trained on alpaca or chat data" in capsys.readouterr().err
+
+
+def test_a_failing_answer_gets_an_openai_server_error_and_the_next_request_is_served(model_dir):
+    """A run that diverged saved NaN weights: sampling from it fails inside generation. The client gets OpenAI's
+    error shape (not a plain-text 500), in a stream too, and the worker goes on answering."""
+    diverged = Generator.load(model_dir)
+    with torch.no_grad():
+        diverged.model.lm_head.weight.fill_(float("nan"))
+    body = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 3, "temperature": 1}
+    with Server(diverged) as running:
+        response = httpx.post(f"{running.url}/chat/completions", json=body, timeout=60)
+        assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+        error = error_of(response)
+        assert error["type"] == "server_error" and error["message"].startswith("the answer failed: RuntimeError")
+        with httpx.stream("POST", f"{running.url}/chat/completions", json={**body, "stream": True},
+                          timeout=60) as streamed:
+            events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+        assert set(events[-1]["error"]) == {"message", "type", "param", "code"}
+        assert events[-1]["error"]["type"] == "server_error"
+        greedy = httpx.post(f"{running.url}/chat/completions", json={**body, "temperature": 0}, timeout=60)
+        assert greedy.status_code == 200 and greedy.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_vanishing_temperature_answers_greedily_instead_of_failing(server):
+    """OpenAI takes any temperature in [0, 2]; dividing the logits by 1e-300 overflows them, so (as in vLLM) a
+    temperature this close to 0 decodes greedily."""
+    greedy = ask(server, max_tokens=5).choices[0].message.content
+    for tiny in (1e-300, 1e-45, 1e-6):
+        assert ask(server, max_tokens=5, temperature=tiny).choices[0].message.content == greedy
+
+
+@pytest.mark.parametrize("content, content_type", [
+    (json.dumps({"model": NAME, "messages": [{"role": "user", "content": "hi"}]}), "application/x-www-form-urlencoded"),
+    ("[1, 2]", "application/json"),
+    ("", "application/json"),
+])
+def test_a_body_that_is_not_a_json_object_is_told_what_to_send(server, content, content_type):
+    """`curl -d '{...}'` without `-H 'Content-Type: application/json'` sends a form: the error says what is needed."""
+    response = httpx.post(f"{server.url}/chat/completions", content=content, headers={"content-type": content_type},
+                          timeout=60)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert "the request body should be a JSON object sent with Content-Type: application/json" in error["message"]
+    assert f"(this one: {content_type}" in error["message"]
+
+
+LONG = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 220, "temperature": 0}
+"""A request the tiny model answers with all 220 tokens (a quarter of a second)."""
+
+
+def counting_forwards(model_dir: Path) -> tuple[Generator, list[int]]:
+    """A generator of the tiny model, and the list its every forward pass appends to."""
+    watched = Generator.load(model_dir)
+    forwards: list[int] = []
+    watched.model.register_forward_hook(lambda *_: forwards.append(1))
+    return watched, forwards
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_answer_and_the_next_is_served(model_dir, caplog):
+    """Ctrl-C in a streaming chat: the worker stops generating for nobody (as vLLM aborts the request) and answers
+    the next request at once; nothing is logged as an error."""
+    watched, forwards = counting_forwards(model_dir)
+    with Server(watched) as running:
+        url = f"{running.url}/chat/completions"
+        expected = httpx.post(url, json={**LONG, "max_tokens": 3}, timeout=60).json()["choices"][0]["message"]
+        forwards.clear()
+        with httpx.stream("POST", url, json={**LONG, "stream": True}, timeout=60) as streamed:
+            lines = streamed.iter_lines()
+            while '"content": ""' in (line := next(lines)) or not line:  # up to the first piece of the answer
+                pass
+        following = httpx.post(url, json={**LONG, "max_tokens": 3}, timeout=60)
+        assert following.status_code == 200 and following.json()["choices"][0]["message"] == expected
+        assert len(forwards) < 50  # the abandoned answer's 220 tokens were not all generated
+    gc.collect()  # an abandoned answer's failure is not left to be reported as never retrieved
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def test_every_chunk_of_a_stream_has_the_same_id_and_created_time(server):
+    """OpenAI: "each chunk has the same timestamp". A stream queued behind long answers starts at once (its first
+    chunk) and ends seconds later."""
+    with ThreadPoolExecutor(6) as pool:
+        queued = [pool.submit(httpx.post, f"{server.url}/chat/completions", json=LONG, timeout=60)
+                  for _ in range(6)]
+        time.sleep(0.1)
+        began = time.monotonic()
+        chunks = list(ask(server, max_tokens=3, stream=True))
+        took = time.monotonic() - began
+        assert all(answer.result().status_code == 200 for answer in queued)
+    assert took > 1  # the stream spanned more than a second, so a clock read per chunk would differ
+    assert len({chunk.created for chunk in chunks}) == 1 and len({chunk.id for chunk in chunks}) == 1
+
+
+def test_a_long_prompt_being_tokenized_does_not_hold_up_the_other_clients(server):
+    """Reading a 600,000-word prompt takes about a second; meanwhile the server goes on answering (here
+    /v1/models), rather than every client, streams included, waiting for it."""
+    long_body = {"model": NAME, "messages": [{"role": "user", "content": "hi " * 600_000}]}
+    with ThreadPoolExecutor(1) as pool:
+        refused = pool.submit(httpx.post, f"{server.url}/chat/completions", json=long_body, timeout=120)
+        time.sleep(0.3)  # its body has arrived; its tokens are being counted
+        began = time.monotonic()
+        assert httpx.get(f"{server.url}/models", timeout=60).status_code == 200
+        assert time.monotonic() - began < 0.5
+        assert error_of(refused.result())["code"] == "context_length_exceeded"
+
+
+def test_a_request_whose_client_gave_up_while_queued_is_not_answered(model_dir, caplog):
+    """The openai client gives up after its timeout (and sends the request again): the copy it left in the queue
+    costs the worker nothing."""
+    watched, forwards = counting_forwards(model_dir)
+    with Server(watched) as running, ThreadPoolExecutor(3) as pool:
+        url = f"{running.url}/chat/completions"
+        ahead = [pool.submit(httpx.post, url, json=LONG, timeout=60) for _ in range(3)]
+        time.sleep(0.1)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=LONG, timeout=0.1)  # waits behind the three, and gives up
+        assert [answer.result().json()["usage"]["completion_tokens"] for answer in ahead] == [220] * 3
+        assert httpx.post(url, json={**LONG, "max_tokens": 1}, timeout=60).status_code == 200
+    assert len(forwards) == 3 * 220 + 1
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def test_optional_fields_sent_as_null_mean_their_defaults(server):
+    """OpenAI's API (and vLLM) take null for its optional fields; some clients send every field they know."""
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "stream_options", "seed", "stop",
+                           "max_completion_tokens"))
+    response = httpx.post(f"{server.url}/chat/completions", timeout=60, json={
+        "model": NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 3, **nulls})
+    assert response.status_code == 200, response.text
+    assert response.json()["object"] == "chat.completion" and response.json()["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("template_name, use_chat_template", [("alpaca", True), ("tokenizer", False)])
+def test_a_conversation_the_chat_template_refuses_is_a_400_naming_messages(template_name, use_chat_template):
+    """A merged run renders prompts with the chat template saved in its tokenizer, a bare model with its own; a
+    conversation the template refuses (its raise_exception: here a system message after the first) is the
+    client's error, as with a template object, not a server error."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = chat_template_for(AlpacaTemplate(), tokenizer)
+    config = SFTConfig(base_model="tiny", dataset_format="alpaca" if use_chat_template else "chat",
+                       template_name=template_name)
+    served = Generator(tiny_llama(), tokenizer, config, use_chat_template=use_chat_template)
+    assert served.use_chat_template == use_chat_template and served.template.name == template_name
+    with Server(served) as running:
+        assert ask(running, max_tokens=2).choices[0].finish_reason in ("stop", "length")
+        response = httpx.post(f"{running.url}/chat/completions", timeout=60, json={
+            "model": NAME, "messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "no"}]})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == "messages" and "unsupported role system" in error["message"]
