@@ -166,3 +166,13 @@ def test_generation_scores_and_samples_are_logged_at_their_step(tmp_path):
     logged = json.loads(Path(path).read_text())
     assert logged["step"] == 4 and [(s["prompt"], s["reference"]) for s in logged["samples"]] == [
         (QUESTION, ANSWER)] * 2
+
+
+def test_a_database_uri_with_a_password_is_logged_without_it(tmp_path, caplog):
+    callback = MLflowCallback(tracking_uri="postgresql://bob:hunter2@127.0.0.1:1/runs")
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))
+    with caplog.at_level(logging.INFO):
+        callback.on_train_begin(trainer)
+        callback.on_train_end(trainer)
+    assert "MLflow tracking at postgresql://127.0.0.1:1/runs failed" in caplog.text
+    assert "hunter2" not in caplog.text and "bob" not in caplog.text

@@ -5,16 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
-from app.sft.callbacks.trackers import config_dict, scalar
+from app.sft.callbacks.trackers import config_dict, scalar, without_credentials
 from app.sft.config import flatten
 from app.sft.paths import MLFLOW_DIR
 
@@ -105,9 +103,9 @@ class MLflowCallback(SFTCallback):
         except Exception as error:  # any failure of the tracker must not stop training
             self.client = None
             logger.warning("MLflow tracking at %s failed (%s): MLflow logging is off, training goes on",
-                           _shown(uri), _first_line(error))
+                           without_credentials(uri), _first_line(error))
             return
-        logger.info("MLflow run %s in %s", self.run_id, _shown(uri))
+        logger.info("MLflow run %s in %s", self.run_id, without_credentials(uri))
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         api = trainer_api(trainer)
@@ -249,15 +247,7 @@ def _local_store_uri(output_dir: Path) -> str:
     return f"sqlite:///{(output_dir / MLFLOW_DIR / 'mlflow.db').resolve()}"
 
 
-def _shown(uri: str) -> str:
-    """`uri` without credentials (`https://user:token@host` -> `https://host`)."""
-    parts = urlsplit(uri)
-    if parts.scheme in ("http", "https") and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    return uri
-
-
 def _first_line(error: BaseException) -> str:
     """The error's first line, without credentials of URLs in it."""
     text = str(error).strip()
-    return re.sub(r"//[^/@\s]+@", "//", text.splitlines()[0]) if text else type(error).__name__
+    return without_credentials(text.splitlines()[0]) if text else type(error).__name__

@@ -1,7 +1,9 @@
-"""What the experiment trackers (W&B, TensorBoard, MLflow) share: numbers out of metric values, the run config."""
+"""What the experiment trackers (W&B, TensorBoard, MLflow) share: numbers out of metric values, the run config,
+URLs without their credentials."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,3 +26,9 @@ def config_dict(config: Any) -> dict[str, Any] | None:
     if isinstance(config, Mapping):
         return dict(config)
     return None
+
+
+def without_credentials(text: str) -> str:
+    """`text` with the user and password of every URL in it removed (`postgresql://bob:pw@host/db` ->
+    `postgresql://host/db`), whatever the scheme."""
+    return re.sub(r"//[^/\s]+@", "//", text)
