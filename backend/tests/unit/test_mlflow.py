@@ -176,3 +176,17 @@ def test_a_database_uri_with_a_password_is_logged_without_it(tmp_path, caplog):
         callback.on_train_end(trainer)
     assert "MLflow tracking at postgresql://127.0.0.1:1/runs failed" in caplog.text
     assert "hunter2" not in caplog.text and "bob" not in caplog.text
+
+
+def test_credentials_in_the_config_are_not_logged_as_params(tmp_path):
+    from app.sft.config import SFTConfig
+
+    config = SFTConfig(base_model="tiny", dataset_name="data.jsonl", report_to=["mlflow"],
+                       mlflow_tracking_uri="https://bob:hunter2@mlflow.example.com")
+    callback = MLflowCallback(tracking_uri=f"sqlite:///{(tmp_path / 'store.db').resolve()}")
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"), config=config)
+    callback.on_train_begin(trainer)
+    callback.on_train_end(trainer)
+    params = MlflowClient(tracking_uri=callback.tracking_uri).get_run(callback.run_id).data.params
+    assert params["mlflow_tracking_uri"] == "https://mlflow.example.com"
+    assert not [value for value in params.values() if "hunter2" in value]

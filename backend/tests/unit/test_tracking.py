@@ -324,6 +324,22 @@ def test_tensorboard_writes_step_eval_and_epoch_scalars(tmp_path: Path) -> None:
     assert "_hparams_/session_start_info" in events.summary_metadata
 
 
+class _ConfigWithCredentials:
+    def to_dict(self) -> dict[str, Any]:
+        return {"mlflow_tracking_uri": "https://bob:hunter2@mlflow.example.com", "datasets": [
+            {"path": "https://bob:hunter2@data.example.com/train.jsonl"}]}
+
+
+def test_tensorboard_writes_the_config_without_credentials(tmp_path: Path) -> None:
+    callback = TensorBoardCallback()
+    trainer = _trainer(tmp_path, config=_ConfigWithCredentials())
+    callback.on_train_begin(trainer)
+    callback.on_train_end(trainer)
+    written = b"".join(path.read_bytes() for path in (tmp_path / "tensorboard").iterdir())
+    assert b"https://mlflow.example.com" in written and b"data.example.com/train.jsonl" in written
+    assert b"hunter2" not in written and b"bob" not in written
+
+
 def test_tensorboard_resume_replaces_steps_after_the_checkpoint(tmp_path: Path) -> None:
     first = TensorBoardCallback(log_dir=str(tmp_path / "tb"))
     trainer = _trainer(tmp_path)

@@ -99,7 +99,7 @@ class MLflowCallback(SFTCallback):
                 resumed = self.run_id is not None and self._continue_run(int(api.global_step or 0))
                 if not resumed:
                     self._start_run(uri, output_dir)
-                self._log_params(config_dict(api.config) if self.config is None else self.config, resumed)
+                self._log_params(config_dict(api.config if self.config is None else self.config), resumed)
         except Exception as error:  # any failure of the tracker must not stop training
             self.client = None
             logger.warning("MLflow tracking at %s failed (%s): MLflow logging is off, training goes on",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
-from app.sft.callbacks.trackers import scalar
+from app.sft.callbacks.trackers import scalar, without_credentials_in
 from app.sft.paths import TENSORBOARD_DIR
 
 if TYPE_CHECKING:
@@ -27,7 +27,8 @@ class TensorBoardCallback(SFTCallback):
       `eval/perplexity`, `eval/gen_exact_match`); a hand-written loop, which fires no `on_evaluate`, has the
       `val_*` keys of its step metrics written so;
     - epoch-end metrics as `epoch/<name>`.
-    The run config (when `trainer.config` has `to_dict()`) is written as a text table and as hparams.
+    The run config (when `trainer.config` has `to_dict()`) is written as a text table and as hparams, without
+    the credentials of URLs in it.
 
     Only the main process writes. When resuming (`trainer.global_step > 0` at train begin), events that
     the interrupted run wrote after that step are purged, so curves do not double back. Any writer
@@ -60,7 +61,7 @@ class TensorBoardCallback(SFTCallback):
 
             self.writer = SummaryWriter(log_dir=log_dir, purge_step=step + 1 if step > 0 else None)
             if hasattr(api.config, "to_dict"):
-                self._write_config(api.config.to_dict())
+                self._write_config(without_credentials_in(api.config.to_dict()))
         except ImportError as err:
             self._fail(ImportError(f"{err}; install it with pip install 'llm-playground-sft[tensorboard]'"))
         except Exception as err:  # OSError, or anything else the writer raises
