@@ -190,3 +190,22 @@ def test_credentials_in_the_config_are_not_logged_as_params(tmp_path):
     params = MlflowClient(tracking_uri=callback.tracking_uri).get_run(callback.run_id).data.params
     assert params["mlflow_tracking_uri"] == "https://mlflow.example.com"
     assert not [value for value in params.values() if "hunter2" in value]
+
+
+def test_names_mlflow_rejects_are_logged_under_names_it_accepts(tmp_path, caplog):
+    config = {"lora": {"target modules (q, v)": "all"}, "k" * 300: 1, "lr": 0.1}
+    callback = MLflowCallback(config=config)
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))
+    with caplog.at_level(logging.WARNING):
+        callback.on_train_begin(trainer)
+        for step in (1, 2):
+            callback.on_step_end(trainer, step, {"loss": 1.0 / step, "acc@1": 0.5, "../x//y/": 2.0})
+        callback.on_train_end(trainer)
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
+    mlflow_run = client.get_run(callback.run_id)
+    assert mlflow_run.data.params == {"lora.target modules _q_ v_": "all", "k" * 250: "1", "lr": "0.1"}
+    assert steps_of(client, callback.run_id, "loss") == [(1, 1.0), (2, 0.5)]
+    assert steps_of(client, callback.run_id, "acc_1") == [(1, 0.5), (2, 0.5)]
+    assert steps_of(client, callback.run_id, "x/y") == [(1, 2.0), (2, 2.0)]
+    assert caplog.text.count("MLflow does not accept the name 'acc@1': logged as 'acc_1'") == 1
+    assert "MLflow logging is off" not in caplog.text

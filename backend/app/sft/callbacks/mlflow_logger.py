@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ RUN_ARTIFACTS = ("training_summary.json", "report.html", "loss.png", "config.yam
 """Files of the run folder logged as artifacts when training ends (those this run wrote)."""
 
 _MAX_PARAM_LENGTH = 6000  # mlflow's limit on a param value
+_MAX_NAME_LENGTH = 250  # mlflow's limit on a param or metric name
 _BATCH = 100  # mlflow's limit on params per log_batch call
 
 
@@ -43,7 +45,8 @@ class MLflowCallback(SFTCallback):
 
     Metrics are logged at the global step: a step's training metrics under their names (`loss`, `learning_rate`),
     each evaluation's (`val_loss`, `gen_exact_match`, ...), epoch-end metrics as `epoch/<name>`; the samples of
-    an evaluation by generation as `generations/step_<N>.json`. When training ends, the run's
+    an evaluation by generation as `generations/step_<N>.json`. A name MLflow rejects (`acc@1`) is logged as
+    one it accepts (`acc_1`), with a warning. When training ends, the run's
     `training_summary.json`, `report.html`, `loss.png` and `config.yaml` are logged, and the run is marked
     FINISHED, FAILED (an exception) or KILLED (stopped by a signal before its outputs were written).
 
@@ -75,6 +78,7 @@ class MLflowCallback(SFTCallback):
         self.client: Any = None
         self.run_id: str | None = None
         self._logged: set[tuple[str, int]] = set()  # (metric, step) the interrupted run logged after the checkpoint
+        self._names: dict[str, str] = {}  # a metric or param name -> the name MLflow accepts
         self._started = 0.0
 
     # --- events ------------------------------------------------------------------------------------------------
@@ -185,7 +189,7 @@ class MLflowCallback(SFTCallback):
 
         if not config:
             return
-        flat = {key: str(value)[:_MAX_PARAM_LENGTH] for key, value in flatten(config).items()}
+        flat = {self._name(key): str(value)[:_MAX_PARAM_LENGTH] for key, value in flatten(config).items()}
         if resumed:
             existing = self.client.get_run(self.run_id).data.params
             flat = {key: value for key, value in flat.items() if key not in existing}
@@ -199,10 +203,21 @@ class MLflowCallback(SFTCallback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(key, number, now, step) for key, value in values.items()
-                   if (number := scalar(value)) is not None and (key, step) not in self._logged]
+        numbers = {self._name(key): number for key, value in values.items() if (number := scalar(value)) is not None}
+        metrics = [Metric(key, number, now, step) for key, number in numbers.items() if (key, step) not in self._logged]
         if metrics:
             self._call(self.client.log_batch, self.run_id, metrics)
+
+    def _name(self, name: str) -> str:
+        """`name` as MLflow accepts it (one warning when that is another name): characters other than letters,
+        digits, `_-.:/` and space as `_`, no empty, `.` or `..` parts between slashes, at most 250 characters."""
+        if name not in self._names:
+            cleaned = re.sub(r"[^\w.\- :/]", "_", str(name))
+            parts = [part for part in cleaned.split("/") if part not in ("", ".", "..")]
+            self._names[name] = "/".join(parts)[:_MAX_NAME_LENGTH].rstrip("/") or "_"
+            if self._names[name] != name:
+                logger.warning("MLflow does not accept the name %r: logged as %r", name, self._names[name])
+        return self._names[name]
 
     def _call(self, method: Any, *args: Any) -> None:
         """`method(*args)` with short HTTP limits; a failure warns once and turns MLflow logging off."""
