@@ -209,3 +209,17 @@ def test_names_mlflow_rejects_are_logged_under_names_it_accepts(tmp_path, caplog
     assert steps_of(client, callback.run_id, "x/y") == [(1, 2.0), (2, 2.0)]
     assert caplog.text.count("MLflow does not accept the name 'acc@1': logged as 'acc_1'") == 1
     assert "MLflow logging is off" not in caplog.text
+
+
+def test_a_hand_written_loop_logs_each_epoch_at_its_last_step(tmp_path):
+    callback = MLflowCallback()
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))  # keeps no global_step
+    callback.on_train_begin(trainer)
+    for epoch in range(2):
+        for step in range(epoch * 3 + 1, epoch * 3 + 4):
+            callback.on_step_end(trainer, step, {"loss": 1.0})
+        callback.on_epoch_end(trainer, epoch, {"loss": 0.5 - epoch / 10})
+    callback.on_train_end(trainer)
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
+    assert steps_of(client, callback.run_id, "epoch/loss") == [(3, 0.5), (6, 0.4)]
+    assert steps_of(client, callback.run_id, "epoch") == [(3, 0.0), (6, 1.0)]

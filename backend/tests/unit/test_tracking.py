@@ -340,6 +340,18 @@ def test_tensorboard_writes_the_config_without_credentials(tmp_path: Path) -> No
     assert b"hunter2" not in written and b"bob" not in written
 
 
+def test_tensorboard_hand_written_loop_writes_each_epoch_at_its_last_step(tmp_path: Path) -> None:
+    callback = TensorBoardCallback()
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path))  # keeps no global_step
+    callback.on_train_begin(trainer)
+    for epoch in range(2):
+        for step in range(epoch * 3 + 1, epoch * 3 + 4):
+            callback.on_step_end(trainer, step, {"loss": 1.0})
+        callback.on_epoch_end(trainer, epoch, {"loss": 0.5})
+    callback.on_train_end(trainer)
+    assert _scalars(tmp_path / "tensorboard")["epoch/loss"] == [(3, 0.5), (6, 0.5)]
+
+
 def test_tensorboard_resume_replaces_steps_after_the_checkpoint(tmp_path: Path) -> None:
     first = TensorBoardCallback(log_dir=str(tmp_path / "tb"))
     trainer = _trainer(tmp_path)

@@ -44,9 +44,9 @@ class MLflowCallback(SFTCallback):
         timeout: seconds one request to a tracking server may take.
 
     Metrics are logged at the global step: a step's training metrics under their names (`loss`, `learning_rate`),
-    each evaluation's (`val_loss`, `gen_exact_match`, ...), epoch-end metrics as `epoch/<name>`; the samples of
-    an evaluation by generation as `generations/step_<N>.json`. A name MLflow rejects (`acc@1`) is logged as
-    one it accepts (`acc_1`), with a warning. When training ends, the run's
+    each evaluation's (`val_loss`, `gen_exact_match`, ...), epoch-end metrics as `epoch/<name>` (at the newest
+    step); the samples of an evaluation by generation as `generations/step_<N>.json`. A name MLflow rejects
+    (`acc@1`) is logged as one it accepts (`acc_1`), with a warning. When training ends, the run's
     `training_summary.json`, `report.html`, `loss.png` and `config.yaml` are logged, and the run is marked
     FINISHED, FAILED (an exception) or KILLED (stopped by a signal before its outputs were written).
 
@@ -79,6 +79,7 @@ class MLflowCallback(SFTCallback):
         self.run_id: str | None = None
         self._logged: set[tuple[str, int]] = set()  # (metric, step) the interrupted run logged after the checkpoint
         self._names: dict[str, str] = {}  # a metric or param name -> the name MLflow accepts
+        self._last_step = 0  # the newest step of on_step_end: a hand-written loop's trainer may keep no global_step
         self._started = 0.0
 
     # --- events ------------------------------------------------------------------------------------------------
@@ -113,6 +114,7 @@ class MLflowCallback(SFTCallback):
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         api = trainer_api(trainer)
+        self._last_step = step
         self._log_metrics(api.train_metrics(metrics) if api.managed else metrics, step)
 
     def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
@@ -124,7 +126,7 @@ class MLflowCallback(SFTCallback):
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         values = {"epoch": epoch, **{f"epoch/{key}": value for key, value in metrics.items()}}
-        self._log_metrics(values, int(trainer_api(trainer).global_step))
+        self._log_metrics(values, max(int(trainer_api(trainer).global_step or 0), self._last_step))
 
     def on_train_end(self, trainer: Any, error: BaseException | None = None, **kwargs: Any) -> None:
         if self.client is None:

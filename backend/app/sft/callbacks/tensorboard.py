@@ -26,7 +26,7 @@ class TensorBoardCallback(SFTCallback):
     - each evaluation's metrics (`on_evaluate`) as `eval/<name>`, a `val_` prefix dropped (`eval/loss`,
       `eval/perplexity`, `eval/gen_exact_match`); a hand-written loop, which fires no `on_evaluate`, has the
       `val_*` keys of its step metrics written so;
-    - epoch-end metrics as `epoch/<name>`.
+    - epoch-end metrics as `epoch/<name>`, at the newest step.
     The run config (when `trainer.config` has `to_dict()`) is written as a text table and as hparams, without
     the credentials of URLs in it.
 
@@ -40,6 +40,7 @@ class TensorBoardCallback(SFTCallback):
     def __init__(self, log_dir: str | None = None) -> None:
         self.log_dir = log_dir
         self.writer: SummaryWriter | None = None
+        self._last_step = 0  # the newest step of on_step_end: a hand-written loop's trainer may keep no global_step
 
     def _fail(self, err: Exception) -> None:
         logger.warning("TensorBoard logging failed (%s); training goes on without it.", err)
@@ -94,6 +95,7 @@ class TensorBoardCallback(SFTCallback):
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         api = trainer_api(trainer)
+        self._last_step = step
         train = api.train_metrics(metrics)
         self._add_scalars(train, step, lambda name: f"train/{name}")
         if not api.managed:
@@ -121,7 +123,8 @@ class TensorBoardCallback(SFTCallback):
             self._fail(err)
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
-        self._add_scalars(metrics, int(trainer_api(trainer).global_step), lambda name: f"epoch/{name}")
+        step = max(int(trainer_api(trainer).global_step or 0), self._last_step)
+        self._add_scalars(metrics, step, lambda name: f"epoch/{name}")
 
     def on_train_end(self, trainer: Any, **kwargs: Any) -> None:
         if self.writer is None:
