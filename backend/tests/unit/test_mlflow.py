@@ -223,3 +223,16 @@ def test_a_hand_written_loop_logs_each_epoch_at_its_last_step(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
     assert steps_of(client, callback.run_id, "epoch/loss") == [(3, 0.5), (6, 0.4)]
     assert steps_of(client, callback.run_id, "epoch") == [(3, 0.0), (6, 1.0)]
+
+
+def test_resuming_with_an_unreachable_server_warns_once_and_keeps_the_run_id(tmp_path, caplog):
+    callback = MLflowCallback(tracking_uri=f"http://127.0.0.1:{closed_port()}")
+    callback.load_state_dict({"run_id": "0123456789abcdef0123456789abcdef"})
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"), global_step=3)
+    with caplog.at_level(logging.WARNING):
+        callback.on_train_begin(trainer)
+        callback.on_step_end(trainer, 4, {"loss": 1.0})
+        callback.on_train_end(trainer)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "MLflow logging is off" in warning and "not in this tracking store" not in warning
+    assert callback.state_dict() == {"run_id": "0123456789abcdef0123456789abcdef"}  # the next resume continues it

@@ -168,10 +168,13 @@ class MLflowCallback(SFTCallback):
         self._logged = set()
 
     def _continue_run(self, step: int) -> bool:
-        """Reopen the checkpoint's run and note the steps it logged after `step`; False when it is gone."""
+        """Reopen the checkpoint's run and note the steps it logged after `step`; False when it is gone (a store
+        that cannot be reached raises)."""
         try:
             run = self.client.get_run(self.run_id)
         except Exception as error:
+            if getattr(error, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise
             logger.warning("The MLflow run %s of the checkpoint is not in this tracking store (%s); starting a new "
                            "run", self.run_id, _first_line(error))
             return False
