@@ -236,3 +236,18 @@ def test_resuming_with_an_unreachable_server_warns_once_and_keeps_the_run_id(tmp
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert "MLflow logging is off" in warning and "not in this tracking store" not in warning
     assert callback.state_dict() == {"run_id": "0123456789abcdef0123456789abcdef"}  # the next resume continues it
+
+
+def test_a_deleted_experiment_is_named_in_one_warning_that_says_what_to_do(tmp_path, caplog):
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))
+    first = MLflowCallback(experiment="cleaned-up")
+    first.on_train_begin(trainer)
+    first.on_train_end(trainer)
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
+    experiment_id = client.get_experiment_by_name("cleaned-up").experiment_id
+    client.delete_experiment(experiment_id)
+    with caplog.at_level(logging.WARNING):
+        MLflowCallback(experiment="cleaned-up").on_train_begin(trainer)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "the experiment 'cleaned-up' was deleted" in warning
+    assert f"mlflow experiments restore --experiment-id {experiment_id}" in warning and "mlflow_experiment" in warning

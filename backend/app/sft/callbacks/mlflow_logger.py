@@ -158,6 +158,9 @@ class MLflowCallback(SFTCallback):
         """A new run in the experiment (created when missing; in the local store with its artifacts beside it)."""
         name = self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None and experiment.lifecycle_stage != "active":
+            raise ValueError(f"the experiment {name!r} was deleted; restore it (mlflow experiments restore "
+                             f"--experiment-id {experiment.experiment_id}) or log to another (mlflow_experiment)")
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:
