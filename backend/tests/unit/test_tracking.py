@@ -352,6 +352,24 @@ def test_tensorboard_hand_written_loop_writes_each_epoch_at_its_last_step(tmp_pa
     assert _scalars(tmp_path / "tensorboard")["epoch/loss"] == [(3, 0.5), (6, 0.5)]
 
 
+def test_tensorboard_never_writes_through_a_linked_folder_in_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tensorboard").symlink_to(elsewhere, target_is_directory=True)
+    callback = TensorBoardCallback()
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))
+    with caplog.at_level(logging.WARNING, logger="app.sft.callbacks.tensorboard"):
+        callback.on_train_begin(trainer)
+        callback.on_step_end(trainer, 1, {"loss": 1.0})
+        callback.on_train_end(trainer)
+    assert list(elsewhere.iterdir()) == []
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "is a symbolic link" in warning and "training goes on" in warning
+
+
 def test_tensorboard_resume_replaces_steps_after_the_checkpoint(tmp_path: Path) -> None:
     first = TensorBoardCallback(log_dir=str(tmp_path / "tb"))
     trainer = _trainer(tmp_path)

@@ -11,6 +11,7 @@ from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
 from app.sft.callbacks.trackers import scalar, without_credentials_in
 from app.sft.paths import TENSORBOARD_DIR
+from app.sft.run_dir import linked_folder_problem
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -31,7 +32,8 @@ class TensorBoardCallback(SFTCallback):
     the credentials of URLs in it.
 
     Only the main process writes. When resuming (`trainer.global_step > 0` at train begin), events that
-    the interrupted run wrote after that step are purged, so curves do not double back. Any writer
+    the interrupted run wrote after that step are purged, so curves do not double back. A `tensorboard` folder
+    in the run folder that is a symbolic link is not written through. Any writer
     failure (a bad `log_dir`, a full disk) logs one warning and turns the callback off; training goes on.
     """
 
@@ -57,6 +59,10 @@ class TensorBoardCallback(SFTCallback):
             return
         log_dir = self.log_dir or str(Path(api.output_dir or "runs") / TENSORBOARD_DIR)
         step = int(api.global_step or 0)
+        problem = None if self.log_dir else linked_folder_problem(Path(log_dir))
+        if problem is not None:
+            self._fail(OSError(problem))
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
