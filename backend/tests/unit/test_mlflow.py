@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from test_resume import SignalAt, lora_config, run
 
@@ -251,3 +253,15 @@ def test_a_deleted_experiment_is_named_in_one_warning_that_says_what_to_do(tmp_p
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert "the experiment 'cleaned-up' was deleted" in warning
     assert f"mlflow experiments restore --experiment-id {experiment_id}" in warning and "mlflow_experiment" in warning
+
+
+def test_values_that_are_no_float_are_skipped_and_training_goes_on(tmp_path):
+    callback = MLflowCallback()
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))
+    callback.on_train_begin(trainer)
+    values = {"loss": float("nan"), "huge": 10**400, "pair": torch.ones(2), "one": torch.tensor([[0.5]]), "x": None}
+    callback.on_step_end(trainer, 1, values)  # an int beyond a float raised OverflowError out of the step
+    callback.on_train_end(trainer)
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
+    metrics = client.get_run(callback.run_id).data.metrics
+    assert set(metrics) == {"loss", "one"} and math.isnan(metrics["loss"]) and metrics["one"] == 0.5

@@ -9,12 +9,12 @@ from typing import Any
 
 
 def scalar(value: Any) -> float | None:
-    """`value` as a float if it is a number (bools, strings and non-scalars give None)."""
+    """`value` as a float if it is a number (bools, strings, non-scalars and ints beyond a float give None)."""
     if isinstance(value, (bool, str)):
         return None
     try:
         return float(value)  # ints, floats, numpy scalars, one-element tensors
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError, OverflowError):
         return None
 
 
