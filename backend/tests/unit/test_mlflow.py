@@ -21,7 +21,7 @@ from app.sft.metrics_log import read_metrics
 
 @pytest.fixture(autouse=True)
 def _no_mlflow_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -265,3 +265,41 @@ def test_values_that_are_no_float_are_skipped_and_training_goes_on(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
     metrics = client.get_run(callback.run_id).data.metrics
     assert set(metrics) == {"loss", "one"} and math.isnan(metrics["loss"]) and metrics["one"] == 0.5
+
+
+def test_a_run_the_user_opened_gets_the_metrics_and_stays_open(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{(tmp_path / 'user.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))
+    with mlflow.start_run() as opened:
+        mlflow.log_param("lr", "0.1")
+        callback = MLflowCallback(config={"lr": 0.2, "lora_r": 4})
+        callback.on_train_begin(trainer)
+        callback.on_step_end(trainer, 1, {"loss": 2.0})
+        callback.on_train_end(trainer)
+        assert callback.run_id == opened.info.run_id
+        client = MlflowClient(tracking_uri=uri)
+        assert client.get_run(opened.info.run_id).info.status == "RUNNING"  # the user ends it
+    mlflow_run = client.get_run(opened.info.run_id)
+    assert mlflow_run.info.status == "FINISHED" and steps_of(client, opened.info.run_id, "loss") == [(1, 2.0)]
+    assert mlflow_run.data.params == {"lr": "0.1", "lora_r": "4"}  # MLflow params cannot change: the user's stays
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == 1
+
+
+def test_mlflow_run_id_names_the_run_a_new_training_logs_to(tmp_path, monkeypatch):
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))
+    first = MLflowCallback()
+    first.on_train_begin(trainer)
+    first.on_step_end(trainer, 1, {"loss": 2.0})
+    first.on_train_end(trainer)
+    monkeypatch.setenv("MLFLOW_RUN_ID", first.run_id)
+    second = MLflowCallback()
+    second.on_train_begin(trainer)
+    second.on_step_end(trainer, 1, {"loss": 3.0})  # the run has step 1: not logged twice
+    second.on_step_end(trainer, 2, {"loss": 1.0})
+    second.on_train_end(trainer)
+    assert second.run_id == first.run_id
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
+    assert steps_of(client, first.run_id, "loss") == [(1, 2.0), (2, 1.0)]

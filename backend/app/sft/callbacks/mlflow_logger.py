@@ -33,7 +33,8 @@ class MLflowCallback(SFTCallback):
 
     Args:
         tracking_uri: where runs go: a server (`http://host:5000`), `databricks`, `sqlite:///path.db`, ...; None:
-            the `MLFLOW_TRACKING_URI` environment variable, else a local store in the run folder
+            the `MLFLOW_TRACKING_URI` environment variable, else the store of a run the user opened in this
+            process (`mlflow.start_run()`), else a local store in the run folder
             (`sqlite:///<output_dir>/mlflow/mlflow.db`, artifacts in `<output_dir>/mlflow/artifacts`).
         experiment: the experiment's name, created when missing; None: `MLFLOW_EXPERIMENT_NAME`, else
             "llm-playground-sft".
@@ -50,8 +51,11 @@ class MLflowCallback(SFTCallback):
     `training_summary.json`, `report.html`, `loss.png` and `config.yaml` are logged, and the run is marked
     FINISHED, FAILED (an exception) or KILLED (stopped by a signal before its outputs were written).
 
-    The run id is part of `state_dict()`, so a resumed training continues the same MLflow run; steps that the
-    interrupted run logged after its checkpoint are not logged again, so every metric has each step once.
+    Like Hugging Face's MLflowCallback, a run the user opened in this process (`with mlflow.start_run():`, in
+    the same store) or the run `MLFLOW_RUN_ID` names gets the metrics instead of a new run; the run the user
+    opened is left open, for them to end. The run id is part of `state_dict()`, so a resumed training continues
+    the same MLflow run; steps that the run already has after the checkpoint's step are not logged again, so
+    every metric has each step once.
     `mlflow` is imported only when training starts. When it is missing, or the tracking server cannot be
     reached (mlflow's HTTP retries are cut to seconds), one warning is logged and training goes on without
     MLflow; a later failure also warns once and turns MLflow logging off (`metrics.jsonl` keeps everything).
@@ -80,6 +84,7 @@ class MLflowCallback(SFTCallback):
         self._logged: set[tuple[str, int]] = set()  # (metric, step) the interrupted run logged after the checkpoint
         self._names: dict[str, str] = {}  # a metric or param name -> the name MLflow accepts
         self._last_step = 0  # the newest step of on_step_end: a hand-written loop's trainer may keep no global_step
+        self._open_run: str | None = None  # the run the user opened in this process (mlflow.start_run), if ours
         self._started = 0.0
 
     # --- events ------------------------------------------------------------------------------------------------
@@ -89,19 +94,28 @@ class MLflowCallback(SFTCallback):
         if self.client is not None or not api.is_main_process:
             return
         try:
+            import mlflow
             from mlflow import MlflowClient
         except ImportError:
             logger.warning("mlflow is not installed (pip install 'llm-playground-sft[mlflow]'): MLflow logging is off")
             return
         self._started = time.time()
         output_dir = Path(api.output_dir or "runs")
-        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _local_store_uri(output_dir)
+        active = mlflow.active_run()  # a run the user opened (mlflow.start_run) gets the metrics
+        uri = (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+               or (mlflow.get_tracking_uri() if active else _local_store_uri(output_dir)))
+        self._open_run = active.info.run_id if active and uri == mlflow.get_tracking_uri() else None
+        users_run = os.environ.get("MLFLOW_RUN_ID") or self._open_run
         try:
             if uri == _local_store_uri(output_dir):
                 _make_local_store(output_dir / MLFLOW_DIR)
             with self._http_limits(retries=0):  # a server that is not there fails at once, without retry warnings
                 self.client = MlflowClient(tracking_uri=uri)
-                resumed = self.run_id is not None and self._continue_run(int(api.global_step or 0))
+                step = int(api.global_step or 0)
+                resumed = self.run_id is not None and self._continue_run(step, "of the checkpoint")
+                if not resumed and users_run:
+                    self.run_id = users_run
+                    resumed = self._continue_run(step, "the user opened")
                 if not resumed:
                     self._start_run(uri, output_dir)
                 self._log_params(config_dict(api.config if self.config is None else self.config), resumed)
@@ -142,7 +156,8 @@ class MLflowCallback(SFTCallback):
                 self._call(self.client.log_artifact, self.run_id, str(path), "model")
         finished = (output_dir / RUN_ARTIFACTS[0]) in written
         status = "FAILED" if error is not None else "FINISHED" if finished else "KILLED"
-        self._call(self.client.set_terminated, self.run_id, status)
+        if self.run_id != self._open_run:  # the run the user opened is theirs to end
+            self._call(self.client.set_terminated, self.run_id, status)
         self.client = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -170,19 +185,19 @@ class MLflowCallback(SFTCallback):
         self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
         self._logged = set()
 
-    def _continue_run(self, step: int) -> bool:
-        """Reopen the checkpoint's run and note the steps it logged after `step`; False when it is gone (a store
-        that cannot be reached raises)."""
+    def _continue_run(self, step: int, origin: str) -> bool:
+        """Reopen the run (`origin`: "of the checkpoint", "the user opened") and note the steps it logged after
+        `step`; False when it is gone (a store that cannot be reached raises)."""
         try:
             run = self.client.get_run(self.run_id)
         except Exception as error:
             if getattr(error, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            logger.warning("The MLflow run %s of the checkpoint is not in this tracking store (%s); starting a new "
-                           "run", self.run_id, _first_line(error))
+            logger.warning("The MLflow run %s %s is not in this tracking store (%s); starting a new run",
+                           self.run_id, origin, _first_line(error))
             return False
         if run.info.lifecycle_stage != "active":
-            logger.warning("The MLflow run %s of the checkpoint was deleted; starting a new run", self.run_id)
+            logger.warning("The MLflow run %s %s was deleted; starting a new run", self.run_id, origin)
             return False
         self.client.update_run(self.run_id, status="RUNNING")
         self._logged = {(key, metric.step) for key in run.data.metrics
