@@ -9,6 +9,7 @@ import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -303,3 +304,17 @@ def test_mlflow_run_id_names_the_run_a_new_training_logs_to(tmp_path, monkeypatc
     assert second.run_id == first.run_id
     client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
     assert steps_of(client, first.run_id, "loss") == [(1, 2.0), (2, 1.0)]
+
+
+@pytest.mark.parametrize("folder", ["run?lr=1e-4", "run%41"])
+def test_the_local_store_stays_in_a_run_folder_whose_name_has_url_characters(tmp_path, folder):
+    out = tmp_path / folder
+    callback = MLflowCallback()
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(out))
+    callback.on_train_begin(trainer)
+    callback.on_step_end(trainer, 1, {"loss": 2.0})
+    callback.on_train_end(trainer)
+    assert [path.name for path in tmp_path.iterdir()] == [folder]  # no database file beside the run folder
+    assert (out / "mlflow" / "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{quote(str((out / 'mlflow' / 'mlflow.db').resolve()))}")
+    assert steps_of(client, callback.run_id, "loss") == [(1, 2.0)]

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
@@ -282,7 +283,8 @@ def _make_local_store(folder: Path) -> None:
 
 
 def _local_store_uri(output_dir: Path) -> str:
-    return f"sqlite:///{(output_dir / MLFLOW_DIR / 'mlflow.db').resolve()}"
+    """The local store's URI; its path quoted, so a `?`, `#` or `%` in a folder name stays in the path."""
+    return f"sqlite:///{quote(str((output_dir / MLFLOW_DIR / 'mlflow.db').resolve()), safe='/')}"
 
 
 def _first_line(error: BaseException) -> str:
