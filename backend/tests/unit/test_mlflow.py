@@ -318,3 +318,15 @@ def test_the_local_store_stays_in_a_run_folder_whose_name_has_url_characters(tmp
     assert (out / "mlflow" / "mlflow.db").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{quote(str((out / 'mlflow' / 'mlflow.db').resolve()))}")
     assert steps_of(client, callback.run_id, "loss") == [(1, 2.0)]
+
+
+def test_a_run_aborted_by_a_second_signal_is_killed_and_a_crash_failed(tmp_path):
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))
+    statuses = []
+    for error in (KeyboardInterrupt("second SIGINT: aborting without saving"), RuntimeError("crash")):
+        callback = MLflowCallback()
+        callback.on_train_begin(trainer)
+        callback.on_train_end(trainer, error=error)
+        callback.on_train_end(trainer, error=None)  # a second call changes nothing
+        statuses.append(local_store(SimpleNamespace(output_dir=trainer.output_dir)).get_run(callback.run_id).info.status)
+    assert statuses == ["KILLED", "FAILED"]

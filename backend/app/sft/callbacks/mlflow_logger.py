@@ -50,7 +50,8 @@ class MLflowCallback(SFTCallback):
     step); the samples of an evaluation by generation as `generations/step_<N>.json`. A name MLflow rejects
     (`acc@1`) is logged as one it accepts (`acc_1`), with a warning. When training ends, the run's
     `training_summary.json`, `report.html`, `loss.png` and `config.yaml` are logged, and the run is marked
-    FINISHED, FAILED (an exception) or KILLED (stopped by a signal before its outputs were written).
+    FINISHED, FAILED (an exception) or KILLED (stopped by a signal, or a second one that aborted it: a
+    KeyboardInterrupt, before its outputs were written).
 
     Like Hugging Face's MLflowCallback, a run the user opened in this process (`with mlflow.start_run():`, in
     the same store) or the run `MLFLOW_RUN_ID` names gets the metrics instead of a new run; the run the user
@@ -156,7 +157,8 @@ class MLflowCallback(SFTCallback):
             for path in model_files(output_dir):
                 self._call(self.client.log_artifact, self.run_id, str(path), "model")
         finished = (output_dir / RUN_ARTIFACTS[0]) in written
-        status = "FAILED" if error is not None else "FINISHED" if finished else "KILLED"
+        status = ("KILLED" if isinstance(error, KeyboardInterrupt) or (error is None and not finished)
+                  else "FAILED" if error is not None else "FINISHED")
         if self.run_id != self._open_run:  # the run the user opened is theirs to end
             self._call(self.client.set_terminated, self.run_id, status)
         self.client = None
