@@ -225,7 +225,6 @@ def test_a_hand_written_loop_logs_each_epoch_at_its_last_step(tmp_path):
     callback.on_train_end(trainer)
     client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
     assert steps_of(client, callback.run_id, "epoch/loss") == [(3, 0.5), (6, 0.4)]
-    assert steps_of(client, callback.run_id, "epoch") == [(3, 0.0), (6, 1.0)]
 
 
 def test_resuming_with_an_unreachable_server_warns_once_and_keeps_the_run_id(tmp_path, caplog):
@@ -330,3 +329,19 @@ def test_a_run_aborted_by_a_second_signal_is_killed_and_a_crash_failed(tmp_path)
         callback.on_train_end(trainer, error=None)  # a second call changes nothing
         statuses.append(local_store(SimpleNamespace(output_dir=trainer.output_dir)).get_run(callback.run_id).info.status)
     assert statuses == ["KILLED", "FAILED"]
+
+
+def test_the_epoch_curve_is_the_fractional_epoch_of_each_step_once(tmp_path, tiny_model_dir):
+    config = lora_config(tmp_path, tiny_model_dir, "e", max_steps=None, num_epochs=2, logging_steps=1,
+                         eval_steps=100, save_steps=100, report_to=["mlflow"])
+    run(config)
+    client = local_store(config)
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("llm-playground-sft").experiment_id])
+    records = read_metrics(Path(config.output_dir) / "metrics.jsonl")
+    epochs = [(r["step"], r["epoch"]) for r in records if r["type"] == "train"]
+    logged = steps_of(client, mlflow_run.info.run_id, "epoch")
+    assert [step for step, _ in logged] == [step for step, _ in epochs]  # each step once: not the epoch index too
+    assert [value for _, value in logged] == pytest.approx([value for _, value in epochs])
+    ends = [(r["step"], r["loss"]) for r in records if r["type"] == "epoch"]
+    assert len(ends) == 2 and steps_of(client, mlflow_run.info.run_id, "epoch/loss") == [
+        (step, pytest.approx(loss)) for step, loss in ends]

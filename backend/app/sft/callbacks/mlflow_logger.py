@@ -141,7 +141,7 @@ class MLflowCallback(SFTCallback):
                        f"generations/step_{step}.json")
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
-        values = {"epoch": epoch, **{f"epoch/{key}": value for key, value in metrics.items()}}
+        values = {f"epoch/{key}": value for key, value in metrics.items()}  # `epoch` is each step's fractional one
         self._log_metrics(values, max(int(trainer_api(trainer).global_step or 0), self._last_step))
 
     def on_train_end(self, trainer: Any, error: BaseException | None = None, **kwargs: Any) -> None:
