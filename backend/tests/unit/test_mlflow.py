@@ -345,3 +345,28 @@ def test_the_epoch_curve_is_the_fractional_epoch_of_each_step_once(tmp_path, tin
     ends = [(r["step"], r["loss"]) for r in records if r["type"] == "epoch"]
     assert len(ends) == 2 and steps_of(client, mlflow_run.info.run_id, "epoch/loss") == [
         (step, pytest.approx(loss)) for step, loss in ends]
+
+
+def test_a_copied_run_folder_never_logs_artifacts_into_the_original(tmp_path, caplog):
+    import shutil
+
+    original, copy = tmp_path / "run1", tmp_path / "run2"
+    first = MLflowCallback()
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(original))
+    first.on_train_begin(trainer)
+    (original / "training_summary.json").write_text("{}")
+    first.on_train_end(trainer)
+    before = sorted(path for path in (original / "mlflow").rglob("*") if "artifacts" in path.parts)
+    shutil.copytree(original, copy)
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(copy), global_step=1)
+    for state in ({}, first.state_dict()):  # a new run, and the run of the copied checkpoint continued
+        callback = MLflowCallback()
+        callback.load_state_dict(state)
+        with caplog.at_level(logging.WARNING):
+            callback.on_train_begin(trainer)
+            callback.on_step_end(trainer, 2, {"loss": 1.0})
+            (copy / "training_summary.json").write_text("{}")
+            callback.on_train_end(trainer)
+        assert steps_of(local_store(SimpleNamespace(output_dir=str(copy))), callback.run_id, "loss") == [(2, 1.0)]
+    assert sorted(path for path in (original / "mlflow").rglob("*") if "artifacts" in path.parts) == before
+    assert caplog.text.count("was made in another run folder (copied or moved)") == 2

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
@@ -87,6 +87,7 @@ class MLflowCallback(SFTCallback):
         self._names: dict[str, str] = {}  # a metric or param name -> the name MLflow accepts
         self._last_step = 0  # the newest step of on_step_end: a hand-written loop's trainer may keep no global_step
         self._open_run: str | None = None  # the run the user opened in this process (mlflow.start_run), if ours
+        self._artifacts = True  # whether files are logged: not into another run folder's store
         self._started = 0.0
 
     # --- events ------------------------------------------------------------------------------------------------
@@ -120,6 +121,8 @@ class MLflowCallback(SFTCallback):
                     resumed = self._continue_run(step, "the user opened")
                 if not resumed:
                     self._start_run(uri, output_dir)
+                local = uri == _local_store_uri(output_dir)
+                self._artifacts = not local or self._artifacts_inside(output_dir / MLFLOW_DIR)
                 self._log_params(config_dict(api.config if self.config is None else self.config), resumed)
         except Exception as error:  # any failure of the tracker must not stop training
             self.client = None
@@ -135,7 +138,7 @@ class MLflowCallback(SFTCallback):
 
     def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         self._log_metrics(metrics, step)
-        samples = samples_of(trainer, step) if self.client is not None else []
+        samples = samples_of(trainer, step) if self.client is not None and self._artifacts else []
         if samples:
             self._call(self.client.log_dict, self.run_id, {"step": step, "samples": samples},
                        f"generations/step_{step}.json")
@@ -149,9 +152,9 @@ class MLflowCallback(SFTCallback):
             return
         output_dir = Path(trainer_api(trainer).output_dir or "runs")
         written = [output_dir / name for name in RUN_ARTIFACTS if self._written_now(output_dir / name)]
-        for path in written:
+        for path in written if self._artifacts else []:
             self._call(self.client.log_artifact, self.run_id, str(path))
-        if self.log_model and error is None and written:
+        if self.log_model and error is None and written and self._artifacts:
             from app.sft.run_dir import model_files
 
             for path in model_files(output_dir):
@@ -207,6 +210,17 @@ class MLflowCallback(SFTCallback):
                         for metric in self.client.get_metric_history(self.run_id, key) if metric.step > step}
         logger.info("Continuing the MLflow run %s from step %d", self.run_id, step)
         return True
+
+    def _artifacts_inside(self, store: Path) -> bool:
+        """Whether the run's artifacts go into `store`, the local store in the run folder; one copied or moved
+        from another run folder still sends them to that folder: then none are logged, with a warning."""
+        location = urlsplit(self.client.get_run(self.run_id).info.artifact_uri)
+        path = Path(unquote(location.path)).resolve()
+        if location.scheme == "file" and path.is_relative_to(store.resolve()):
+            return True
+        logger.warning("The MLflow store in %s was made in another run folder (copied or moved): its artifacts would "
+                       "go to %s, so this run logs none there (metrics and params are logged)", store, path)
+        return False
 
     def _log_params(self, config: Mapping[str, Any] | None, resumed: bool) -> None:
         """The config as params, in batches; a resumed run adds only params it does not have (MLflow params are
