@@ -370,3 +370,17 @@ def test_a_copied_run_folder_never_logs_artifacts_into_the_original(tmp_path, ca
         assert steps_of(local_store(SimpleNamespace(output_dir=str(copy))), callback.run_id, "loss") == [(2, 1.0)]
     assert sorted(path for path in (original / "mlflow").rglob("*") if "artifacts" in path.parts) == before
     assert caplog.text.count("was made in another run folder (copied or moved)") == 2
+
+
+def test_one_callback_used_for_two_trainings_logs_two_runs(tmp_path):
+    callback = MLflowCallback()  # a sweep in a hand-written loop: one callback, one training per learning rate
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))
+    run_ids = []
+    for loss in (2.0, 3.0):
+        callback.on_train_begin(trainer)
+        callback.on_step_end(trainer, 1, {"loss": loss})
+        callback.on_train_end(trainer)
+        run_ids.append(callback.run_id)
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
+    assert run_ids[0] != run_ids[1]
+    assert [steps_of(client, run_id, "loss") for run_id in run_ids] == [[(1, 2.0)], [(1, 3.0)]]

@@ -56,8 +56,9 @@ class MLflowCallback(SFTCallback):
     Like Hugging Face's MLflowCallback, a run the user opened in this process (`with mlflow.start_run():`, in
     the same store) or the run `MLFLOW_RUN_ID` names gets the metrics instead of a new run; the run the user
     opened is left open, for them to end. The run id is part of `state_dict()`, so a resumed training continues
-    the same MLflow run; steps that the run already has after the checkpoint's step are not logged again, so
-    every metric has each step once.
+    the same MLflow run (a training without a checkpoint starts a new one, also with the same callback); steps
+    that the run already has after the checkpoint's step are not logged again, so every metric has each step
+    once.
     `mlflow` is imported only when training starts. When it is missing, or the tracking server cannot be
     reached (mlflow's HTTP retries are cut to seconds), one warning is logged and training goes on without
     MLflow; a later failure also warns once and turns MLflow logging off (`metrics.jsonl` keeps everything).
@@ -83,6 +84,7 @@ class MLflowCallback(SFTCallback):
         self.timeout = timeout
         self.client: Any = None
         self.run_id: str | None = None
+        self._checkpoint_run: str | None = None  # the run to continue: that of the checkpoint loaded last
         self._logged: set[tuple[str, int]] = set()  # (metric, step) the interrupted run logged after the checkpoint
         self._names: dict[str, str] = {}  # a metric or param name -> the name MLflow accepts
         self._last_step = 0  # the newest step of on_step_end: a hand-written loop's trainer may keep no global_step
@@ -115,6 +117,7 @@ class MLflowCallback(SFTCallback):
             with self._http_limits(retries=0):  # a server that is not there fails at once, without retry warnings
                 self.client = MlflowClient(tracking_uri=uri)
                 step = int(api.global_step or 0)
+                self.run_id, self._checkpoint_run = self._checkpoint_run, None
                 resumed = self.run_id is not None and self._continue_run(step, "of the checkpoint")
                 if not resumed and users_run:
                     self.run_id = users_run
@@ -172,6 +175,7 @@ class MLflowCallback(SFTCallback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         run_id = state.get("run_id")
         self.run_id = run_id if isinstance(run_id, str) and run_id.isalnum() else None
+        self._checkpoint_run = self.run_id
 
     # --- MLflow ------------------------------------------------------------------------------------------------
 
