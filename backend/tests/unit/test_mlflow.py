@@ -6,7 +6,9 @@ import json
 import logging
 import math
 import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import quote
@@ -384,3 +386,50 @@ def test_one_callback_used_for_two_trainings_logs_two_runs(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}")
     assert run_ids[0] != run_ids[1]
     assert [steps_of(client, run_id, "loss") for run_id in run_ids] == [[(1, 2.0)], [(1, 3.0)]]
+
+
+class _TrackingServer(BaseHTTPRequestHandler):
+    """The few answers of MLflow's REST API a run needs (mlflow-skinny has no server to start)."""
+
+    run = {"info": {"run_id": "0123456789abcdef0123456789abcdef", "experiment_id": "1", "run_name": "r",
+                    "status": "RUNNING", "start_time": 1, "lifecycle_stage": "active",
+                    "artifact_uri": "mlflow-artifacts:/1/0123456789abcdef0123456789abcdef/artifacts"}, "data": {}}
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if "experiments/get-by-name" in self.path:
+            return self._answer(404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such experiment"})
+        return self._answer(200, {"run": self.run})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        answers = {"experiments/create": {"experiment_id": "1"}, "runs/create": {"run": self.run},
+                   "runs/update": {"run_info": self.run["info"]}}
+        return self._answer(200, next((body for path, body in answers.items() if path in self.path), {}))
+
+
+def test_a_password_in_a_server_uri_is_not_printed_with_the_run_link(tmp_path, capsys, caplog):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _TrackingServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        callback = MLflowCallback(tracking_uri=f"http://bob:hunter2@127.0.0.1:{server.server_address[1]}")
+        trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))
+        with caplog.at_level(logging.INFO):
+            callback.on_train_begin(trainer)
+            callback.on_step_end(trainer, 1, {"loss": 1.0})
+            callback.on_train_end(trainer)
+    finally:
+        server.shutdown()
+    assert callback.run_id == "0123456789abcdef0123456789abcdef" and "MLflow logging is off" not in caplog.text
+    captured = capsys.readouterr()
+    assert "hunter2" not in captured.out + captured.err + caplog.text

@@ -276,9 +276,13 @@ class MLflowCallback(SFTCallback):
     @contextlib.contextmanager
     def _http_limits(self, retries: int = 2) -> Iterator[None]:
         """mlflow's HTTP retries and request timeout cut to seconds while we call it (its defaults retry for
-        minutes); a variable the user set is kept."""
+        minutes), and its "View run at <URI>" lines off when the URI holds a password; a variable the user set is
+        kept."""
         limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(self.timeout)))}
+        uri = self.client.tracking_uri if self.client is not None else ""
+        if without_credentials(uri) != uri:
+            limits["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         added = {key: value for key, value in limits.items() if key not in os.environ}
         os.environ.update(added)
         try:
