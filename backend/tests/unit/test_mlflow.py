@@ -433,3 +433,20 @@ def test_a_password_in_a_server_uri_is_not_printed_with_the_run_link(tmp_path, c
     assert callback.run_id == "0123456789abcdef0123456789abcdef" and "MLflow logging is off" not in caplog.text
     captured = capsys.readouterr()
     assert "hunter2" not in captured.out + captured.err + caplog.text
+
+
+def test_log_model_in_a_hand_written_loop_logs_the_adapter_it_saved(tmp_path):
+    from helpers import tiny_llama
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    out = tmp_path / "out"
+    callback = MLflowCallback(log_model=True)
+    trainer = SimpleNamespace(model=model, device="cpu", output_dir=str(out))
+    callback.on_train_begin(trainer)
+    callback.on_step_end(trainer, 1, {"loss": 1.0})
+    model.save_pretrained(out)
+    callback.on_train_end(trainer)
+    client = MlflowClient(tracking_uri=f"sqlite:///{(out / 'mlflow' / 'mlflow.db').resolve()}")
+    assert {a.path for a in client.list_artifacts(callback.run_id, "model")} >= {
+        "model/adapter_model.safetensors", "model/adapter_config.json"}

@@ -42,7 +42,9 @@ class MLflowCallback(SFTCallback):
         run_name: the MLflow run's name (None: MLflow's).
         config: the params to log; None: the trainer's config, as resolved for this machine, flattened
             (`distributed.strategy`).
-        log_model: also log the final adapter or model (and its tokenizer) as artifacts under `model/`.
+        log_model: also log the final adapter or model (and its tokenizer) as artifacts under `model/`: the
+            files this training saved into the output folder (a hand-written loop: `save_pretrained(output_dir)`
+            before `on_train_end`).
         timeout: seconds one request to a tracking server may take.
 
     Metrics are logged at the global step: a step's training metrics under their names (`loss`, `learning_rate`),
@@ -157,10 +159,10 @@ class MLflowCallback(SFTCallback):
         written = [output_dir / name for name in RUN_ARTIFACTS if self._written_now(output_dir / name)]
         for path in written if self._artifacts else []:
             self._call(self.client.log_artifact, self.run_id, str(path))
-        if self.log_model and error is None and written and self._artifacts:
+        if self.log_model and error is None and self._artifacts:
             from app.sft.run_dir import model_files
 
-            for path in model_files(output_dir):
+            for path in filter(self._written_now, model_files(output_dir)):  # also a hand-written loop's save
                 self._call(self.client.log_artifact, self.run_id, str(path), "model")
         finished = (output_dir / RUN_ARTIFACTS[0]) in written
         status = ("KILLED" if isinstance(error, KeyboardInterrupt) or (error is None and not finished)
