@@ -324,6 +324,52 @@ def test_tensorboard_writes_step_eval_and_epoch_scalars(tmp_path: Path) -> None:
     assert "_hparams_/session_start_info" in events.summary_metadata
 
 
+class _ConfigWithCredentials:
+    def to_dict(self) -> dict[str, Any]:
+        return {"mlflow_tracking_uri": "https://bob:hunter2@mlflow.example.com", "datasets": [
+            {"path": "https://bob:hunter2@data.example.com/train.jsonl"}]}
+
+
+def test_tensorboard_writes_the_config_without_credentials(tmp_path: Path) -> None:
+    callback = TensorBoardCallback()
+    trainer = _trainer(tmp_path, config=_ConfigWithCredentials())
+    callback.on_train_begin(trainer)
+    callback.on_train_end(trainer)
+    written = b"".join(path.read_bytes() for path in (tmp_path / "tensorboard").iterdir())
+    assert b"https://mlflow.example.com" in written and b"data.example.com/train.jsonl" in written
+    assert b"hunter2" not in written and b"bob" not in written
+
+
+def test_tensorboard_hand_written_loop_writes_each_epoch_at_its_last_step(tmp_path: Path) -> None:
+    callback = TensorBoardCallback()
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path))  # keeps no global_step
+    callback.on_train_begin(trainer)
+    for epoch in range(2):
+        for step in range(epoch * 3 + 1, epoch * 3 + 4):
+            callback.on_step_end(trainer, step, {"loss": 1.0})
+        callback.on_epoch_end(trainer, epoch, {"loss": 0.5})
+    callback.on_train_end(trainer)
+    assert _scalars(tmp_path / "tensorboard")["epoch/loss"] == [(3, 0.5), (6, 0.5)]
+
+
+def test_tensorboard_never_writes_through_a_linked_folder_in_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tensorboard").symlink_to(elsewhere, target_is_directory=True)
+    callback = TensorBoardCallback()
+    trainer = SimpleNamespace(model=None, device="cpu", output_dir=str(tmp_path / "out"))
+    with caplog.at_level(logging.WARNING, logger="app.sft.callbacks.tensorboard"):
+        callback.on_train_begin(trainer)
+        callback.on_step_end(trainer, 1, {"loss": 1.0})
+        callback.on_train_end(trainer)
+    assert list(elsewhere.iterdir()) == []
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "is a symbolic link" in warning and "training goes on" in warning
+
+
 def test_tensorboard_resume_replaces_steps_after_the_checkpoint(tmp_path: Path) -> None:
     first = TensorBoardCallback(log_dir=str(tmp_path / "tb"))
     trainer = _trainer(tmp_path)

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
-from app.sft.callbacks.trackers import scalar
+from app.sft.callbacks.trackers import scalar, without_credentials_in
 from app.sft.paths import TENSORBOARD_DIR
+from app.sft.run_dir import linked_folder_problem
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -26,11 +27,13 @@ class TensorBoardCallback(SFTCallback):
     - each evaluation's metrics (`on_evaluate`) as `eval/<name>`, a `val_` prefix dropped (`eval/loss`,
       `eval/perplexity`, `eval/gen_exact_match`); a hand-written loop, which fires no `on_evaluate`, has the
       `val_*` keys of its step metrics written so;
-    - epoch-end metrics as `epoch/<name>`.
-    The run config (when `trainer.config` has `to_dict()`) is written as a text table and as hparams.
+    - epoch-end metrics as `epoch/<name>`, at the newest step.
+    The run config (when `trainer.config` has `to_dict()`) is written as a text table and as hparams, without
+    the credentials of URLs in it.
 
     Only the main process writes. When resuming (`trainer.global_step > 0` at train begin), events that
-    the interrupted run wrote after that step are purged, so curves do not double back. Any writer
+    the interrupted run wrote after that step are purged, so curves do not double back. A `tensorboard` folder
+    in the run folder that is a symbolic link is not written through. Any writer
     failure (a bad `log_dir`, a full disk) logs one warning and turns the callback off; training goes on.
     """
 
@@ -39,6 +42,7 @@ class TensorBoardCallback(SFTCallback):
     def __init__(self, log_dir: str | None = None) -> None:
         self.log_dir = log_dir
         self.writer: SummaryWriter | None = None
+        self._last_step = 0  # the newest step of on_step_end: a hand-written loop's trainer may keep no global_step
 
     def _fail(self, err: Exception) -> None:
         logger.warning("TensorBoard logging failed (%s); training goes on without it.", err)
@@ -55,12 +59,16 @@ class TensorBoardCallback(SFTCallback):
             return
         log_dir = self.log_dir or str(Path(api.output_dir or "runs") / TENSORBOARD_DIR)
         step = int(api.global_step or 0)
+        problem = None if self.log_dir else linked_folder_problem(Path(log_dir))
+        if problem is not None:
+            self._fail(OSError(problem))
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=log_dir, purge_step=step + 1 if step > 0 else None)
             if hasattr(api.config, "to_dict"):
-                self._write_config(api.config.to_dict())
+                self._write_config(without_credentials_in(api.config.to_dict()))
         except ImportError as err:
             self._fail(ImportError(f"{err}; install it with pip install 'llm-playground-sft[tensorboard]'"))
         except Exception as err:  # OSError, or anything else the writer raises
@@ -93,6 +101,7 @@ class TensorBoardCallback(SFTCallback):
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         api = trainer_api(trainer)
+        self._last_step = step
         train = api.train_metrics(metrics)
         self._add_scalars(train, step, lambda name: f"train/{name}")
         if not api.managed:
@@ -120,7 +129,8 @@ class TensorBoardCallback(SFTCallback):
             self._fail(err)
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
-        self._add_scalars(metrics, int(trainer_api(trainer).global_step), lambda name: f"epoch/{name}")
+        step = max(int(trainer_api(trainer).global_step or 0), self._last_step)
+        self._add_scalars(metrics, step, lambda name: f"epoch/{name}")
 
     def on_train_end(self, trainer: Any, **kwargs: Any) -> None:
         if self.writer is None:
