@@ -53,7 +53,8 @@ class ValidationCallback(SFTCallback):
         self.eval_on_epoch_end = eval_on_epoch_end
         self._best = BestRecord(Monitor("val_loss", "min"))
         self._loader: Iterable[Mapping[str, Any]] | None = None  # built once from val_dataset
-        self._last_result: tuple[int, dict[str, float]] | None = None  # step and metrics of the newest one
+        self._last_result: tuple[int, dict[str, float]] | None = None  # a step end's result, for its epoch end
+        self._last_step = 0  # the newest step seen: a hand-written loop's trainer may have no global_step
 
     @property
     def best_val_loss(self) -> float:
@@ -68,15 +69,18 @@ class ValidationCallback(SFTCallback):
 
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
         self._loader = None  # a new run may come with a different trainer: rebuild the loader lazily
+        self._last_result, self._last_step = None, 0
         self._best.attach(trainer)
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        self._last_step = step
         if step % self.eval_steps == 0:
             self._validate(trainer, step, metrics)
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         if self.eval_on_epoch_end:
-            self._validate(trainer, trainer_api(trainer).global_step, metrics)
+            self._validate(trainer, max(trainer_api(trainer).global_step, self._last_step), metrics)
+            self._last_result = None  # only a step end's result is reused, by the epoch end at that step
 
     def _validate(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
         """Validate (or reuse this step's result), publish a new result, and write it into `metrics`."""
