@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_sft_callbacks import TRAIN_BATCHES, VAL_BATCHES, TinyLM, token_weighted_loss
+from test_sft_callbacks import TRAIN_BATCHES, VAL_BATCHES, LoopTrainer, TinyLM, token_weighted_loss
 
-from app.sft import ValidationCallback
+from app.sft import CallbackHandler, SFTCallback, ValidationCallback
 from app.sft.loss import causal_lm_loss_sum
 
 
@@ -52,3 +52,41 @@ def test_epoch_end_validation_of_a_trainer_without_global_step_is_fresh_each_epo
     assert reported == pytest.approx(expected, rel=1e-5)
     assert len(set(reported)) == 3  # training changed the model, so every epoch's loss differs
     assert callback.best_val_loss == pytest.approx(min(expected), rel=1e-5)
+
+
+# ---------------------------------------------------------------- SFTCallback and the handler
+
+
+def test_a_hook_written_as_the_lifecycle_table_reads_is_refused_when_added_not_at_the_end() -> None:
+    """The table lists `on_train_end(trainer)`; the trainer also passes `error=`. Adding such a callback says so
+    at once, instead of a TypeError after the whole training ran."""
+
+    class Done(SFTCallback):
+        def on_train_end(self, trainer):
+            pass
+
+    class Renamed(SFTCallback):
+        def on_step_end(self, trainer, global_step, logs, **kwargs):
+            pass
+
+    with pytest.raises(TypeError, match=r"Done\.on_train_end\(trainer\) .*error=.*def on_train_end\(self, trainer, "
+                                        r"error, \*\*kwargs\)"):
+        CallbackHandler([Done()])
+    with pytest.raises(TypeError, match=r"Renamed\.on_step_end.*step=\.\.\., metrics=\.\.\."):
+        CallbackHandler().add(Renamed())
+
+
+def test_a_callback_with_only_some_hooks_and_without_kwargs_runs_a_whole_loop() -> None:
+    """Hooks that name exactly the documented arguments (no **kwargs) are fine; the others are the base's no-ops."""
+    seen = []
+
+    class Steps(SFTCallback):
+        def on_step_end(self, trainer, step, metrics):
+            seen.append(step)
+
+        def on_train_end(self, trainer, error):
+            seen.append(error)
+
+    trainer = LoopTrainer(TinyLM(), [Steps()])
+    trainer.train(TRAIN_BATCHES, epochs=2)
+    assert seen == [1, 2, 3, 4, None]

@@ -9,6 +9,7 @@ built-in callbacks work against one typed surface either way (see docs/ARCHITECT
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -250,6 +251,33 @@ class SFTCallback:
         """Called once when training ends, also after a failure (`kwargs["error"]` is the exception)."""
 
 
+HOOK_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "on_train_begin": (), "on_epoch_begin": ("epoch",), "on_step_end": ("step", "metrics"),
+    "on_evaluate": ("step", "metrics"), "on_epoch_end": ("epoch", "metrics"), "on_save": ("step", "checkpoint_path"),
+    "on_train_end": ("error",),
+}
+"""The keyword arguments the trainer passes to each hook, after the trainer itself."""
+
+
+def _check_hooks(callback: SFTCallback) -> None:
+    """A TypeError, before training, naming a hook of `callback` that cannot take what the trainer passes it."""
+    for event, names in HOOK_ARGUMENTS.items():
+        hook = getattr(callback, event)
+        try:
+            signature = inspect.signature(hook)
+        except ValueError:  # no signature to read (a builtin): it is called and judged then
+            continue
+        try:
+            signature.bind(None, **dict.fromkeys(names))
+        except TypeError:
+            wanted = ", ".join(("self", "trainer", *names, "**kwargs"))
+            raise TypeError(
+                f"{type(callback).__name__}.{event}{signature} cannot take the arguments the trainer passes "
+                f"(trainer, {', '.join(f'{name}=...' for name in names) or 'nothing else'}): define it as "
+                f"`def {event}({wanted})`"
+            ) from None
+
+
 class CallbackHandler:
     """Holds the callbacks and fires each event to all of them, in one fixed order.
 
@@ -270,11 +298,13 @@ class CallbackHandler:
             self.add(callback)
 
     def add(self, callback: SFTCallback) -> None:
-        """Add a callback instance at the place its `order` gives it."""
+        """Add a callback instance at the place its `order` gives it; a hook of it that cannot take the arguments
+        the trainer passes (`HOOK_ARGUMENTS`) is a TypeError now, not a crash when the trainer first calls it."""
         if not isinstance(callback, SFTCallback):
             raise TypeError(
                 f"callbacks must be SFTCallback instances, got {callback!r} of type {type(callback).__name__}"
             )
+        _check_hooks(callback)
         self.callbacks.append(callback)
         self.callbacks.sort(key=lambda cb: cb.order)  # sort is stable: ties keep their insertion order
 
