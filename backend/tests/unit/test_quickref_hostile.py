@@ -7,10 +7,20 @@ The scaffolding (a plain `nn.Module` language model, batches, the loop trainer) 
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
-from test_sft_callbacks import TRAIN_BATCHES, VAL_BATCHES, LoopTrainer, TinyLM, token_weighted_loss
+from datasets import Dataset as HFDataset
+from test_sft_callbacks import (
+    TRAIN_BATCHES,
+    VAL_BATCHES,
+    LoopTrainer,
+    TinyLM,
+    bare_trainer,
+    token_weighted_loss,
+)
+from torch.utils.data import Dataset
 
 from app.sft import CallbackHandler, SFTCallback, ValidationCallback
 from app.sft.loss import causal_lm_loss_sum
@@ -52,6 +62,62 @@ def test_epoch_end_validation_of_a_trainer_without_global_step_is_fresh_each_epo
     assert reported == pytest.approx(expected, rel=1e-5)
     assert len(set(reported)) == 3  # training changed the model, so every epoch's loss differs
     assert callback.best_val_loss == pytest.approx(min(expected), rel=1e-5)
+
+
+class TensorRows(Dataset):
+    """A torch Dataset of token-id tensors, the way many hand-written loops keep their data."""
+
+    def __init__(self, rows: list[list[int]], as_dicts: bool) -> None:
+        self.rows, self.as_dicts = rows, as_dicts
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Any:
+        ids = torch.tensor(self.rows[index])
+        return {"input_ids": ids} if self.as_dicts else ids
+
+
+ROWS = [[1, 5, 7, 9, 2], [3, 4, 4], [8, 8, 1, 2, 3, 4, 5]]
+
+
+def test_the_same_tokenized_rows_validate_alike_in_every_container() -> None:
+    """A list of dicts, a datasets.Dataset (plain and torch-formatted) and a torch Dataset of dicts."""
+    model = TinyLM()
+    trainer = bare_trainer(model, eval_batch_size=2)
+    dicts = [{"input_ids": row} for row in ROWS]
+    containers = [dicts, HFDataset.from_list(dicts), HFDataset.from_list(dicts).with_format("torch"),
+                  TensorRows(ROWS, as_dicts=True)]
+    losses = []
+    for container in containers:
+        callback = ValidationCallback(val_dataset=container, eval_steps=1)
+        callback.on_train_begin(trainer)
+        metrics: dict[str, float] = {}
+        callback.on_step_end(trainer, step=1, metrics=metrics)
+        losses.append(metrics["val_loss"])
+
+    model.eval()
+    expected = token_weighted_loss(model, [{"input_ids": torch.tensor([r]), "labels": torch.tensor([r])} for r in ROWS])
+    assert losses == pytest.approx([expected] * 4, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("val_dataset", "message"),
+    [
+        ([{"text": "hello world"}], r"no 'input_ids' \(its keys: \['text'\]\); pass tokenized examples"),
+        (HFDataset.from_list([{"instruction": "hi", "output": "hello"}]), r"its keys: \['instruction', 'output'\]"),
+        (TensorRows(ROWS, as_dicts=False), r"validation example is a Tensor, not a dict; pass tokenized"),
+        ([(torch.tensor([1, 2]), torch.tensor([1, 2]))], r"validation example is a (list|tuple), not a dict"),
+        ([{"input_ids": []}], r"empty 'input_ids'"),
+        ([], r"val_dataset is empty"),
+    ],
+)
+def test_unusable_validation_rows_fail_clearly_when_training_begins(val_dataset: Any, message: str) -> None:
+    """A trainer with only model and device cannot tokenize: raw or odd rows are refused before the first step,
+    with one message saying what to pass, not a tensor error from deep inside evaluation at step `eval_steps`."""
+    callback = ValidationCallback(val_dataset=val_dataset, eval_steps=500)
+    with pytest.raises(ValueError, match=message):
+        callback.on_train_begin(bare_trainer())
 
 
 # ---------------------------------------------------------------- SFTCallback and the handler

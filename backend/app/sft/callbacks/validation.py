@@ -34,7 +34,8 @@ class ValidationCallback(SFTCallback):
 
     Data: `val_dataset` (a `datasets.Dataset` or torch `Dataset`) is batched by the trainer's
     `make_eval_dataloader` when it has one (raw text/alpaca/chat rows or tokenized rows), otherwise by a
-    padding collate that needs tokenized rows (`input_ids`, optional `labels` and `attention_mask`).
+    padding collate that needs tokenized rows (`input_ids`, optional `labels` and `attention_mask`; in a
+    hand-written loop `on_train_begin` collates the first batch, so unusable rows fail before training).
     Without `val_dataset`, `trainer.val_dataloader` is used; with neither, the callback does nothing.
 
     The model's train/eval mode is restored after validation, also when it raises. Evaluation draws nothing
@@ -70,7 +71,8 @@ class ValidationCallback(SFTCallback):
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
         self._loader = None  # a new run may come with a different trainer: rebuild the loader lazily
         self._last_result, self._last_step = None, 0
-        self._best.attach(trainer)
+        if not self._best.attach(trainer).managed:
+            self._dataloader(trainer)  # a hand-written loop: unusable validation data fails now, not at step N
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         self._last_step = step
@@ -117,8 +119,11 @@ class ValidationCallback(SFTCallback):
         if self._loader is None:
             pad_id = getattr(api.tokenizer, "pad_token_id", None)
             collate = functools.partial(_pad_collate, collate=PaddedCollator(pad_id if pad_id is not None else 0))
-            self._loader = DataLoader(self.val_dataset, batch_size=api.eval_batch_size, collate_fn=collate,
-                                      generator=torch.Generator())
+            loader = DataLoader(self.val_dataset, batch_size=api.eval_batch_size, collate_fn=collate,
+                                generator=torch.Generator())
+            if next(iter(loader), None) is None:  # collating the first batch checks its rows
+                raise ValueError("ValidationCallback's val_dataset is empty: give it at least one tokenized example")
+            self._loader = loader
         return self._loader
 
     def _run_validation(self, trainer: Any) -> float:
@@ -149,11 +154,14 @@ def _on_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str
 
 
 def _pad_collate(examples: Sequence[Mapping[str, Any]], collate: PaddedCollator) -> dict[str, torch.Tensor]:
-    """Right-pad tokenized examples (labels default to `input_ids`); raw rows get a message saying what to do."""
+    """Right-pad tokenized examples (labels default to `input_ids`); other rows get a message saying what to do."""
+    wanted = ("pass tokenized examples: dicts with 'input_ids' (optionally 'labels' and 'attention_mask'), or use "
+              "SFTTrainer (or a trainer with make_eval_dataloader), which tokenizes raw text, alpaca and chat rows")
     for example in examples:
+        if not isinstance(example, Mapping):
+            raise ValueError(f"validation example is a {type(example).__name__}, not a dict; {wanted}")
         if "input_ids" not in example:
-            raise ValueError(
-                f"validation example has no 'input_ids' (its keys: {sorted(example)}); pass tokenized "
-                "examples, or use a trainer with make_eval_dataloader, which tokenizes raw rows"
-            )
+            raise ValueError(f"validation example has no 'input_ids' (its keys: {sorted(example)}); {wanted}")
+        if len(example["input_ids"]) == 0:
+            raise ValueError(f"validation example has an empty 'input_ids'; {wanted}")
     return collate(examples)
