@@ -6,12 +6,14 @@ The scaffolding (a plain `nn.Module` language model, batches, the loop trainer) 
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from datasets import Dataset as HFDataset
+from helpers import read_wandb_runs
 from test_sft_callbacks import (
     TRAIN_BATCHES,
     VAL_BATCHES,
@@ -22,7 +24,7 @@ from test_sft_callbacks import (
 )
 from torch.utils.data import Dataset
 
-from app.sft import CallbackHandler, SFTCallback, ValidationCallback
+from app.sft import CallbackHandler, SFTCallback, ValidationCallback, WandBCallback
 from app.sft.loss import causal_lm_loss_sum
 
 
@@ -156,3 +158,24 @@ def test_a_callback_with_only_some_hooks_and_without_kwargs_runs_a_whole_loop() 
     trainer = LoopTrainer(TinyLM(), [Steps()])
     trainer.train(TRAIN_BATCHES, epochs=2)
     assert seen == [1, 2, 3, 4, None]
+
+
+# ---------------------------------------------------------------- WandBCallback (real wandb, offline)
+
+
+def test_wandb_epoch_metrics_of_a_trainer_without_global_step_are_kept(wandb_offline: Path) -> None:
+    """Epoch metrics are logged at the step the epoch ended; with step 0 W&B would drop them as out of order."""
+    callback = WandBCallback()
+    trainer = SimpleNamespace(model=TinyLM(), device="cpu")  # no global_step
+    callback.on_train_begin(trainer)
+    step = 0
+    for epoch in range(2):
+        for _ in range(2):
+            step += 1
+            callback.on_step_end(trainer, step=step, metrics={"loss": 1.0 / step})
+        callback.on_epoch_end(trainer, epoch=epoch, metrics={"loss": 0.5 - epoch / 10})
+    callback.on_train_end(trainer, error=None)
+
+    log = read_wandb_runs(wandb_offline)[-1]
+    assert log.history[2] == {"loss": 0.5, "epoch": 0, "epoch/loss": 0.5}
+    assert log.history[4] == {"loss": 0.25, "epoch": 1, "epoch/loss": pytest.approx(0.4)}

@@ -56,9 +56,11 @@ class WandBCallback(SFTCallback):
         self.run: Any = None
         self.run_id: str | None = None
         self._warned: set[str] = set()
+        self._last_step = 0  # the newest step logged: a hand-written loop's trainer may have no global_step
 
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
         api = trainer_api(trainer)
+        self._last_step = 0
         if self.run is not None or not api.is_main_process:
             return
         try:
@@ -93,6 +95,7 @@ class WandBCallback(SFTCallback):
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         api = trainer_api(trainer)
+        self._last_step = step
         self._log(api.train_metrics(metrics) if api.managed else dict(metrics), step)
 
     def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
@@ -102,7 +105,7 @@ class WandBCallback(SFTCallback):
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         self._log(
             {"epoch": epoch, **{f"epoch/{key}": value for key, value in metrics.items()}},
-            trainer_api(trainer).global_step,
+            max(trainer_api(trainer).global_step, self._last_step),  # W&B drops a step older than the newest
         )
 
     def _log_samples(self, samples: list[dict[str, Any]], step: int) -> None:
