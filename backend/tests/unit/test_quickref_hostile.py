@@ -24,7 +24,7 @@ from test_sft_callbacks import (
 )
 from torch.utils.data import Dataset
 
-from app.sft import CallbackHandler, SFTCallback, ValidationCallback, WandBCallback
+from app.sft import CallbackHandler, EarlyStoppingCallback, SFTCallback, ValidationCallback, WandBCallback
 from app.sft.loss import causal_lm_loss_sum
 
 
@@ -120,6 +120,37 @@ def test_unusable_validation_rows_fail_clearly_when_training_begins(val_dataset:
     callback = ValidationCallback(val_dataset=val_dataset, eval_steps=500)
     with pytest.raises(ValueError, match=message):
         callback.on_train_begin(bare_trainer())
+
+
+def run_loop_without_global_step(trainer: SimpleNamespace, callbacks: list[SFTCallback], epochs: int) -> int:
+    """A user's loop that fires the events but keeps its step count to itself; returns the steps it took."""
+    handler = CallbackHandler(callbacks)
+    optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.5)
+    handler.fire("on_train_begin", trainer)
+    step = 0
+    for epoch in range(epochs):
+        for batch in TRAIN_BATCHES:
+            trainer.model.train()
+            loss_sum, n_tokens = causal_lm_loss_sum(trainer.model, batch)
+            (loss_sum / n_tokens).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            handler.fire("on_step_end", trainer, step=step, metrics={"loss": (loss_sum / n_tokens).item()})
+        handler.fire("on_epoch_end", trainer, epoch=epoch, metrics={"loss": 1.0})
+        if trainer.should_stop:
+            break
+    handler.fire("on_train_end", trainer, error=None)
+    return step
+
+
+@pytest.mark.parametrize("eval_steps", [1000, 2])  # epoch ends only; every step end that ends an epoch too
+def test_early_stopping_counts_each_epoch_end_once_without_global_step(eval_steps: int) -> None:
+    """Patience 2 with no possible improvement: the checks at epochs 0, 1 and 2 stop training at step 6."""
+    stop = EarlyStoppingCallback(patience=2, min_delta=100.0)
+    trainer = SimpleNamespace(model=TinyLM(), device="cpu", val_dataloader=VAL_BATCHES, should_stop=False)
+    steps = run_loop_without_global_step(trainer, [ValidationCallback(eval_steps=eval_steps), stop], epochs=5)
+    assert (steps, stop.stopped_step, stop.wait_count) == (6, 6, 2)
 
 
 # ---------------------------------------------------------------- SFTCallback and the handler
