@@ -6,14 +6,17 @@ The scaffolding (a plain `nn.Module` language model, batches, the loop trainer) 
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset as HFDataset
 from helpers import read_wandb_runs
+from peft import LoraConfig, get_peft_model
 from test_sft_callbacks import (
     TRAIN_BATCHES,
     VAL_BATCHES,
@@ -24,7 +27,13 @@ from test_sft_callbacks import (
 )
 from torch.utils.data import Dataset
 
-from app.sft import CallbackHandler, EarlyStoppingCallback, SFTCallback, ValidationCallback, WandBCallback
+from app.sft import (
+    CallbackHandler,
+    EarlyStoppingCallback,
+    SFTCallback,
+    ValidationCallback,
+    WandBCallback,
+)
 from app.sft.loss import causal_lm_loss_sum
 
 
@@ -39,6 +48,52 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 # ---------------------------------------------------------------- ValidationCallback
+
+
+def model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """Everything validation must leave as it found: modes, requires_grad, gradients, weights and the RNGs."""
+    return {
+        "modes": {name: module.training for name, module in model.named_modules()},
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "grads": {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()},
+        "weights": {name: p.detach().clone() for name, p in model.named_parameters()},
+        "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()),
+    }
+
+
+def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert after["modes"] == before["modes"] and after["requires_grad"] == before["requires_grad"]
+    for kind in ("grads", "weights"):
+        for name, value in before[kind].items():
+            assert (value is None and after[kind][name] is None) or torch.equal(value, after[kind][name]), name
+    assert torch.equal(before["rng"][0], after["rng"][0]) and before["rng"][1] == after["rng"][1]
+    assert np.array_equal(before["rng"][2], after["rng"][2])
+
+
+def test_validation_mid_accumulation_leaves_a_lora_model_as_it_found_it_also_when_it_fails(tiny_llama) -> None:
+    """Validation between two micro-batches of a LoRA model in train mode (one module switched off by hand)."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj"]))
+    model.train()
+    next(m for m in model.modules() if isinstance(m, torch.nn.Dropout)).eval()
+    batch = {"input_ids": torch.tensor([[1, 5, 7, 9, 2]]), "labels": torch.tensor([[-100, 5, 7, 9, 2]])}
+    loss_sum, n_tokens = causal_lm_loss_sum(model, batch)
+    (loss_sum / n_tokens).backward()  # gradients of the first micro-batch, not yet stepped
+    rows = [{"input_ids": [1, 2, 3, 4]}, {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
+    trainer = bare_trainer(model)
+    before = model_state(model)
+
+    callback = ValidationCallback(val_dataset=HFDataset.from_list(rows), eval_steps=1)
+    callback.on_train_begin(trainer)
+    metrics: dict[str, float] = {}
+    callback.on_step_end(trainer, step=1, metrics=metrics)
+    assert metrics["val_loss"] > 0
+    assert_same_state(before, model_state(model))
+
+    broken = ValidationCallback(val_dataset=[{"input_ids": [1, 10_000]}], eval_steps=1)  # an id past the vocabulary
+    broken.on_train_begin(trainer)
+    with pytest.raises(IndexError):
+        broken.on_step_end(trainer, step=1, metrics={})
+    assert_same_state(before, model_state(model))
 
 
 @pytest.mark.parametrize("fires_step_end", [False, True])
@@ -210,3 +265,4 @@ def test_wandb_epoch_metrics_of_a_trainer_without_global_step_are_kept(wandb_off
     log = read_wandb_runs(wandb_offline)[-1]
     assert log.history[2] == {"loss": 0.5, "epoch": 0, "epoch/loss": 0.5}
     assert log.history[4] == {"loss": 0.25, "epoch": 1, "epoch/loss": pytest.approx(0.4)}
+
