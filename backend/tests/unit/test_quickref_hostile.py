@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from app.sft import (
     CallbackHandler,
+    CheckpointCallback,
     EarlyStoppingCallback,
     SFTCallback,
     ValidationCallback,
@@ -266,3 +267,21 @@ def test_wandb_epoch_metrics_of_a_trainer_without_global_step_are_kept(wandb_off
     assert log.history[2] == {"loss": 0.5, "epoch": 0, "epoch/loss": 0.5}
     assert log.history[4] == {"loss": 0.25, "epoch": 1, "epoch/loss": pytest.approx(0.4)}
 
+
+# ---------------------------------------------------------------- CheckpointCallback
+
+
+@pytest.mark.parametrize("wrap", [lambda m: torch.compile(m, backend="eager"), torch.nn.DataParallel])
+def test_checkpoint_of_a_wrapped_plain_module_loads_into_the_module_itself(tmp_path: Path, wrap: Any) -> None:
+    """A hand-written loop trains `torch.compile(model)` (or a DataParallel one): its `.pt` checkpoint holds the
+    model's own keys, so `TinyLM().load_state_dict(torch.load(...))` works as for an unwrapped model."""
+    model = TinyLM()
+    callback = CheckpointCallback(tmp_path / "run 1" / "ckpts", save_steps=2, save_total_limit=1)
+    LoopTrainer(wrap(model), [callback]).train(TRAIN_BATCHES)
+
+    (path,) = callback.checkpoints
+    assert path == str(tmp_path / "run 1" / "ckpts" / "checkpoint_step_2.pt")
+    restored = TinyLM(seed=1)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from app.sft import atomic, checkpointing
 from app.sft.callbacks.base import BestRecord, Monitor, MonitoringCallback, TrainerAPI, trainer_api
@@ -184,7 +185,7 @@ class CheckpointCallback(MonitoringCallback):
 
     def _target(self, api: TrainerAPI, step: int) -> str:
         file_path = self._get_checkpoint_path(step)
-        return file_path.removesuffix(".pt") if hasattr(api.model, "save_pretrained") else file_path
+        return file_path.removesuffix(".pt") if hasattr(_unwrapped(api.model), "save_pretrained") else file_path
 
     def _save_checkpoint(self, trainer: Any, step: int, metrics: dict[str, float]) -> str | None:
         """Write the model of `step` (main process only) and return its path; other processes return None."""
@@ -244,9 +245,16 @@ class CheckpointCallback(MonitoringCallback):
         self._best.checkpoint = best_path if best_path in self._written else None
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, out of `torch.compile` and (Distributed)DataParallel wrappers, so that its checkpoint
+    loads into the model's own class (no `_orig_mod.`/`module.` prefixes on its keys)."""
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
 def _write_model(model: torch.nn.Module, target: str) -> None:
-    """Save `model` to `target` atomically (`atomic`): a folder through `save_pretrained`, else a `torch.save`
-    file of its state dict; `target` is never left half written."""
+    """Save `model` (unwrapped) to `target` atomically (`atomic`): a folder through `save_pretrained`, else a
+    `torch.save` file of its state dict; `target` is never left half written."""
+    model = _unwrapped(model)
     if hasattr(model, "save_pretrained"):
         with atomic.atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
