@@ -6,6 +6,7 @@ The scaffolding (a plain `nn.Module` language model, batches, the loop trainer) 
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -285,3 +286,28 @@ def test_checkpoint_of_a_wrapped_plain_module_loads_into_the_module_itself(tmp_p
     restored.load_state_dict(torch.load(path, weights_only=True))
     for name, tensor in model.state_dict().items():
         assert torch.equal(restored.state_dict()[name], tensor)
+
+
+def test_wandb_log_model_in_a_hand_written_loop_logs_what_on_save_reports_and_says_when_nothing_came(
+    wandb_offline: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The quick reference's "Best Model Only + W&B Logging" in a hand-written loop: CheckpointCallback saves but
+    cannot tell W&B; the run's end says so instead of silently logging no model. A loop that fires `on_save`
+    gets its checkpoint uploaded."""
+    silent = WandBCallback(log_model=True)
+    with caplog.at_level(logging.WARNING):
+        LoopTrainer(TinyLM(), [silent, CheckpointCallback(tmp_path / "a", save_steps=1)]).train(TRAIN_BATCHES)
+    assert caplog.text.count("no checkpoint was reported to WandBCallback (on_save)") == 1
+
+    caplog.clear()
+    reporting = WandBCallback(log_model=True)
+    trainer = SimpleNamespace(model=TinyLM(), device="cpu")
+    checkpoint = CheckpointCallback(tmp_path / "b", save_steps=1)
+    with caplog.at_level(logging.WARNING):
+        reporting.on_train_begin(trainer)
+        checkpoint.on_step_end(trainer, step=1, metrics={"loss": 1.0})
+        reporting.on_save(trainer, step=1, checkpoint_path=checkpoint.checkpoints[-1])
+        reporting.on_train_end(trainer, error=None)
+    assert "no checkpoint was reported" not in caplog.text
+    runs = read_wandb_runs(wandb_offline)
+    assert runs[0].artifacts == [] and runs[1].artifacts == [(f"model-{reporting.run_id}", "model")]

@@ -21,7 +21,8 @@ class WandBCallback(SFTCallback):
     Args:
         project, run_name, entity: where the run goes and what it is called (None: W&B's defaults).
         config: the run's config; None logs `trainer.config` when the trainer has one.
-        log_model: also upload each saved checkpoint as a W&B artifact of type `model`.
+        log_model: also upload each checkpoint reported by `on_save` as a W&B artifact of type `model` (SFTTrainer
+            fires `on_save`; a hand-written loop fires it after saving; a run that reported none says so at its end).
         init_timeout: seconds `wandb.init` may take to reach the W&B server; when it cannot, one warning says
             "W&B unreachable" and the run is logged offline instead (W&B's own default waits 90 s).
 
@@ -57,10 +58,11 @@ class WandBCallback(SFTCallback):
         self.run_id: str | None = None
         self._warned: set[str] = set()
         self._last_step = 0  # the newest step logged: a hand-written loop's trainer may have no global_step
+        self._saves_seen = False  # whether any on_save reached this callback during the run
 
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
         api = trainer_api(trainer)
-        self._last_step = 0
+        self._last_step, self._saves_seen = 0, False
         if self.run is not None or not api.is_main_process:
             return
         try:
@@ -124,6 +126,7 @@ class WandBCallback(SFTCallback):
             self._warn_once("table", f"logging the generation samples to W&B failed ({error}); training goes on")
 
     def on_save(self, trainer: Any, step: int, checkpoint_path: str, **kwargs: Any) -> None:
+        self._saves_seen = True
         if self.run is None or not self.log_model:
             return
         try:
@@ -141,6 +144,10 @@ class WandBCallback(SFTCallback):
     def on_train_end(self, trainer: Any, error: BaseException | None = None, **kwargs: Any) -> None:
         if self.run is None:
             return
+        if self.log_model and not self._saves_seen and error is None:
+            self._warn_once("no_model", "log_model=True, but no checkpoint was reported to WandBCallback (on_save), "
+                            "so no model was logged: a hand-written loop fires on_save(trainer, step=..., "
+                            "checkpoint_path=...) after it saves one (SFTTrainer does so itself)")
         try:
             self.run.finish(exit_code=1 if error is not None else 0)
         except Exception as finish_error:
