@@ -309,5 +309,5 @@ def test_wandb_log_model_in_a_hand_written_loop_logs_what_on_save_reports_and_sa
         reporting.on_save(trainer, step=1, checkpoint_path=checkpoint.checkpoints[-1])
         reporting.on_train_end(trainer, error=None)
     assert "no checkpoint was reported" not in caplog.text
-    runs = read_wandb_runs(wandb_offline)
-    assert runs[0].artifacts == [] and runs[1].artifacts == [(f"model-{reporting.run_id}", "model")]
+    artifacts = {run.run_id: run.artifacts for run in read_wandb_runs(wandb_offline)}
+    assert artifacts == {silent.run_id: [], reporting.run_id: [(f"model-{reporting.run_id}", "model")]}
