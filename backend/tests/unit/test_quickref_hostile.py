@@ -36,6 +36,7 @@ from app.sft import (
     ValidationCallback,
     WandBCallback,
 )
+from app.sft.callbacks.base import trainer_api
 from app.sft.loss import causal_lm_loss_sum
 
 
@@ -311,3 +312,15 @@ def test_wandb_log_model_in_a_hand_written_loop_logs_what_on_save_reports_and_sa
     assert "no checkpoint was reported" not in caplog.text
     artifacts = {run.run_id: run.artifacts for run in read_wandb_runs(wandb_offline)}
     assert artifacts == {silent.run_id: [], reporting.run_id: [(f"model-{reporting.run_id}", "model")]}
+
+
+def test_a_trainer_with_only_a_model_sends_batches_where_the_model_is() -> None:
+    """`SimpleNamespace(model=model)` after `model.to(device)`: validation batches follow the model, not "cpu"."""
+    on_meta = TinyLM().to("meta")  # a device other than the CPU that every machine has
+    assert trainer_api(SimpleNamespace(model=on_meta)).device == torch.device("meta")
+    assert trainer_api(SimpleNamespace(model=on_meta, device="cpu")).device == "cpu"  # a given device is kept
+    model = TinyLM().to(torch.bfloat16)
+    callback = ValidationCallback(eval_steps=1)
+    metrics: dict[str, float] = {}
+    callback.on_step_end(SimpleNamespace(model=model, val_dataloader=VAL_BATCHES), step=1, metrics=metrics)
+    assert metrics["val_loss"] == pytest.approx(token_weighted_loss(model.eval(), VAL_BATCHES), rel=1e-2)

@@ -123,7 +123,8 @@ _STAND_IN_FIELDS = (
 
 
 class _StandInTrainer(TrainerAPI):
-    """A TrainerAPI view of an object with `model` and `device` (plus any of `_STAND_IN_FIELDS`).
+    """A TrainerAPI view of an object with `model` and `device` (plus any of `_STAND_IN_FIELDS`); without
+    `device`, batches go where the model's parameters are.
 
     Only attributes the object holds itself are taken over, so a `unittest.mock.Mock`'s automatic attributes
     are never mistaken for real ones.
@@ -132,7 +133,7 @@ class _StandInTrainer(TrainerAPI):
     def __init__(self, trainer: Any) -> None:
         self._trainer = trainer
         self.model = getattr(trainer, "model", None)  # a logger's stand-in may have no model
-        self.device = getattr(trainer, "device", "cpu")
+        self.device = getattr(trainer, "device", None) or _device_of(self.model)
         own = getattr(trainer, "__dict__", {})
         for name in _STAND_IN_FIELDS:
             if name in own:
@@ -140,6 +141,12 @@ class _StandInTrainer(TrainerAPI):
 
     def request_stop(self, reason: str) -> None:
         self._trainer.should_stop = True
+
+
+def _device_of(model: Any) -> torch.device:
+    """Where `model`'s first parameter is (a stand-in without `device` validates there); CPU without one."""
+    parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    return torch.device("cpu") if parameter is None else parameter.device
 
 
 def trainer_api(trainer: Any) -> TrainerAPI:
