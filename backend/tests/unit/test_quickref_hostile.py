@@ -142,12 +142,14 @@ ROWS = [[1, 5, 7, 9, 2], [3, 4, 4], [8, 8, 1, 2, 3, 4, 5]]
 
 
 def test_the_same_tokenized_rows_validate_alike_in_every_container() -> None:
-    """A list of dicts, a datasets.Dataset (plain and torch-formatted) and a torch Dataset of dicts."""
+    """A list of dicts, a datasets.Dataset (plain, torch-formatted, with `labels` in only some rows) and a torch
+    Dataset of dicts."""
     model = TinyLM()
     trainer = bare_trainer(model, eval_batch_size=2)
     dicts = [{"input_ids": row} for row in ROWS]
+    with_labels = [row if i else dict(row, labels=row["input_ids"]) for i, row in enumerate(dicts)]
     containers = [dicts, HFDataset.from_list(dicts), HFDataset.from_list(dicts).with_format("torch"),
-                  TensorRows(ROWS, as_dicts=True)]
+                  TensorRows(ROWS, as_dicts=True), HFDataset.from_list(with_labels)]  # rows 1 and 2: labels None
     losses = []
     for container in containers:
         callback = ValidationCallback(val_dataset=container, eval_steps=1)
@@ -158,7 +160,7 @@ def test_the_same_tokenized_rows_validate_alike_in_every_container() -> None:
 
     model.eval()
     expected = token_weighted_loss(model, [{"input_ids": torch.tensor([r]), "labels": torch.tensor([r])} for r in ROWS])
-    assert losses == pytest.approx([expected] * 4, rel=1e-5)
+    assert losses == pytest.approx([expected] * 5, rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -170,6 +172,9 @@ def test_the_same_tokenized_rows_validate_alike_in_every_container() -> None:
         ([(torch.tensor([1, 2]), torch.tensor([1, 2]))], r"validation example is a (list|tuple), not a dict"),
         ([{"input_ids": []}], r"empty 'input_ids'"),
         ([], r"val_dataset is empty"),
+        ([{"input_ids": [1, 2, 3], "labels": [1, 2, 3, 4, 5]}], r"has 5 'labels' for its 3 'input_ids'"),
+        ([{"input_ids": [1, 2, 3, 4], "labels": [1, 2]}], r"has 2 'labels' for its 4 'input_ids'"),
+        ([{"input_ids": [1, 2, 3], "attention_mask": [1, 1]}], r"has 2 'attention_mask' for its 3 'input_ids'"),
     ],
 )
 def test_unusable_validation_rows_fail_clearly_when_training_begins(val_dataset: Any, message: str) -> None:

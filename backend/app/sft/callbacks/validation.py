@@ -157,11 +157,19 @@ def _pad_collate(examples: Sequence[Mapping[str, Any]], collate: PaddedCollator)
     """Right-pad tokenized examples (labels default to `input_ids`); other rows get a message saying what to do."""
     wanted = ("pass tokenized examples: dicts with 'input_ids' (optionally 'labels' and 'attention_mask'), or use "
               "SFTTrainer (or a trainer with make_eval_dataloader), which tokenizes raw text, alpaca and chat rows")
+    rows = []
     for example in examples:
         if not isinstance(example, Mapping):
             raise ValueError(f"validation example is a {type(example).__name__}, not a dict; {wanted}")
-        if "input_ids" not in example:
+        row = {key: value for key, value in example.items() if value is not None}  # a column this row lacks
+        if "input_ids" not in row:
             raise ValueError(f"validation example has no 'input_ids' (its keys: {sorted(example)}); {wanted}")
-        if len(example["input_ids"]) == 0:
+        length = len(row["input_ids"])
+        if length == 0:
             raise ValueError(f"validation example has an empty 'input_ids'; {wanted}")
-    return collate(examples)
+        for key in ("labels", "attention_mask"):
+            if key in row and len(row[key]) != length:
+                raise ValueError(f"validation example has {len(row[key])} '{key}' for its {length} 'input_ids'; "
+                                 "they must be equally long")
+        rows.append(row)
+    return collate(rows)
