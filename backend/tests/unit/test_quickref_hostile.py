@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset as HFDataset
-from helpers import read_wandb_runs
-from peft import LoraConfig, get_peft_model
+from helpers import read_wandb_runs, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
 from test_sft_callbacks import (
     TRAIN_BATCHES,
     VAL_BATCHES,
     LoopTrainer,
     TinyLM,
     bare_trainer,
+    lora_llama,
+    random_batch,
     token_weighted_loss,
 )
 from torch.utils.data import Dataset
@@ -329,3 +331,16 @@ def test_a_trainer_with_only_a_model_sends_batches_where_the_model_is() -> None:
     metrics: dict[str, float] = {}
     callback.on_step_end(SimpleNamespace(model=model, val_dataloader=VAL_BATCHES), step=1, metrics=metrics)
     assert metrics["val_loss"] == pytest.approx(token_weighted_loss(model.eval(), VAL_BATCHES), rel=1e-2)
+
+
+def test_checkpoint_of_a_wrapped_peft_model_is_its_adapter_folder(tmp_path: Path) -> None:
+    """A DataParallel-wrapped LoRA model is still saved with `save_pretrained`: a reloadable adapter folder."""
+    model = lora_llama()
+    callback = CheckpointCallback(str(tmp_path), save_steps=1, save_total_limit=None)
+    batch = random_batch(2, 5, seed=3)
+    LoopTrainer(torch.nn.DataParallel(model), [callback]).train([batch])
+
+    assert callback.checkpoints == [str(tmp_path / "checkpoint_step_1")]
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "checkpoint_step_1").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, model.eval()(**batch).logits, atol=1e-6)
