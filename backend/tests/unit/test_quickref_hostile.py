@@ -344,3 +344,11 @@ def test_checkpoint_of_a_wrapped_peft_model_is_its_adapter_folder(tmp_path: Path
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "checkpoint_step_1").eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(**batch).logits, model.eval()(**batch).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda rows: (row for row in rows), iter, lambda rows: map(dict, rows)])
+def test_a_one_shot_iterator_as_val_dataset_is_refused_when_the_callback_is_made(make: Any) -> None:
+    """Validation reads its data many times; a generator would be a bare `has no len()` TypeError (or empty)."""
+    rows = [{"input_ids": row} for row in ROWS]
+    with pytest.raises(ValueError, match=r"val_dataset is a one-shot iterator \(\w+\).*pass a list"):
+        ValidationCallback(val_dataset=make(rows))

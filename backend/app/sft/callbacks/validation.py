@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +49,9 @@ class ValidationCallback(SFTCallback):
     ) -> None:
         if not isinstance(eval_steps, int) or eval_steps < 1:
             raise ValueError(f"eval_steps must be an integer >= 1, got {eval_steps!r}")
+        if isinstance(val_dataset, Iterator):  # a generator, map(...), iter(list): empty after one validation
+            raise ValueError(f"val_dataset is a one-shot iterator ({type(val_dataset).__name__}), but validation "
+                             "reads it every time: pass a list, a datasets.Dataset or a torch Dataset")
         self.val_dataset = val_dataset
         self.eval_steps = eval_steps
         self.eval_on_epoch_end = eval_on_epoch_end
