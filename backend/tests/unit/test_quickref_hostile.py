@@ -352,3 +352,18 @@ def test_a_one_shot_iterator_as_val_dataset_is_refused_when_the_callback_is_made
     rows = [{"input_ids": row} for row in ROWS]
     with pytest.raises(ValueError, match=r"val_dataset is a one-shot iterator \(\w+\).*pass a list"):
         ValidationCallback(val_dataset=make(rows))
+
+
+def test_a_process_running_ahead_of_the_main_one_deletes_no_checkpoint(tmp_path: Path) -> None:
+    """torchrun with a hand-written loop: process 1 reaches step 2 before process 0 has saved it. Rotating there
+    would delete step 1, the only checkpoint on disk, before step 2 exists."""
+    main = CheckpointCallback(tmp_path, save_steps=1, save_total_limit=1)
+    other = CheckpointCallback(tmp_path, save_steps=1, save_total_limit=1)
+    main_trainer, other_trainer = bare_trainer(), bare_trainer(is_main_process=False)
+    main.on_step_end(main_trainer, step=1, metrics={})
+    other.on_step_end(other_trainer, step=1, metrics={})
+    other.on_step_end(other_trainer, step=2, metrics={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_1.pt"]
+
+    main.on_step_end(main_trainer, step=2, metrics={})  # the main process saves step 2, then rotates step 1 away
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_2.pt"]

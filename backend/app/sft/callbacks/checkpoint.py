@@ -44,7 +44,8 @@ class CheckpointCallback(MonitoringCallback):
     `best_val_loss` and `best_checkpoint` from the step's `metrics`, and calls `_save_checkpoint`, which writes
     a model with `save_pretrained` (Hugging Face, PEFT/LoRA) into the folder `checkpoint_step_<N>` and any
     other module's state dict into `checkpoint_step_<N>.pt` (load it with `torch.load(path,
-    weights_only=True)`); then `_rotate_checkpoints()` deletes the oldest. Only the main process writes.
+    weights_only=True)`); then `_rotate_checkpoints()` deletes the oldest. Only the main process writes and
+    deletes.
 
     Rotation only ever deletes checkpoints of ours: entries directly inside `output_dir` (after resolving
     links), named `checkpoint_step_<N>`, not links themselves; anything else is skipped with a warning.
@@ -177,7 +178,8 @@ class CheckpointCallback(MonitoringCallback):
         if target in self._written:  # the same step saved again: it is the newest now
             self._written.remove(target)
         self._written.append(target)
-        self._rotate_checkpoints()
+        if api.is_main_process:  # another process may run ahead of the main one: it must not delete its files
+            self._rotate_checkpoints()
 
     def _get_checkpoint_path(self, step: int) -> str:
         """Where step `step` is saved: `<output_dir>/checkpoint_step_<step>.pt` (folders drop the `.pt`)."""
