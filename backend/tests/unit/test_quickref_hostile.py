@@ -367,3 +367,22 @@ def test_a_process_running_ahead_of_the_main_one_deletes_no_checkpoint(tmp_path:
 
     main.on_step_end(main_trainer, step=2, metrics={})  # the main process saves step 2, then rotates step 1 away
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_2.pt"]
+
+
+def test_wandb_never_writes_through_a_wandb_link_in_the_loop_s_output_dir(
+    wandb_offline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hand-written loop's trainer with `output_dir` (no WANDB_DIR): W&B's files go into `<output_dir>/wandb`,
+    but not through a link there to somewhere else; one warning says so and training goes on."""
+    monkeypatch.delenv("WANDB_DIR")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "wandb").symlink_to(elsewhere, target_is_directory=True)
+    callback = WandBCallback()
+    with caplog.at_level(logging.WARNING):
+        trainer = LoopTrainer(TinyLM(), [callback], output_dir=tmp_path / "run")
+        trainer.train(TRAIN_BATCHES)
+
+    assert list(elsewhere.iterdir()) == [] and trainer.global_step == 2
+    assert caplog.text.count("W&B logging is off") == 1 and "symbolic link" in caplog.text

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
 from app.sft.callbacks.trackers import config_dict
+from app.sft.paths import WANDB_DIR
+from app.sft.run_dir import linked_folder_problem
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +33,9 @@ class WandBCallback(SFTCallback):
     logged, `run` stays None and training goes on; later logging errors also only warn (once). With no W&B
     credentials (no `WANDB_API_KEY`, no netrc entry) and no `WANDB_MODE`, the run is written offline and the
     log says how to upload it (`wandb sync <dir>`). W&B's files go into the trainer's `output_dir/wandb` (not
-    the current directory) unless `WANDB_DIR` says where. Step metrics use the global step as the W&B step; epoch
-    metrics are logged as `epoch/<name>` at the step the epoch ended, evaluations (`on_evaluate`) at their step.
+    the current directory, and never through a `wandb` link there: W&B logging is then off, said in one warning)
+    unless `WANDB_DIR` says where. Step metrics use the global step as the W&B step; epoch metrics are logged as
+    `epoch/<name>` at the step the epoch ended, evaluations (`on_evaluate`) at their step.
     Only the main process logs; a validation's `best_val_loss` is kept in the run summary. The run id
     is part of `state_dict()`, so a resumed training continues the same W&B run. Runs last (`order = 90`),
     so validation metrics of the step are included.
@@ -76,6 +80,10 @@ class WandBCallback(SFTCallback):
         arguments = dict(project=self.project, name=self.run_name, config=config, entity=self.entity,
                          resume="allow", id=self.run_id)
         if not os.environ.get("WANDB_DIR") and api.output_dir is not None:  # not the current directory
+            problem = linked_folder_problem(Path(api.output_dir) / WANDB_DIR)  # SFTTrainer refused it already
+            if problem is not None:
+                self._warn_once("init", f"W&B logging is off: {problem}")
+                return
             arguments["dir"] = str(api.output_dir)
         why_offline = "No W&B credentials found"
         try:
