@@ -386,3 +386,20 @@ def test_wandb_never_writes_through_a_wandb_link_in_the_loop_s_output_dir(
 
     assert list(elsewhere.iterdir()) == [] and trainer.global_step == 2
     assert caplog.text.count("W&B logging is off") == 1 and "symbolic link" in caplog.text
+
+
+def test_wandb_logs_into_the_user_s_own_active_run_and_leaves_it_open(wandb_offline: Path) -> None:
+    """A loop script that called `wandb.init` itself (to log its own test metrics after training) keeps a usable
+    run: the callback logs into it and does not finish it."""
+    import wandb
+
+    mine = wandb.init(project="mine", config={"dataset": "v2"})
+    callback = WandBCallback(project="ignored", config={"lr": 0.5})
+    LoopTrainer(TinyLM(), [callback]).train(TRAIN_BATCHES)
+    mine.log({"test_accuracy": 0.9}, step=3)  # raised "Run ... is finished" when the callback finished it
+    mine.finish()
+
+    (log,) = read_wandb_runs(wandb_offline)
+    assert (log.project, log.run_id, callback.run_id) == ("mine", mine.id, mine.id)
+    assert log.config == {"dataset": "v2", "lr": 0.5}
+    assert sorted(log.history) == [1, 2, 3] and log.history[3] == {"test_accuracy": 0.9}

@@ -29,8 +29,10 @@ class WandBCallback(SFTCallback):
         init_timeout: seconds `wandb.init` may take to reach the W&B server; when it cannot, one warning says
             "W&B unreachable" and the run is logged offline instead (W&B's own default waits 90 s).
 
-    `wandb` is imported only when training starts. When it is missing or `wandb.init` fails, one warning is
-    logged, `run` stays None and training goes on; later logging errors also only warn (once). With no W&B
+    `wandb` is imported only when training starts. A run the user started before (`wandb.init`) is logged into
+    (with `config` added) and left open at the end; otherwise the callback starts its own and finishes it. When
+    wandb is missing or `wandb.init` fails, one warning is logged, `run` stays None and training goes on; later
+    logging errors also only warn (once). With no W&B
     credentials (no `WANDB_API_KEY`, no netrc entry) and no `WANDB_MODE`, the run is written offline and the
     log says how to upload it (`wandb sync <dir>`). W&B's files go into the trainer's `output_dir/wandb` (not
     the current directory, and never through a `wandb` link there: W&B logging is then off, said in one warning)
@@ -63,6 +65,7 @@ class WandBCallback(SFTCallback):
         self._warned: set[str] = set()
         self._last_step = 0  # the newest step logged: a hand-written loop's trainer may have no global_step
         self._saves_seen = False  # whether any on_save reached this callback during the run
+        self._owns_run = False  # False for a run the user started before training: theirs to finish
 
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
         api = trainer_api(trainer)
@@ -77,6 +80,9 @@ class WandBCallback(SFTCallback):
         no_credentials = not os.environ.get("WANDB_MODE") and not _has_wandb_credentials()
         mode = "offline" if no_credentials else None
         config = self.config if self.config is not None else config_dict(api.config)
+        if wandb.run is not None:  # the user's own `wandb.init` before training: log into that run
+            self._join(wandb.run, config)
+            return
         arguments = dict(project=self.project, name=self.run_name, config=config, entity=self.entity,
                          resume="allow", id=self.run_id)
         if not os.environ.get("WANDB_DIR") and api.output_dir is not None:  # not the current directory
@@ -98,10 +104,20 @@ class WandBCallback(SFTCallback):
             self._warn_once("init", f"wandb.init failed ({error!r}): W&B logging is off")
             self.run = None
             return
-        self.run_id = self.run.id
+        self.run_id, self._owns_run = self.run.id, True
         if mode == "offline":
             logger.warning("%s: the run is saved offline. Upload it later with `wandb sync %s`", why_offline,
                            self.run.settings.sync_dir)
+
+    def _join(self, run: Any, config: dict[str, Any] | None) -> None:
+        """Log into `run`, a W&B run the user started before training (it stays open at the end), with our config."""
+        self.run, self.run_id, self._owns_run = run, run.id, False
+        logger.info("Logging to the W&B run %s that was already active; it is left open when training ends", run.id)
+        if config:
+            try:
+                run.config.update(config, allow_val_change=True)
+            except Exception as error:
+                self._warn_once("config", f"adding the config to the active W&B run failed ({error}); training goes on")
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         api = trainer_api(trainer)
@@ -156,10 +172,11 @@ class WandBCallback(SFTCallback):
             self._warn_once("no_model", "log_model=True, but no checkpoint was reported to WandBCallback (on_save), "
                             "so no model was logged: a hand-written loop fires on_save(trainer, step=..., "
                             "checkpoint_path=...) after it saves one (SFTTrainer does so itself)")
-        try:
-            self.run.finish(exit_code=1 if error is not None else 0)
-        except Exception as finish_error:
-            self._warn_once("finish", f"finishing the W&B run failed: {finish_error}")
+        if self._owns_run:
+            try:
+                self.run.finish(exit_code=1 if error is not None else 0)
+            except Exception as finish_error:
+                self._warn_once("finish", f"finishing the W&B run failed: {finish_error}")
         self.run = None
 
     def _log(self, values: dict[str, Any], step: int | None) -> None:
