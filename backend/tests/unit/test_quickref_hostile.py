@@ -6,6 +6,7 @@ The scaffolding (a plain `nn.Module` language model, batches, the loop trainer) 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -28,6 +29,7 @@ from test_sft_callbacks import (
     random_batch,
     token_weighted_loss,
 )
+from test_trainer import instruction_rows, make_config
 from torch.utils.data import Dataset
 
 from app.sft import (
@@ -35,6 +37,7 @@ from app.sft import (
     CheckpointCallback,
     EarlyStoppingCallback,
     SFTCallback,
+    SFTTrainer,
     ValidationCallback,
     WandBCallback,
 )
@@ -403,3 +406,33 @@ def test_wandb_logs_into_the_user_s_own_active_run_and_leaves_it_open(wandb_offl
     assert (log.project, log.run_id, callback.run_id) == ("mine", mine.id, mine.id)
     assert log.config == {"dataset": "v2", "lr": 0.5}
     assert sorted(log.history) == [1, 2, 3] and log.history[3] == {"test_accuracy": 0.9}
+
+
+# ---------------------------------------------------------------- with SFTTrainer
+
+
+def test_a_custom_callback_whose_state_is_not_json_does_not_stop_checkpointing(
+    tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`state_dict()` returning a tensor (the best loss kept as the loss tensor itself) crashed the first checkpoint
+    with "Object of type Tensor is not JSON serializable"; now that state alone is left out, said once."""
+
+    class KeepsBestLoss(SFTCallback):
+        def __init__(self) -> None:
+            self.best = torch.tensor(float("inf"))
+
+        def on_step_end(self, trainer, step, metrics, **kwargs):
+            self.best = torch.minimum(self.best, torch.tensor(metrics["loss"]))
+
+        def state_dict(self):
+            return {"best": self.best}
+
+    config = make_config(tmp_path, tiny_model_dir, max_steps=4, save_steps=2)
+    trainer = SFTTrainer(config, callbacks=[KeepsBestLoss()], train_dataset=instruction_rows(16))
+    with caplog.at_level(logging.WARNING):
+        assert trainer.train()["global_step"] == 4
+
+    checkpoint = Path(config.resolved_checkpoint_dir) / "checkpoint_step_4"
+    states = json.loads((checkpoint / "trainer_state.json").read_text())["callbacks"]
+    assert "KeepsBestLoss" not in states and "CheckpointCallback" in states
+    assert caplog.text.count("Not saving the state of callback 'KeepsBestLoss'") == 1

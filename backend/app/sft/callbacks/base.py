@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -301,6 +302,7 @@ class CallbackHandler:
     def __init__(self, callbacks: Iterable[SFTCallback] = ()) -> None:
         self.callbacks: list[SFTCallback] = []
         self.current: SFTCallback | None = None
+        self._unsaved: set[str] = set()  # state keys already warned about as not JSON
         for callback in callbacks:
             self.add(callback)
 
@@ -349,8 +351,22 @@ class CallbackHandler:
         return keys
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
-        """Every callback's state, keyed by its unique state key."""
-        return {key: cb.state_dict() for key, cb in zip(self._keys(), self.callbacks, strict=True)}
+        """Every callback's state, keyed by its unique state key. A state that is not JSON (a tensor, a set) is
+        left out with one warning naming the callback, so that the checkpoint holding the rest is still written."""
+        states = {}
+        for key, callback in zip(self._keys(), self.callbacks, strict=True):
+            state = callback.state_dict()
+            try:
+                json.dumps(state, allow_nan=True)
+            except (TypeError, ValueError) as error:
+                if key not in self._unsaved:
+                    self._unsaved.add(key)
+                    logger.warning("Not saving the state of callback %r in checkpoints: %s.state_dict() must return "
+                                   "JSON types only (%s); it starts afresh on resume", key, type(callback).__name__,
+                                   error)
+                continue
+            states[key] = state
+        return states
 
     def load_state_dict(self, states: dict[str, dict[str, Any]]) -> None:
         """Give each callback its saved state; a state with no matching callback is logged and skipped."""
