@@ -243,6 +243,14 @@ def test_a_hook_written_as_the_lifecycle_table_reads_is_refused_when_added_not_a
         CallbackHandler().add(Renamed())
 
 
+def test_a_hook_switched_off_with_none_is_refused_naming_it() -> None:
+    class Quiet(SFTCallback):
+        on_step_end = None
+
+    with pytest.raises(TypeError, match=r"Quiet\.on_step_end is None, not a method"):
+        CallbackHandler([Quiet()])
+
+
 def test_a_callback_with_only_some_hooks_and_without_kwargs_runs_a_whole_loop() -> None:
     """Hooks that name exactly the documented arguments (no **kwargs) are fine; the others are the base's no-ops."""
     seen = []

@@ -220,7 +220,7 @@ class SFTCallback:
 
     `order` sets where the callback runs among the others (lower runs first; see `CallbackHandler`).
     Callbacks that must survive a resume override `state_dict()`/`load_state_dict()`; the state is stored
-    in checkpoints as JSON, so it must hold only JSON types.
+    in checkpoints as JSON, so it must hold only JSON types (another state is left out, with a warning).
     """
 
     order: int = 50
@@ -271,6 +271,8 @@ def _check_hooks(callback: SFTCallback) -> None:
     """A TypeError, before training, naming a hook of `callback` that cannot take what the trainer passes it."""
     for event, names in HOOK_ARGUMENTS.items():
         hook = getattr(callback, event)
+        if not callable(hook):
+            raise TypeError(f"{type(callback).__name__}.{event} is {hook!r}, not a method: define it or leave it out")
         try:
             signature = inspect.signature(hook)
         except ValueError:  # no signature to read (a builtin): it is called and judged then
