@@ -32,15 +32,14 @@ class WandBCallback(SFTCallback):
     `wandb` is imported only when training starts. A run the user started before (`wandb.init`) is logged into
     (with `config` added) and left open at the end; otherwise the callback starts its own and finishes it. When
     wandb is missing or `wandb.init` fails, one warning is logged, `run` stays None and training goes on; later
-    logging errors also only warn (once). With no W&B
-    credentials (no `WANDB_API_KEY`, no netrc entry) and no `WANDB_MODE`, the run is written offline and the
-    log says how to upload it (`wandb sync <dir>`). W&B's files go into the trainer's `output_dir/wandb` (not
-    the current directory, and never through a `wandb` link there: W&B logging is then off, said in one warning)
-    unless `WANDB_DIR` says where. Step metrics use the global step as the W&B step; epoch metrics are logged as
-    `epoch/<name>` at the step the epoch ended, evaluations (`on_evaluate`) at their step.
-    Only the main process logs; a validation's `best_val_loss` is kept in the run summary. The run id
-    is part of `state_dict()`, so a resumed training continues the same W&B run. Runs last (`order = 90`),
-    so validation metrics of the step are included.
+    logging errors also only warn (once). With no W&B credentials (no `WANDB_API_KEY`, no netrc entry) and no
+    `WANDB_MODE`, the run is written offline and the log says how to upload it (`wandb sync <dir>`). W&B's
+    files go into the trainer's `output_dir/wandb` (not the current directory, and never through a `wandb` link
+    there: W&B logging is then off, said in one warning) unless `WANDB_DIR` says where. Step metrics use the
+    global step as the W&B step; epoch metrics are logged as `epoch/<name>` at the step the epoch ended,
+    evaluations (`on_evaluate`) at their step. Only the main process logs; a validation's `best_val_loss` is kept
+    in the run summary. The run id is part of `state_dict()`, so a resumed training continues the same W&B run.
+    Runs last (`order = 90`), so validation metrics of the step are included.
     """
 
     order = 90
