@@ -444,3 +444,20 @@ def test_a_custom_callback_whose_state_is_not_json_does_not_stop_checkpointing(
     states = json.loads((checkpoint / "trainer_state.json").read_text())["callbacks"]
     assert "KeepsBestLoss" not in states and "CheckpointCallback" in states
     assert caplog.text.count("Not saving the state of callback 'KeepsBestLoss'") == 1
+
+
+def test_save_best_only_says_once_when_save_steps_have_no_validation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Validation every 2 steps, saving every 3: steps 3 and 9 have no val_loss and are saved anyway (the contract),
+    which the user who asked for the best only is told once, with the fix."""
+    checkpoint = CheckpointCallback(tmp_path, save_steps=3, save_best_only=True, save_total_limit=None)
+    trainer = LoopTrainer(TinyLM(), [ValidationCallback(eval_steps=2, eval_on_epoch_end=False), checkpoint],
+                          val_dataloader=VAL_BATCHES)
+    with caplog.at_level(logging.WARNING):
+        trainer.train(TRAIN_BATCHES, epochs=5)
+
+    saved = sorted(int(p.name.removeprefix("checkpoint_step_").removesuffix(".pt")) for p in tmp_path.iterdir())
+    assert 3 in saved and 9 in saved
+    assert caplog.text.count("saves step 3, whose metrics have no 'val_loss' (they have: loss)") == 1
+    assert "eval_steps dividing save_steps" in caplog.text

@@ -81,6 +81,7 @@ class CheckpointCallback(MonitoringCallback):
         self.save_best_only = save_best_only
         self._best = BestRecord(self._monitor)
         self._written: list[str] = []  # what this callback wrote itself in a hand-written loop, oldest first
+        self._warned_unmonitored = False  # said once that save_best_only saved a step without `monitor`
 
     @property
     def best_val_loss(self) -> float:
@@ -167,6 +168,12 @@ class CheckpointCallback(MonitoringCallback):
             logger.info("Not saving step %d: %s %.4f is not better than %.4f", step, self.monitor, value,
                         self.best_val_loss)
             return
+        if self.save_best_only and value is None and not self._warned_unmonitored:
+            self._warned_unmonitored = True
+            logger.warning("CheckpointCallback(save_best_only=True) saves step %d, whose metrics have no %r (they "
+                           "have: %s), so it cannot tell whether it is the best; validate at the save steps "
+                           "(eval_steps dividing save_steps) to save only improvements", step, self.monitor,
+                           ", ".join(sorted(metrics)) or "none")
         target = self._target(api, step)
         if improved:
             self._best.checkpoint = target
