@@ -42,6 +42,7 @@ from app.sft import (
     WandBCallback,
 )
 from app.sft.callbacks.base import trainer_api
+from app.sft.errors import DataError
 from app.sft.loss import causal_lm_loss_sum
 
 
@@ -461,3 +462,19 @@ def test_save_best_only_says_once_when_save_steps_have_no_validation(
     assert 3 in saved and 9 in saved
     assert caplog.text.count("saves step 3, whose metrics have no 'val_loss' (they have: loss)") == 1
     assert "eval_steps dividing save_steps" in caplog.text
+
+
+@pytest.mark.parametrize(("val_data", "message"), [
+    ([{"text": "hello"}], r"validation data row 1: missing field 'instruction' \(the row has 'text'\)"),
+    ([], r"validation data: no usable examples"),
+])
+def test_sft_trainer_refuses_unusable_val_dataset_before_the_first_step(
+    tmp_path: Path, tiny_model_dir: Path, val_data: list[dict[str, Any]], message: str
+) -> None:
+    """`trainer.add_callback(ValidationCallback(val_dataset=val_data))` with rows the run's format cannot read:
+    the error comes before training, not after `eval_steps` steps of it."""
+    trainer = SFTTrainer(make_config(tmp_path, tiny_model_dir, max_steps=4), train_dataset=instruction_rows(16))
+    trainer.add_callback(ValidationCallback(val_dataset=val_data, eval_steps=2))
+    with pytest.raises(DataError, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 0

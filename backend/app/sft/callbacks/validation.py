@@ -34,8 +34,9 @@ class ValidationCallback(SFTCallback):
 
     Data: `val_dataset` (a `datasets.Dataset` or torch `Dataset`) is batched by the trainer's
     `make_eval_dataloader` when it has one (raw text/alpaca/chat rows or tokenized rows), otherwise by a
-    padding collate that needs tokenized rows (`input_ids`, optional `labels` and `attention_mask`; in a
-    hand-written loop `on_train_begin` collates the first batch, so unusable rows fail before training).
+    padding collate that needs tokenized rows (`input_ids`, optional `labels` and `attention_mask`). Either is
+    built at `on_train_begin` (the padding collate also collates the first batch), so unusable rows fail before
+    training, not at the first evaluation.
     Without `val_dataset`, `trainer.val_dataloader` is used; with neither, the callback does nothing.
 
     The model's train/eval mode is restored after validation, also when it raises. Evaluation draws nothing
@@ -74,8 +75,8 @@ class ValidationCallback(SFTCallback):
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
         self._loader = None  # a new run may come with a different trainer: rebuild the loader lazily
         self._last_result, self._last_step = None, 0
-        if not self._best.attach(trainer).managed:
-            self._dataloader(trainer)  # a hand-written loop: unusable validation data fails now, not at step N
+        self._best.attach(trainer)
+        self._dataloader(trainer)  # unusable validation data fails now, not after `eval_steps` steps of training
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         self._last_step = step
