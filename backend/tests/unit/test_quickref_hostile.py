@@ -1,5 +1,6 @@
 """The quick reference's promises, driven the way its users drive them: from their own hand-written training loop
-(a trainer object with little more than `model` and `device`) as well as through the callback handler.
+(a trainer object with little more than `model` and `device`, the events fired through `CallbackHandler`) and
+with `SFTTrainer`.
 
 The scaffolding (a plain `nn.Module` language model, batches, the loop trainer) is the contract file's.
 """
@@ -45,6 +46,8 @@ from app.sft.callbacks.base import trainer_api
 from app.sft.errors import DataError
 from app.sft.loss import causal_lm_loss_sum
 
+# ---------------------------------------------------------------- ValidationCallback
+
 
 def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """One epoch of a user's own loop over the training batches."""
@@ -54,9 +57,6 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
         (loss_sum / n_tokens).backward()
         optimizer.step()
         optimizer.zero_grad()
-
-
-# ---------------------------------------------------------------- ValidationCallback
 
 
 def model_state(model: torch.nn.Module) -> dict[str, Any]:
@@ -130,6 +130,18 @@ def test_epoch_end_validation_of_a_trainer_without_global_step_is_fresh_each_epo
     assert callback.best_val_loss == pytest.approx(min(expected), rel=1e-5)
 
 
+def test_a_trainer_with_only_a_model_sends_batches_where_the_model_is() -> None:
+    """`SimpleNamespace(model=model)` after `model.to(device)`: validation batches follow the model, not "cpu"."""
+    on_meta = TinyLM().to("meta")  # a device other than the CPU that every machine has
+    assert trainer_api(SimpleNamespace(model=on_meta)).device == torch.device("meta")
+    assert trainer_api(SimpleNamespace(model=on_meta, device="cpu")).device == "cpu"  # a given device is kept
+    model = TinyLM().to(torch.bfloat16)
+    callback = ValidationCallback(eval_steps=1)
+    metrics: dict[str, float] = {}
+    callback.on_step_end(SimpleNamespace(model=model, val_dataloader=VAL_BATCHES), step=1, metrics=metrics)
+    assert metrics["val_loss"] == pytest.approx(token_weighted_loss(model.eval(), VAL_BATCHES), rel=1e-2)
+
+
 class TensorRows(Dataset):
     """A torch Dataset of token-id tensors, the way many hand-written loops keep their data."""
 
@@ -189,6 +201,17 @@ def test_unusable_validation_rows_fail_clearly_when_training_begins(val_dataset:
     callback = ValidationCallback(val_dataset=val_dataset, eval_steps=500)
     with pytest.raises(ValueError, match=message):
         callback.on_train_begin(bare_trainer())
+
+
+@pytest.mark.parametrize("make", [lambda rows: (row for row in rows), iter, lambda rows: map(dict, rows)])
+def test_a_one_shot_iterator_as_val_dataset_is_refused_when_the_callback_is_made(make: Any) -> None:
+    """Validation reads its data many times; a generator would be a bare `has no len()` TypeError (or empty)."""
+    rows = [{"input_ids": row} for row in ROWS]
+    with pytest.raises(ValueError, match=r"val_dataset is a one-shot iterator \(\w+\).*pass a list"):
+        ValidationCallback(val_dataset=make(rows))
+
+
+# ---------------------------------------------------------------- EarlyStoppingCallback
 
 
 def run_loop_without_global_step(trainer: SimpleNamespace, callbacks: list[SFTCallback], epochs: int) -> int:
@@ -268,6 +291,70 @@ def test_a_callback_with_only_some_hooks_and_without_kwargs_runs_a_whole_loop() 
     assert seen == [1, 2, 3, 4, None]
 
 
+# ---------------------------------------------------------------- CheckpointCallback
+
+
+@pytest.mark.parametrize("wrap", [lambda m: torch.compile(m, backend="eager"), torch.nn.DataParallel])
+def test_checkpoint_of_a_wrapped_plain_module_loads_into_the_module_itself(tmp_path: Path, wrap: Any) -> None:
+    """A hand-written loop trains `torch.compile(model)` (or a DataParallel one): its `.pt` checkpoint holds the
+    model's own keys, so `TinyLM().load_state_dict(torch.load(...))` works as for an unwrapped model."""
+    model = TinyLM()
+    callback = CheckpointCallback(tmp_path / "run 1" / "ckpts", save_steps=2, save_total_limit=1)
+    LoopTrainer(wrap(model), [callback]).train(TRAIN_BATCHES)
+
+    (path,) = callback.checkpoints
+    assert path == str(tmp_path / "run 1" / "ckpts" / "checkpoint_step_2.pt")
+    restored = TinyLM(seed=1)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor)
+
+
+def test_checkpoint_of_a_wrapped_peft_model_is_its_adapter_folder(tmp_path: Path) -> None:
+    """A DataParallel-wrapped LoRA model is still saved with `save_pretrained`: a reloadable adapter folder."""
+    model = lora_llama()
+    callback = CheckpointCallback(str(tmp_path), save_steps=1, save_total_limit=None)
+    batch = random_batch(2, 5, seed=3)
+    LoopTrainer(torch.nn.DataParallel(model), [callback]).train([batch])
+
+    assert callback.checkpoints == [str(tmp_path / "checkpoint_step_1")]
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "checkpoint_step_1").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, model.eval()(**batch).logits, atol=1e-6)
+
+
+def test_a_process_running_ahead_of_the_main_one_deletes_no_checkpoint(tmp_path: Path) -> None:
+    """torchrun with a hand-written loop: process 1 reaches step 2 before process 0 has saved it. Rotating there
+    would delete step 1, the only checkpoint on disk, before step 2 exists."""
+    main = CheckpointCallback(tmp_path, save_steps=1, save_total_limit=1)
+    other = CheckpointCallback(tmp_path, save_steps=1, save_total_limit=1)
+    main_trainer, other_trainer = bare_trainer(), bare_trainer(is_main_process=False)
+    main.on_step_end(main_trainer, step=1, metrics={})
+    other.on_step_end(other_trainer, step=1, metrics={})
+    other.on_step_end(other_trainer, step=2, metrics={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_1.pt"]
+
+    main.on_step_end(main_trainer, step=2, metrics={})  # the main process saves step 2, then rotates step 1 away
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_2.pt"]
+
+
+def test_save_best_only_says_once_when_save_steps_have_no_validation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Validation every 2 steps, saving every 3: steps 3 and 9 have no val_loss and are saved anyway (the contract),
+    which the user who asked for the best only is told once, with the fix."""
+    checkpoint = CheckpointCallback(tmp_path, save_steps=3, save_best_only=True, save_total_limit=None)
+    trainer = LoopTrainer(TinyLM(), [ValidationCallback(eval_steps=2, eval_on_epoch_end=False), checkpoint],
+                          val_dataloader=VAL_BATCHES)
+    with caplog.at_level(logging.WARNING):
+        trainer.train(TRAIN_BATCHES, epochs=5)
+
+    saved = sorted(int(p.name.removeprefix("checkpoint_step_").removesuffix(".pt")) for p in tmp_path.iterdir())
+    assert 3 in saved and 9 in saved
+    assert caplog.text.count("saves step 3, whose metrics have no 'val_loss' (they have: loss)") == 1
+    assert "eval_steps dividing save_steps" in caplog.text
+
+
 # ---------------------------------------------------------------- WandBCallback (real wandb, offline)
 
 
@@ -287,25 +374,6 @@ def test_wandb_epoch_metrics_of_a_trainer_without_global_step_are_kept(wandb_off
     log = read_wandb_runs(wandb_offline)[-1]
     assert log.history[2] == {"loss": 0.5, "epoch": 0, "epoch/loss": 0.5}
     assert log.history[4] == {"loss": 0.25, "epoch": 1, "epoch/loss": pytest.approx(0.4)}
-
-
-# ---------------------------------------------------------------- CheckpointCallback
-
-
-@pytest.mark.parametrize("wrap", [lambda m: torch.compile(m, backend="eager"), torch.nn.DataParallel])
-def test_checkpoint_of_a_wrapped_plain_module_loads_into_the_module_itself(tmp_path: Path, wrap: Any) -> None:
-    """A hand-written loop trains `torch.compile(model)` (or a DataParallel one): its `.pt` checkpoint holds the
-    model's own keys, so `TinyLM().load_state_dict(torch.load(...))` works as for an unwrapped model."""
-    model = TinyLM()
-    callback = CheckpointCallback(tmp_path / "run 1" / "ckpts", save_steps=2, save_total_limit=1)
-    LoopTrainer(wrap(model), [callback]).train(TRAIN_BATCHES)
-
-    (path,) = callback.checkpoints
-    assert path == str(tmp_path / "run 1" / "ckpts" / "checkpoint_step_2.pt")
-    restored = TinyLM(seed=1)
-    restored.load_state_dict(torch.load(path, weights_only=True))
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(restored.state_dict()[name], tensor)
 
 
 def test_wandb_log_model_in_a_hand_written_loop_logs_what_on_save_reports_and_says_when_nothing_came(
@@ -331,54 +399,6 @@ def test_wandb_log_model_in_a_hand_written_loop_logs_what_on_save_reports_and_sa
     assert "no checkpoint was reported" not in caplog.text
     artifacts = {run.run_id: run.artifacts for run in read_wandb_runs(wandb_offline)}
     assert artifacts == {silent.run_id: [], reporting.run_id: [(f"model-{reporting.run_id}", "model")]}
-
-
-def test_a_trainer_with_only_a_model_sends_batches_where_the_model_is() -> None:
-    """`SimpleNamespace(model=model)` after `model.to(device)`: validation batches follow the model, not "cpu"."""
-    on_meta = TinyLM().to("meta")  # a device other than the CPU that every machine has
-    assert trainer_api(SimpleNamespace(model=on_meta)).device == torch.device("meta")
-    assert trainer_api(SimpleNamespace(model=on_meta, device="cpu")).device == "cpu"  # a given device is kept
-    model = TinyLM().to(torch.bfloat16)
-    callback = ValidationCallback(eval_steps=1)
-    metrics: dict[str, float] = {}
-    callback.on_step_end(SimpleNamespace(model=model, val_dataloader=VAL_BATCHES), step=1, metrics=metrics)
-    assert metrics["val_loss"] == pytest.approx(token_weighted_loss(model.eval(), VAL_BATCHES), rel=1e-2)
-
-
-def test_checkpoint_of_a_wrapped_peft_model_is_its_adapter_folder(tmp_path: Path) -> None:
-    """A DataParallel-wrapped LoRA model is still saved with `save_pretrained`: a reloadable adapter folder."""
-    model = lora_llama()
-    callback = CheckpointCallback(str(tmp_path), save_steps=1, save_total_limit=None)
-    batch = random_batch(2, 5, seed=3)
-    LoopTrainer(torch.nn.DataParallel(model), [callback]).train([batch])
-
-    assert callback.checkpoints == [str(tmp_path / "checkpoint_step_1")]
-    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "checkpoint_step_1").eval()
-    with torch.no_grad():
-        assert torch.allclose(reloaded(**batch).logits, model.eval()(**batch).logits, atol=1e-6)
-
-
-@pytest.mark.parametrize("make", [lambda rows: (row for row in rows), iter, lambda rows: map(dict, rows)])
-def test_a_one_shot_iterator_as_val_dataset_is_refused_when_the_callback_is_made(make: Any) -> None:
-    """Validation reads its data many times; a generator would be a bare `has no len()` TypeError (or empty)."""
-    rows = [{"input_ids": row} for row in ROWS]
-    with pytest.raises(ValueError, match=r"val_dataset is a one-shot iterator \(\w+\).*pass a list"):
-        ValidationCallback(val_dataset=make(rows))
-
-
-def test_a_process_running_ahead_of_the_main_one_deletes_no_checkpoint(tmp_path: Path) -> None:
-    """torchrun with a hand-written loop: process 1 reaches step 2 before process 0 has saved it. Rotating there
-    would delete step 1, the only checkpoint on disk, before step 2 exists."""
-    main = CheckpointCallback(tmp_path, save_steps=1, save_total_limit=1)
-    other = CheckpointCallback(tmp_path, save_steps=1, save_total_limit=1)
-    main_trainer, other_trainer = bare_trainer(), bare_trainer(is_main_process=False)
-    main.on_step_end(main_trainer, step=1, metrics={})
-    other.on_step_end(other_trainer, step=1, metrics={})
-    other.on_step_end(other_trainer, step=2, metrics={})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_1.pt"]
-
-    main.on_step_end(main_trainer, step=2, metrics={})  # the main process saves step 2, then rotates step 1 away
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_2.pt"]
 
 
 def test_wandb_never_writes_through_a_wandb_link_in_the_loop_s_output_dir(
@@ -445,23 +465,6 @@ def test_a_custom_callback_whose_state_is_not_json_does_not_stop_checkpointing(
     states = json.loads((checkpoint / "trainer_state.json").read_text())["callbacks"]
     assert "KeepsBestLoss" not in states and "CheckpointCallback" in states
     assert caplog.text.count("Not saving the state of callback 'KeepsBestLoss'") == 1
-
-
-def test_save_best_only_says_once_when_save_steps_have_no_validation(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Validation every 2 steps, saving every 3: steps 3 and 9 have no val_loss and are saved anyway (the contract),
-    which the user who asked for the best only is told once, with the fix."""
-    checkpoint = CheckpointCallback(tmp_path, save_steps=3, save_best_only=True, save_total_limit=None)
-    trainer = LoopTrainer(TinyLM(), [ValidationCallback(eval_steps=2, eval_on_epoch_end=False), checkpoint],
-                          val_dataloader=VAL_BATCHES)
-    with caplog.at_level(logging.WARNING):
-        trainer.train(TRAIN_BATCHES, epochs=5)
-
-    saved = sorted(int(p.name.removeprefix("checkpoint_step_").removesuffix(".pt")) for p in tmp_path.iterdir())
-    assert 3 in saved and 9 in saved
-    assert caplog.text.count("saves step 3, whose metrics have no 'val_loss' (they have: loss)") == 1
-    assert "eval_steps dividing save_steps" in caplog.text
 
 
 @pytest.mark.parametrize(("val_data", "message"), [
