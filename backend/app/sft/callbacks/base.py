@@ -9,6 +9,8 @@ built-in callbacks work against one typed surface either way (see docs/ARCHITECT
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -122,7 +124,8 @@ _STAND_IN_FIELDS = (
 
 
 class _StandInTrainer(TrainerAPI):
-    """A TrainerAPI view of an object with `model` and `device` (plus any of `_STAND_IN_FIELDS`).
+    """A TrainerAPI view of an object with `model` and `device` (plus any of `_STAND_IN_FIELDS`); without
+    `device`, batches go where the model's parameters are.
 
     Only attributes the object holds itself are taken over, so a `unittest.mock.Mock`'s automatic attributes
     are never mistaken for real ones.
@@ -131,7 +134,7 @@ class _StandInTrainer(TrainerAPI):
     def __init__(self, trainer: Any) -> None:
         self._trainer = trainer
         self.model = getattr(trainer, "model", None)  # a logger's stand-in may have no model
-        self.device = getattr(trainer, "device", "cpu")
+        self.device = getattr(trainer, "device", None) or _device_of(self.model)
         own = getattr(trainer, "__dict__", {})
         for name in _STAND_IN_FIELDS:
             if name in own:
@@ -139,6 +142,12 @@ class _StandInTrainer(TrainerAPI):
 
     def request_stop(self, reason: str) -> None:
         self._trainer.should_stop = True
+
+
+def _device_of(model: Any) -> torch.device:
+    """Where `model`'s first parameter is (a stand-in without `device` validates there); CPU without one."""
+    parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    return torch.device("cpu") if parameter is None else parameter.device
 
 
 def trainer_api(trainer: Any) -> TrainerAPI:
@@ -211,7 +220,7 @@ class SFTCallback:
 
     `order` sets where the callback runs among the others (lower runs first; see `CallbackHandler`).
     Callbacks that must survive a resume override `state_dict()`/`load_state_dict()`; the state is stored
-    in checkpoints as JSON, so it must hold only JSON types.
+    in checkpoints as JSON, so it must hold only JSON types (another state is left out, with a warning).
     """
 
     order: int = 50
@@ -250,6 +259,35 @@ class SFTCallback:
         """Called once when training ends, also after a failure (`kwargs["error"]` is the exception)."""
 
 
+HOOK_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "on_train_begin": (), "on_epoch_begin": ("epoch",), "on_step_end": ("step", "metrics"),
+    "on_evaluate": ("step", "metrics"), "on_epoch_end": ("epoch", "metrics"), "on_save": ("step", "checkpoint_path"),
+    "on_train_end": ("error",),
+}
+"""The keyword arguments the trainer passes to each hook, after the trainer itself."""
+
+
+def _check_hooks(callback: SFTCallback) -> None:
+    """A TypeError, before training, naming a hook of `callback` that cannot take what the trainer passes it."""
+    for event, names in HOOK_ARGUMENTS.items():
+        hook = getattr(callback, event)
+        if not callable(hook):
+            raise TypeError(f"{type(callback).__name__}.{event} is {hook!r}, not a method: define it or leave it out")
+        try:
+            signature = inspect.signature(hook)
+        except ValueError:  # no signature to read (a builtin): it is called and judged then
+            continue
+        try:
+            signature.bind(None, **dict.fromkeys(names))
+        except TypeError:
+            wanted = ", ".join(("self", "trainer", *names, "**kwargs"))
+            raise TypeError(
+                f"{type(callback).__name__}.{event}{signature} cannot take the arguments the trainer passes "
+                f"(trainer, {', '.join(f'{name}=...' for name in names) or 'nothing else'}): define it as "
+                f"`def {event}({wanted})`"
+            ) from None
+
+
 class CallbackHandler:
     """Holds the callbacks and fires each event to all of them, in one fixed order.
 
@@ -266,15 +304,18 @@ class CallbackHandler:
     def __init__(self, callbacks: Iterable[SFTCallback] = ()) -> None:
         self.callbacks: list[SFTCallback] = []
         self.current: SFTCallback | None = None
+        self._unsaved: set[str] = set()  # state keys already warned about as not JSON
         for callback in callbacks:
             self.add(callback)
 
     def add(self, callback: SFTCallback) -> None:
-        """Add a callback instance at the place its `order` gives it."""
+        """Add a callback instance at the place its `order` gives it; a hook of it that cannot take the arguments
+        the trainer passes (`HOOK_ARGUMENTS`) is a TypeError now, not a crash when the trainer first calls it."""
         if not isinstance(callback, SFTCallback):
             raise TypeError(
                 f"callbacks must be SFTCallback instances, got {callback!r} of type {type(callback).__name__}"
             )
+        _check_hooks(callback)
         self.callbacks.append(callback)
         self.callbacks.sort(key=lambda cb: cb.order)  # sort is stable: ties keep their insertion order
 
@@ -312,8 +353,22 @@ class CallbackHandler:
         return keys
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
-        """Every callback's state, keyed by its unique state key."""
-        return {key: cb.state_dict() for key, cb in zip(self._keys(), self.callbacks, strict=True)}
+        """Every callback's state, keyed by its unique state key. A state that is not JSON (a tensor, a set) is
+        left out with one warning naming the callback, so that the checkpoint holding the rest is still written."""
+        states = {}
+        for key, callback in zip(self._keys(), self.callbacks, strict=True):
+            state = callback.state_dict()
+            try:
+                json.dumps(state, allow_nan=True)
+            except (TypeError, ValueError) as error:
+                if key not in self._unsaved:
+                    self._unsaved.add(key)
+                    logger.warning("Not saving the state of callback %r in checkpoints: %s.state_dict() must return "
+                                   "JSON types only (%s); it starts afresh on resume", key, type(callback).__name__,
+                                   error)
+                continue
+            states[key] = state
+        return states
 
     def load_state_dict(self, states: dict[str, dict[str, Any]]) -> None:
         """Give each callback its saved state; a state with no matching callback is logged and skipped."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from app.sft import atomic, checkpointing
 from app.sft.callbacks.base import BestRecord, Monitor, MonitoringCallback, TrainerAPI, trainer_api
@@ -43,7 +44,8 @@ class CheckpointCallback(MonitoringCallback):
     `best_val_loss` and `best_checkpoint` from the step's `metrics`, and calls `_save_checkpoint`, which writes
     a model with `save_pretrained` (Hugging Face, PEFT/LoRA) into the folder `checkpoint_step_<N>` and any
     other module's state dict into `checkpoint_step_<N>.pt` (load it with `torch.load(path,
-    weights_only=True)`); then `_rotate_checkpoints()` deletes the oldest. Only the main process writes.
+    weights_only=True)`); then `_rotate_checkpoints()` deletes the oldest. Only the main process writes and
+    deletes.
 
     Rotation only ever deletes checkpoints of ours: entries directly inside `output_dir` (after resolving
     links), named `checkpoint_step_<N>`, not links themselves; anything else is skipped with a warning.
@@ -79,6 +81,7 @@ class CheckpointCallback(MonitoringCallback):
         self.save_best_only = save_best_only
         self._best = BestRecord(self._monitor)
         self._written: list[str] = []  # what this callback wrote itself in a hand-written loop, oldest first
+        self._warned_unmonitored = False  # said once that save_best_only saved a step without `monitor`
 
     @property
     def best_val_loss(self) -> float:
@@ -165,6 +168,12 @@ class CheckpointCallback(MonitoringCallback):
             logger.info("Not saving step %d: %s %.4f is not better than %.4f", step, self.monitor, value,
                         self.best_val_loss)
             return
+        if self.save_best_only and value is None and not self._warned_unmonitored:
+            self._warned_unmonitored = True
+            logger.warning("CheckpointCallback(save_best_only=True) saves step %d, whose metrics have no %r (they "
+                           "have: %s), so it cannot tell whether it is the best; validate at the save steps "
+                           "(eval_steps dividing save_steps) to save only improvements", step, self.monitor,
+                           ", ".join(sorted(metrics)) or "none")
         target = self._target(api, step)
         if improved:
             self._best.checkpoint = target
@@ -176,7 +185,8 @@ class CheckpointCallback(MonitoringCallback):
         if target in self._written:  # the same step saved again: it is the newest now
             self._written.remove(target)
         self._written.append(target)
-        self._rotate_checkpoints()
+        if api.is_main_process:  # another process may run ahead of the main one: it must not delete its files
+            self._rotate_checkpoints()
 
     def _get_checkpoint_path(self, step: int) -> str:
         """Where step `step` is saved: `<output_dir>/checkpoint_step_<step>.pt` (folders drop the `.pt`)."""
@@ -184,7 +194,7 @@ class CheckpointCallback(MonitoringCallback):
 
     def _target(self, api: TrainerAPI, step: int) -> str:
         file_path = self._get_checkpoint_path(step)
-        return file_path.removesuffix(".pt") if hasattr(api.model, "save_pretrained") else file_path
+        return file_path.removesuffix(".pt") if hasattr(_unwrapped(api.model), "save_pretrained") else file_path
 
     def _save_checkpoint(self, trainer: Any, step: int, metrics: dict[str, float]) -> str | None:
         """Write the model of `step` (main process only) and return its path; other processes return None."""
@@ -244,9 +254,16 @@ class CheckpointCallback(MonitoringCallback):
         self._best.checkpoint = best_path if best_path in self._written else None
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, out of `torch.compile` and (Distributed)DataParallel wrappers, so that its checkpoint
+    loads into the model's own class (no `_orig_mod.`/`module.` prefixes on its keys)."""
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
 def _write_model(model: torch.nn.Module, target: str) -> None:
-    """Save `model` to `target` atomically (`atomic`): a folder through `save_pretrained`, else a `torch.save`
-    file of its state dict; `target` is never left half written."""
+    """Save `model` (unwrapped) to `target` atomically (`atomic`): a folder through `save_pretrained`, else a
+    `torch.save` file of its state dict; `target` is never left half written."""
+    model = _unwrapped(model)
     if hasattr(model, "save_pretrained"):
         with atomic.atomic_directory(target) as tmp:
             model.save_pretrained(tmp)

@@ -44,6 +44,7 @@ class EarlyStoppingCallback(MonitoringCallback):
         self.wait_count = 0
         self.stopped_step: int | None = None
         self._last_checked_step: int | None = None
+        self._last_step = 0  # the newest step seen: a hand-written loop's trainer may have no global_step
 
     @property
     def min_delta(self) -> float:
@@ -71,6 +72,7 @@ class EarlyStoppingCallback(MonitoringCallback):
             self._check(trainer, step, float(metrics[self.monitor]))
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        self._last_step = step
         value = self.loop_value(trainer, metrics)
         if value is not None:
             self._check(trainer, step, value)
@@ -79,7 +81,8 @@ class EarlyStoppingCallback(MonitoringCallback):
         api = trainer_api(trainer)
         value = self.loop_value(trainer, metrics)
         if value is not None:
-            self._check(trainer, api.global_step, value)
+            self._check(trainer, max(api.global_step, self._last_step), value)
+            self._last_checked_step = None  # only a step end's check is shared, with the epoch end at that step
         elif api.managed and self.monitor not in api.metrics:
             self._monitor.warn_missing(type(self).__name__, api.metrics)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +34,9 @@ class ValidationCallback(SFTCallback):
 
     Data: `val_dataset` (a `datasets.Dataset` or torch `Dataset`) is batched by the trainer's
     `make_eval_dataloader` when it has one (raw text/alpaca/chat rows or tokenized rows), otherwise by a
-    padding collate that needs tokenized rows (`input_ids`, optional `labels` and `attention_mask`).
+    padding collate that needs tokenized rows (`input_ids`, optional `labels` and `attention_mask`). Either is
+    built at `on_train_begin` (the padding collate also collates the first batch), so unusable rows fail before
+    training, not at the first evaluation.
     Without `val_dataset`, `trainer.val_dataloader` is used; with neither, the callback does nothing.
 
     The model's train/eval mode is restored after validation, also when it raises. Evaluation draws nothing
@@ -48,12 +50,16 @@ class ValidationCallback(SFTCallback):
     ) -> None:
         if not isinstance(eval_steps, int) or eval_steps < 1:
             raise ValueError(f"eval_steps must be an integer >= 1, got {eval_steps!r}")
+        if isinstance(val_dataset, Iterator):  # a generator, map(...), iter(list): empty after one validation
+            raise ValueError(f"val_dataset is a one-shot iterator ({type(val_dataset).__name__}), but validation "
+                             "reads it every time: pass a list, a datasets.Dataset or a torch Dataset")
         self.val_dataset = val_dataset
         self.eval_steps = eval_steps
         self.eval_on_epoch_end = eval_on_epoch_end
         self._best = BestRecord(Monitor("val_loss", "min"))
         self._loader: Iterable[Mapping[str, Any]] | None = None  # built once from val_dataset
-        self._last_result: tuple[int, dict[str, float]] | None = None  # step and metrics of the newest one
+        self._last_result: tuple[int, dict[str, float]] | None = None  # a step end's result, for its epoch end
+        self._last_step = 0  # the newest step seen: a hand-written loop's trainer may have no global_step
 
     @property
     def best_val_loss(self) -> float:
@@ -68,15 +74,19 @@ class ValidationCallback(SFTCallback):
 
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
         self._loader = None  # a new run may come with a different trainer: rebuild the loader lazily
+        self._last_result, self._last_step = None, 0
         self._best.attach(trainer)
+        self._dataloader(trainer)  # unusable validation data fails now, not after `eval_steps` steps of training
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
+        self._last_step = step
         if step % self.eval_steps == 0:
             self._validate(trainer, step, metrics)
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         if self.eval_on_epoch_end:
-            self._validate(trainer, trainer_api(trainer).global_step, metrics)
+            self._validate(trainer, max(trainer_api(trainer).global_step, self._last_step), metrics)
+            self._last_result = None  # only a step end's result is reused, by the epoch end at that step
 
     def _validate(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
         """Validate (or reuse this step's result), publish a new result, and write it into `metrics`."""
@@ -113,8 +123,11 @@ class ValidationCallback(SFTCallback):
         if self._loader is None:
             pad_id = getattr(api.tokenizer, "pad_token_id", None)
             collate = functools.partial(_pad_collate, collate=PaddedCollator(pad_id if pad_id is not None else 0))
-            self._loader = DataLoader(self.val_dataset, batch_size=api.eval_batch_size, collate_fn=collate,
-                                      generator=torch.Generator())
+            loader = DataLoader(self.val_dataset, batch_size=api.eval_batch_size, collate_fn=collate,
+                                generator=torch.Generator())
+            if next(iter(loader), None) is None:  # collating the first batch checks its rows
+                raise ValueError("ValidationCallback's val_dataset is empty: give it at least one tokenized example")
+            self._loader = loader
         return self._loader
 
     def _run_validation(self, trainer: Any) -> float:
@@ -145,11 +158,22 @@ def _on_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str
 
 
 def _pad_collate(examples: Sequence[Mapping[str, Any]], collate: PaddedCollator) -> dict[str, torch.Tensor]:
-    """Right-pad tokenized examples (labels default to `input_ids`); raw rows get a message saying what to do."""
+    """Right-pad tokenized examples (labels default to `input_ids`); other rows get a message saying what to do."""
+    wanted = ("pass tokenized examples: dicts with 'input_ids' (optionally 'labels' and 'attention_mask'), or use "
+              "SFTTrainer (or a trainer with make_eval_dataloader), which tokenizes raw text, alpaca and chat rows")
+    rows = []
     for example in examples:
-        if "input_ids" not in example:
-            raise ValueError(
-                f"validation example has no 'input_ids' (its keys: {sorted(example)}); pass tokenized "
-                "examples, or use a trainer with make_eval_dataloader, which tokenizes raw rows"
-            )
-    return collate(examples)
+        if not isinstance(example, Mapping):
+            raise ValueError(f"validation example is a {type(example).__name__}, not a dict; {wanted}")
+        row = {key: value for key, value in example.items() if value is not None}  # a column this row lacks
+        if "input_ids" not in row:
+            raise ValueError(f"validation example has no 'input_ids' (its keys: {sorted(example)}); {wanted}")
+        length = len(row["input_ids"])
+        if length == 0:
+            raise ValueError(f"validation example has an empty 'input_ids'; {wanted}")
+        for key in ("labels", "attention_mask"):
+            if key in row and len(row[key]) != length:
+                raise ValueError(f"validation example has {len(row[key])} '{key}' for its {length} 'input_ids'; "
+                                 "they must be equally long")
+        rows.append(row)
+    return collate(rows)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from app.sft.callbacks.base import SFTCallback, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
 from app.sft.callbacks.trackers import config_dict
+from app.sft.paths import WANDB_DIR
+from app.sft.run_dir import linked_folder_problem
 
 logger = logging.getLogger(__name__)
 
@@ -21,19 +24,22 @@ class WandBCallback(SFTCallback):
     Args:
         project, run_name, entity: where the run goes and what it is called (None: W&B's defaults).
         config: the run's config; None logs `trainer.config` when the trainer has one.
-        log_model: also upload each saved checkpoint as a W&B artifact of type `model`.
+        log_model: also upload each checkpoint reported by `on_save` as a W&B artifact of type `model` (SFTTrainer
+            fires `on_save`; a hand-written loop fires it after saving; a run that reported none says so at its end).
         init_timeout: seconds `wandb.init` may take to reach the W&B server; when it cannot, one warning says
             "W&B unreachable" and the run is logged offline instead (W&B's own default waits 90 s).
 
-    `wandb` is imported only when training starts. When it is missing or `wandb.init` fails, one warning is
-    logged, `run` stays None and training goes on; later logging errors also only warn (once). With no W&B
-    credentials (no `WANDB_API_KEY`, no netrc entry) and no `WANDB_MODE`, the run is written offline and the
-    log says how to upload it (`wandb sync <dir>`). W&B's files go into the trainer's `output_dir/wandb` (not
-    the current directory) unless `WANDB_DIR` says where. Step metrics use the global step as the W&B step; epoch
-    metrics are logged as `epoch/<name>` at the step the epoch ended, evaluations (`on_evaluate`) at their step.
-    Only the main process logs; a validation's `best_val_loss` is kept in the run summary. The run id
-    is part of `state_dict()`, so a resumed training continues the same W&B run. Runs last (`order = 90`),
-    so validation metrics of the step are included.
+    `wandb` is imported only when training starts. A run the user started before (`wandb.init`) is logged into
+    (with `config` added) and left open at the end; otherwise the callback starts its own and finishes it. When
+    wandb is missing or `wandb.init` fails, one warning is logged, `run` stays None and training goes on; later
+    logging errors also only warn (once). With no W&B credentials (no `WANDB_API_KEY`, no netrc entry) and no
+    `WANDB_MODE`, the run is written offline and the log says how to upload it (`wandb sync <dir>`). W&B's
+    files go into the trainer's `output_dir/wandb` (not the current directory, and never through a `wandb` link
+    there: W&B logging is then off, said in one warning) unless `WANDB_DIR` says where. Step metrics use the
+    global step as the W&B step; epoch metrics are logged as `epoch/<name>` at the step the epoch ended,
+    evaluations (`on_evaluate`) at their step. Only the main process logs; a validation's `best_val_loss` is kept
+    in the run summary. The run id is part of `state_dict()`, so a resumed training continues the same W&B run.
+    Runs last (`order = 90`), so validation metrics of the step are included.
     """
 
     order = 90
@@ -56,9 +62,13 @@ class WandBCallback(SFTCallback):
         self.run: Any = None
         self.run_id: str | None = None
         self._warned: set[str] = set()
+        self._last_step = 0  # the newest step logged: a hand-written loop's trainer may have no global_step
+        self._saves_seen = False  # whether any on_save reached this callback during the run
+        self._owns_run = False  # False for a run the user started before training: theirs to finish
 
     def on_train_begin(self, trainer: Any, **kwargs: Any) -> None:
         api = trainer_api(trainer)
+        self._last_step, self._saves_seen = 0, False
         if self.run is not None or not api.is_main_process:
             return
         try:
@@ -69,9 +79,16 @@ class WandBCallback(SFTCallback):
         no_credentials = not os.environ.get("WANDB_MODE") and not _has_wandb_credentials()
         mode = "offline" if no_credentials else None
         config = self.config if self.config is not None else config_dict(api.config)
+        if wandb.run is not None:  # the user's own `wandb.init` before training: log into that run
+            self._join(wandb.run, config)
+            return
         arguments = dict(project=self.project, name=self.run_name, config=config, entity=self.entity,
                          resume="allow", id=self.run_id)
         if not os.environ.get("WANDB_DIR") and api.output_dir is not None:  # not the current directory
+            problem = linked_folder_problem(Path(api.output_dir) / WANDB_DIR)  # SFTTrainer refused it already
+            if problem is not None:
+                self._warn_once("init", f"W&B logging is off: {problem}")
+                return
             arguments["dir"] = str(api.output_dir)
         why_offline = "No W&B credentials found"
         try:
@@ -86,13 +103,24 @@ class WandBCallback(SFTCallback):
             self._warn_once("init", f"wandb.init failed ({error!r}): W&B logging is off")
             self.run = None
             return
-        self.run_id = self.run.id
+        self.run_id, self._owns_run = self.run.id, True
         if mode == "offline":
             logger.warning("%s: the run is saved offline. Upload it later with `wandb sync %s`", why_offline,
                            self.run.settings.sync_dir)
 
+    def _join(self, run: Any, config: dict[str, Any] | None) -> None:
+        """Log into `run`, a W&B run the user started before training (it stays open at the end), with our config."""
+        self.run, self.run_id, self._owns_run = run, run.id, False
+        logger.info("Logging to the W&B run %s that was already active; it is left open when training ends", run.id)
+        if config:
+            try:
+                run.config.update(config, allow_val_change=True)
+            except Exception as error:
+                self._warn_once("config", f"adding the config to the active W&B run failed ({error}); training goes on")
+
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
         api = trainer_api(trainer)
+        self._last_step = step
         self._log(api.train_metrics(metrics) if api.managed else dict(metrics), step)
 
     def on_evaluate(self, trainer: Any, step: int, metrics: dict[str, float], **kwargs: Any) -> None:
@@ -102,7 +130,7 @@ class WandBCallback(SFTCallback):
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         self._log(
             {"epoch": epoch, **{f"epoch/{key}": value for key, value in metrics.items()}},
-            trainer_api(trainer).global_step,
+            max(trainer_api(trainer).global_step, self._last_step),  # W&B drops a step older than the newest
         )
 
     def _log_samples(self, samples: list[dict[str, Any]], step: int) -> None:
@@ -121,6 +149,7 @@ class WandBCallback(SFTCallback):
             self._warn_once("table", f"logging the generation samples to W&B failed ({error}); training goes on")
 
     def on_save(self, trainer: Any, step: int, checkpoint_path: str, **kwargs: Any) -> None:
+        self._saves_seen = True
         if self.run is None or not self.log_model:
             return
         try:
@@ -138,10 +167,15 @@ class WandBCallback(SFTCallback):
     def on_train_end(self, trainer: Any, error: BaseException | None = None, **kwargs: Any) -> None:
         if self.run is None:
             return
-        try:
-            self.run.finish(exit_code=1 if error is not None else 0)
-        except Exception as finish_error:
-            self._warn_once("finish", f"finishing the W&B run failed: {finish_error}")
+        if self.log_model and not self._saves_seen and error is None:
+            self._warn_once("no_model", "log_model=True, but no checkpoint was reported to WandBCallback (on_save), "
+                            "so no model was logged: a hand-written loop fires on_save(trainer, step=..., "
+                            "checkpoint_path=...) after it saves one (SFTTrainer does so itself)")
+        if self._owns_run:
+            try:
+                self.run.finish(exit_code=1 if error is not None else 0)
+            except Exception as finish_error:
+                self._warn_once("finish", f"finishing the W&B run failed: {finish_error}")
         self.run = None
 
     def _log(self, values: dict[str, Any], step: int | None) -> None:
