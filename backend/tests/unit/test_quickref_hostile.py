@@ -248,22 +248,25 @@ def test_early_stopping_counts_each_epoch_end_once_without_global_step(eval_step
 # ---------------------------------------------------------------- SFTCallback and the handler
 
 
-def test_a_hook_written_as_the_lifecycle_table_reads_is_refused_when_added_not_at_the_end() -> None:
-    """The table lists `on_train_end(trainer)`; the trainer also passes `error=`. Adding such a callback says so
-    at once, instead of a TypeError after the whole training ran."""
+def test_a_hook_written_as_the_lifecycle_table_reads_runs_and_a_renamed_one_is_refused_when_added() -> None:
+    """The table lists `on_train_end(trainer)`: such a hook is called without the trainer's extra `error=`. A hook
+    that cannot take the table's arguments (renamed `step`/`metrics`) is refused when it is added, not after the
+    whole training ran."""
+    ended = []
 
     class Done(SFTCallback):
         def on_train_end(self, trainer):
-            pass
+            ended.append(trainer)
 
     class Renamed(SFTCallback):
         def on_step_end(self, trainer, global_step, logs, **kwargs):
             pass
 
-    with pytest.raises(TypeError, match=r"Done\.on_train_end\(trainer\) .*error=.*def on_train_end\(self, trainer, "
-                                        r"error, \*\*kwargs\)"):
-        CallbackHandler([Done()])
-    with pytest.raises(TypeError, match=r"Renamed\.on_step_end.*step=\.\.\., metrics=\.\.\."):
+    handler = CallbackHandler([Done()])
+    handler.fire("on_train_end", "the trainer", error=None)
+    assert ended == ["the trainer"]
+    with pytest.raises(TypeError, match=r"Renamed\.on_step_end.*step=\.\.\., metrics=\.\.\..*"
+                                        r"def on_step_end\(self, trainer, step, metrics, \*\*kwargs\)"):
         CallbackHandler().add(Renamed())
 
 

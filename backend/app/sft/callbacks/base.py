@@ -262,9 +262,12 @@ class SFTCallback:
 HOOK_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "on_train_begin": (), "on_epoch_begin": ("epoch",), "on_step_end": ("step", "metrics"),
     "on_evaluate": ("step", "metrics"), "on_epoch_end": ("epoch", "metrics"), "on_save": ("step", "checkpoint_path"),
-    "on_train_end": ("error",),
+    "on_train_end": (),
 }
-"""The keyword arguments the trainer passes to each hook, after the trainer itself."""
+"""The keyword arguments the trainer passes to each hook, after the trainer itself (the quick reference's table)."""
+OPTIONAL_ARGUMENTS: dict[str, tuple[str, ...]] = {"on_train_end": ("error",)}
+"""Keyword arguments passed beyond the table, only to a hook that takes them: `def on_train_end(self, trainer)`,
+as the table reads, is called without `error`."""
 
 
 def _check_hooks(callback: SFTCallback) -> None:
@@ -277,15 +280,34 @@ def _check_hooks(callback: SFTCallback) -> None:
             signature = inspect.signature(hook)
         except ValueError:  # no signature to read (a builtin): it is called and judged then
             continue
-        try:
-            signature.bind(None, **dict.fromkeys(names))
-        except TypeError:
+        if not any(_binds(signature, (*names, *extra)) for extra in (OPTIONAL_ARGUMENTS.get(event, ()), ())):
             wanted = ", ".join(("self", "trainer", *names, "**kwargs"))
             raise TypeError(
                 f"{type(callback).__name__}.{event}{signature} cannot take the arguments the trainer passes "
                 f"(trainer, {', '.join(f'{name}=...' for name in names) or 'nothing else'}): define it as "
                 f"`def {event}({wanted})`"
-            ) from None
+            )
+
+
+def _binds(signature: inspect.Signature, names: tuple[str, ...]) -> bool:
+    try:
+        signature.bind(None, **dict.fromkeys(names))
+    except TypeError:
+        return False
+    return True
+
+
+def _taken(hook: Any, optional: tuple[str, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` without those of the `optional` names that `hook` takes neither by name nor by `**kwargs`."""
+    if not optional:
+        return kwargs
+    try:
+        parameters = inspect.signature(hook).parameters
+    except ValueError:  # no signature to read (a builtin): it gets everything
+        return kwargs
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return kwargs
+    return {name: value for name, value in kwargs.items() if name not in optional or name in parameters}
 
 
 class CallbackHandler:
@@ -337,7 +359,8 @@ class CallbackHandler:
         try:
             for callback in self.callbacks:
                 self.current = callback
-                getattr(callback, event)(trainer, **kwargs)
+                hook = getattr(callback, event)
+                hook(trainer, **_taken(hook, OPTIONAL_ARGUMENTS.get(event, ()), kwargs))
         finally:
             self.current = outer
 
