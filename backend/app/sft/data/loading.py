@@ -98,9 +98,10 @@ def _pick_split(
 
 
 def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, without the byte order mark that Windows editors and Excel put first."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1

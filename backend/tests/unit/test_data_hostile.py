@@ -1,0 +1,31 @@
+"""Hostile inputs from users of TRL, Axolotl and Hugging Face datasets: files and configs as other tools and
+editors write them, each either read as meant or refused in one message naming the file, line or field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.sft.config import ConfigError, SFTConfig
+from app.sft.data import DataError, load_rows
+
+ROW = {"instruction": "What is the capital of France?", "input": "", "output": "Paris."}
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("name", ["data.jsonl", "data.json", "array.json", "data.csv"])
+def test_a_file_starting_with_a_utf8_byte_order_mark_loads_its_rows(tmp_path: Path, name: str) -> None:
+    texts = {
+        "data.jsonl": json.dumps(ROW) + "\r\n",
+        "data.json": json.dumps(ROW) + "\n",
+        "array.json": json.dumps([ROW], indent=2),
+        "data.csv": "instruction,input,output\r\nWhat is the capital of France?,,Paris.\r\n",
+    }
+    path = tmp_path / name
+    path.write_bytes(texts[name].encode("utf-8-sig"))  # as Notepad and Excel save "UTF-8"
+    rows = load_rows(str(path))
+    assert rows.column_names == ["instruction", "input", "output"]
+    assert rows[0]["instruction"] == ROW["instruction"] and rows[0]["output"] == ROW["output"]
