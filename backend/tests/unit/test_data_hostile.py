@@ -29,3 +29,10 @@ def test_a_file_starting_with_a_utf8_byte_order_mark_loads_its_rows(tmp_path: Pa
     rows = load_rows(str(path))
     assert rows.column_names == ["instruction", "input", "output"]
     assert rows[0]["instruction"] == ROW["instruction"] and rows[0]["output"] == ROW["output"]
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused_not_read_as_its_last_copy(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("instruction,instruction,output\nWhat is the capital?,Of France,Paris.\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{path}:1: .*'instruction' more than once"):
+        load_rows(str(path))

@@ -116,6 +116,10 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     records, lines = [], []
     try:
+        repeated = sorted({name for name in reader.fieldnames or [] if reader.fieldnames.count(name) > 1})
+        if repeated:
+            raise DataError(f"{path}:1: the header names column {', '.join(map(repr, repeated))} more than once; "
+                            "rename one (only one column's cells could be read)")
         for record in reader:
             if None in record:  # DictReader's key for cells beyond the header
                 raise DataError(f"{path}:{reader.line_num}: more cells than the header has columns")
