@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.sft.config import ConfigError, SFTConfig
+from app.sft.config import SFTConfig
 from app.sft.data import DataError, load_rows
 
 ROW = {"instruction": "What is the capital of France?", "input": "", "output": "Paris."}
@@ -36,3 +36,27 @@ def test_a_csv_header_naming_a_column_twice_is_refused_not_read_as_its_last_copy
     path.write_text("instruction,instruction,output\nWhat is the capital?,Of France,Paris.\n", encoding="utf-8")
     with pytest.raises(DataError, match=rf"{path}:1: .*'instruction' more than once"):
         load_rows(str(path))
+
+
+# ------------------------------------------------------------------------------------------- config
+
+def _config(tmp_path: Path, text: str) -> SFTConfig:
+    path = tmp_path / "config.yaml"
+    path.write_text("base_model: tiny\ndataset_name: data.jsonl\n" + text, encoding="utf-8")
+    return SFTConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("word", ["'false'", "'no'", "'False'", "0"])
+def test_other_tools_boolean_aliases_written_as_strings_mean_what_they_say(tmp_path: Path, word: str) -> None:
+    # completion_only_loss: "false" is TRL's train_on_inputs: true; it must not be read as the opposite
+    assert _config(tmp_path, f"completion_only_loss: {word}\n").train_on_inputs is True
+    assert _config(tmp_path, f"bf16: {word}\n").mixed_precision == SFTConfig(base_model="m").mixed_precision
+    assert _config(tmp_path, f"lora_target_linear: {word}\n").lora_target_modules == (
+        SFTConfig(base_model="m").lora_target_modules)
+
+
+@pytest.mark.parametrize("word", ["'true'", "'yes'", "'True'", "1"])
+def test_other_tools_boolean_aliases_written_as_true_strings_switch_them_on(tmp_path: Path, word: str) -> None:
+    assert _config(tmp_path, f"completion_only_loss: {word}\n").train_on_inputs is False
+    assert _config(tmp_path, f"bf16: {word}\n").mixed_precision == "bf16"
+    assert _config(tmp_path, f"lora_target_linear: {word}\n").lora_target_modules == "all-linear"
