@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.sft.config import SFTConfig
+from app.sft.config import ConfigError, SFTConfig
 from app.sft.data import DataError, load_rows
 
 ROW = {"instruction": "What is the capital of France?", "input": "", "output": "Paris."}
@@ -60,3 +60,18 @@ def test_other_tools_boolean_aliases_written_as_true_strings_switch_them_on(tmp_
     assert _config(tmp_path, f"completion_only_loss: {word}\n").train_on_inputs is False
     assert _config(tmp_path, f"bf16: {word}\n").mixed_precision == "bf16"
     assert _config(tmp_path, f"lora_target_linear: {word}\n").lora_target_modules == "all-linear"
+
+
+def test_a_setting_given_twice_in_the_yaml_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config.yaml: 'num_epochs' is set twice \(lines 3 and 5\)"):
+        _config(tmp_path, "num_epochs: 1\nlearning_rate: 2e-4\nnum_epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"'weight' is set twice \(lines 5 and 6\)"):
+        _config(tmp_path, "datasets:\n  - path: a.jsonl\n    weight: 1\n    weight: 2\n")
+
+
+def test_entries_sharing_keys_anchors_and_merge_keys_are_not_repeats(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("base_model: tiny\ndatasets:\n  - &first {path: a.jsonl, weight: 1}\n"
+                    "  - <<: *first\n    path: b.jsonl\n", encoding="utf-8")
+    config = SFTConfig.from_yaml(path)
+    assert [(entry.path, entry.weight) for entry in config.datasets] == [("a.jsonl", 1.0), ("b.jsonl", 1.0)]
