@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from _data_helpers import bpe_tokenizer
 
 from app.sft.config import ConfigError, SFTConfig
-from app.sft.data import DataError, load_rows
+from app.sft.data import DataError, DataWarning, build_datasets, load_rows
 
 ROW = {"instruction": "What is the capital of France?", "input": "", "output": "Paris."}
 
@@ -75,3 +76,30 @@ def test_entries_sharing_keys_anchors_and_merge_keys_are_not_repeats(tmp_path: P
                     "  - <<: *first\n    path: b.jsonl\n", encoding="utf-8")
     config = SFTConfig.from_yaml(path)
     assert [(entry.path, entry.weight) for entry in config.datasets] == [("a.jsonl", 1.0), ("b.jsonl", 1.0)]
+
+
+# ------------------------------------------------------------------------------------------- mixing
+
+
+def _count_rows(path: Path, count: int) -> Path:
+    path.write_text("".join(json.dumps({"instruction": f"Count to {i}.", "output": f"{i}."}) + "\n"
+                            for i in range(count)), encoding="utf-8")
+    return path
+
+
+def test_validation_never_holds_what_another_datasets_entry_trains_on(tmp_path: Path) -> None:
+    numbers = _count_rows(tmp_path / "numbers.jsonl", 10)
+    config = SFTConfig(base_model="m", datasets=[{"path": str(numbers)}, {"path": str(numbers), "weight": 0.5}],
+                       validation_split=0.2, max_seq_length=64, cache_tokenized=False)
+    with pytest.warns(DataWarning, match=r"datasets: \d+ validation examples are also training examples"):
+        train, val = build_datasets(config, bpe_tokenizer())
+    assert val is not None and len(val) > 0
+    assert not {tuple(ids) for ids in val.input_ids} & {tuple(ids) for ids in train.input_ids}
+
+
+def test_validation_left_empty_by_entries_repeating_each_other_is_an_error(tmp_path: Path) -> None:
+    numbers = _count_rows(tmp_path / "numbers.jsonl", 2)  # seed 0 holds out row 0 of one entry, row 1 of the other
+    config = SFTConfig(base_model="m", datasets=[{"path": str(numbers)}] * 2, validation_split=0.5, seed=0,
+                       max_seq_length=64, cache_tokenized=False)
+    with pytest.raises(DataError, match="every validation example is also a training example of another entry"):
+        build_datasets(config, bpe_tokenizer())
