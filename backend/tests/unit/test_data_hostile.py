@@ -103,3 +103,13 @@ def test_validation_left_empty_by_entries_repeating_each_other_is_an_error(tmp_p
                        max_seq_length=64, cache_tokenized=False)
     with pytest.raises(DataError, match="every validation example is also a training example of another entry"):
         build_datasets(config, bpe_tokenizer())
+
+
+def test_one_json_object_over_several_lines_is_named_as_such_not_as_invalid_json(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"  # the layout datasets.load_dataset("json", field="data") reads
+    path.write_text(json.dumps({"version": 1, "data": [ROW, ROW]}, indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match=r"data.json: one JSON object over several lines.*'data' holds a list"):
+        load_rows(str(path))
+    path.write_text(json.dumps(ROW, indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match=r"data.json: one JSON object over several lines, not records"):
+        load_rows(str(path))

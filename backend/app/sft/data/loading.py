@@ -147,12 +147,27 @@ def _read_json_lines(path: Path, text: str) -> tuple[list[dict[str, Any]], list[
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
+            _refuse_one_object(path, text)
             raise DataError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
         lines.append(number)
     return records, lines
+
+
+def _refuse_one_object(path: Path, text: str) -> None:
+    """Raise a `DataError` saying so when `text` is one JSON object written over several lines (as for
+    `datasets.load_dataset("json", field=...)`), not records."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if isinstance(whole, dict):
+        lists = [key for key, value in whole.items() if isinstance(value, list)]
+        held = f"; its {lists[0]!r} holds a list: save that list as the file" if lists else ""
+        raise DataError(f"{path}: one JSON object over several lines, not records; expected a JSON array of "
+                        f"records ([{{...}}, ...]) or one record per line (JSON lines){held}")
 
 
 _WHITESPACE = re.compile(r"\s*")
