@@ -39,6 +39,23 @@ def test_a_csv_header_naming_a_column_twice_is_refused_not_read_as_its_last_copy
         load_rows(str(path))
 
 
+def test_one_json_object_over_several_lines_is_named_as_such_not_as_invalid_json(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"  # the layout datasets.load_dataset("json", field="data") reads
+    path.write_text(json.dumps({"version": 1, "data": [ROW, ROW]}, indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match=r"data.json: one JSON object over several lines.*'data' holds a list"):
+        load_rows(str(path))
+    path.write_text(json.dumps(ROW, indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match=r"data.json: one JSON object over several lines, not records"):
+        load_rows(str(path))
+
+
+def test_records_that_are_all_empty_objects_are_not_called_an_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text("{}\n{}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"data.jsonl: its 2 records are all empty objects"):
+        load_rows(str(path))
+
+
 # ------------------------------------------------------------------------------------------- config
 
 def _config(tmp_path: Path, text: str) -> SFTConfig:
@@ -78,7 +95,7 @@ def test_entries_sharing_keys_anchors_and_merge_keys_are_not_repeats(tmp_path: P
     assert [(entry.path, entry.weight) for entry in config.datasets] == [("a.jsonl", 1.0), ("b.jsonl", 1.0)]
 
 
-# ------------------------------------------------------------------------------------------- mixing
+# ------------------------------------------------------------------------------- validation data
 
 
 def _count_rows(path: Path, count: int) -> Path:
@@ -103,13 +120,3 @@ def test_validation_left_empty_by_entries_repeating_each_other_is_an_error(tmp_p
                        max_seq_length=64, cache_tokenized=False)
     with pytest.raises(DataError, match="every validation example is also a training example of another entry"):
         build_datasets(config, bpe_tokenizer())
-
-
-def test_one_json_object_over_several_lines_is_named_as_such_not_as_invalid_json(tmp_path: Path) -> None:
-    path = tmp_path / "data.json"  # the layout datasets.load_dataset("json", field="data") reads
-    path.write_text(json.dumps({"version": 1, "data": [ROW, ROW]}, indent=2), encoding="utf-8")
-    with pytest.raises(DataError, match=r"data.json: one JSON object over several lines.*'data' holds a list"):
-        load_rows(str(path))
-    path.write_text(json.dumps(ROW, indent=2), encoding="utf-8")
-    with pytest.raises(DataError, match=r"data.json: one JSON object over several lines, not records"):
-        load_rows(str(path))

@@ -237,6 +237,8 @@ def _is_cut_off(text: str, pos: int) -> bool:
 def _records_to_dataset(records: list[dict[str, Any]], source: str) -> datasets.Dataset:
     """A `datasets.Dataset` with the union of the records' keys (missing values are None)."""
     columns = list(dict.fromkeys(key for record in records for key in record))
+    if records and not columns:
+        raise DataError(f"{source}: its {len(records)} records are all empty objects ({{}}); no field to train on")
     table = {key: [record.get(key) for record in records] for key in columns}
     return _via_datasets(source, lambda: datasets.Dataset.from_dict(table, on_mixed_types="use_json"))
 
