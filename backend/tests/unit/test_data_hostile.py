@@ -120,3 +120,15 @@ def test_validation_left_empty_by_entries_repeating_each_other_is_an_error(tmp_p
                        max_seq_length=64, cache_tokenized=False)
     with pytest.raises(DataError, match="every validation example is also a training example of another entry"):
         build_datasets(config, bpe_tokenizer())
+
+
+def test_a_source_too_small_to_split_is_named(tmp_path: Path) -> None:
+    numbers, single = _count_rows(tmp_path / "numbers.jsonl", 10), _count_rows(tmp_path / "single.jsonl", 1)
+    config = SFTConfig(base_model="m", datasets=[{"path": str(numbers)}, {"path": str(single)}],
+                       validation_split=0.2, max_seq_length=64, cache_tokenized=False)
+    with pytest.raises(DataError, match=rf"datasets\[1\] \({single}\): validation_split=0.2 of 1 examples"):
+        build_datasets(config, bpe_tokenizer())
+    config = SFTConfig(base_model="m", dataset_name=str(single), validation_split=0.2, max_seq_length=64,
+                       cache_tokenized=False)
+    with pytest.raises(DataError, match=rf"{single}: validation_split=0.2 of 1 examples leaves nothing to train on"):
+        build_datasets(config, bpe_tokenizer())

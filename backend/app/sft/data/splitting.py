@@ -99,7 +99,17 @@ def build_datasets(
         return train, tokenized_source(config, tokenizer, config.eval_dataset_name, EVAL_SPLITS)
     if config.datasets:
         return train, val
-    return split_train_val(train, config.validation_split, config.seed)
+    return _split_named(train, config.validation_split, config.seed, str(config.dataset_name))
+
+
+def _split_named(
+    data: TokenizedDataset, validation_split: float, seed: int, label: str
+) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """`split_train_val`, its `DataError` naming the source (`label`) that cannot be split."""
+    try:
+        return split_train_val(data, validation_split, seed)
+    except DataError as error:
+        raise DataError(f"{label}: {error}") from None
 
 
 def _mixed_sources(
@@ -112,7 +122,8 @@ def _mixed_sources(
         data = tokenized_source(config, tokenizer, entry.path, entry.split, entry, index)
         val = None
         if config.eval_dataset_name is None:
-            data, val = split_train_val(data, config.validation_split, config.seed + index)
+            data, val = _split_named(data, config.validation_split, config.seed + index,
+                                     f"datasets[{index}] ({entry.path})")
         trains.append(data.select(_weighted_indices(len(data), entry.weight, config.seed + index)))
         if val is not None:
             vals.append(val)
