@@ -16,9 +16,25 @@ _SKIP = object()
 """An alias value that sets nothing (`bf16: false` leaves mixed_precision as it is)."""
 
 
+_BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "t": True, "y": True, "1": True,
+                  "false": False, "no": False, "off": False, "f": False, "n": False, "0": False}
+
+
+def _boolean(value: Any) -> Any:
+    """`value` as a bool when our boolean fields would read it as one ("yes", "false", 0, ...), else unchanged."""
+    if isinstance(value, str):
+        return _BOOLEAN_WORDS.get(value.strip().lower(), value)
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    return value
+
+
 def _precision(name: str) -> Callable[[Any], Any]:
     """`bf16: true` -> "bf16"; `bf16: auto` (Axolotl) -> "bf16" (resolve_for_hardware falls back); false -> nothing."""
-    return lambda value: name if value is True or value == "auto" else _SKIP if value in (False, None) else value
+    def convert(value: Any) -> Any:
+        value = _boolean(value)
+        return name if value is True or value == "auto" else _SKIP if value in (False, None) else value
+    return convert
 
 
 _HF_OPTIMIZERS = {"adamw_torch_fused": "adamw_fused", "adamw_bnb_8bit": "adamw_8bit", "adamw_hf": "adamw"}
@@ -57,12 +73,12 @@ ALIASES: dict[str, Alias] = {
     "sample_packing": Alias("packing", "Axolotl name"),
     "load_in_4bit": Alias("use_qlora", "Axolotl name"),
     "lora_target_linear": Alias("lora_target_modules", "Axolotl name; lora_target_linear: true = all-linear",
-                                lambda value: "all-linear" if value is True else _SKIP if value in (False, None)
-                                else value),
+                                lambda value: "all-linear" if _boolean(value) is True
+                                else _SKIP if _boolean(value) in (False, None) else value),
     "peft_use_dora": Alias("use_dora", "Axolotl name"),
     "peft_use_rslora": Alias("use_rslora", "Axolotl name"),
     "completion_only_loss": Alias("train_on_inputs", "TRL name; completion_only_loss: false = train_on_inputs: true",
-                                  lambda value: not value if isinstance(value, bool) else value),
+                                  lambda value: not _boolean(value) if isinstance(_boolean(value), bool) else value),
 }
 """Names that TRL/Hugging Face and Axolotl configs use, each read as one of our fields."""
 

@@ -473,6 +473,7 @@ def load_yaml(text: str, source: str) -> Any:
         if _expanded_size(node, {}, set()) > YAML_MAX_VALUES:
             raise ConfigError(f"{source}: its aliases (*name) expand to more than {YAML_MAX_VALUES:,} values; a "
                               "config needs far fewer: write the values out, or use fewer nested aliases")
+        _refuse_repeated_keys(node, source, set())
         return loader.construct_document(node)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
@@ -501,6 +502,26 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> i
     open_.discard(key)
     sizes[key] = size
     return size
+
+
+def _refuse_repeated_keys(node: yaml.Node, source: str, seen: set[int]) -> None:
+    """Raise a `ConfigError` naming the key and both lines when a mapping in `node` sets a key twice (YAML
+    loaders keep the last silently). Each node is visited once; `load_yaml` has refused endless aliases."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, Any], int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                first = lines.setdefault((key.tag, key.value), key.start_mark.line + 1)
+                if first != key.start_mark.line + 1:
+                    raise ConfigError(f"{source}: {key.value!r} is set twice (lines {first} and "
+                                      f"{key.start_mark.line + 1}); keep one")
+    children = node.value if isinstance(node, yaml.SequenceNode) else (
+        [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else [])
+    for child in children:
+        _refuse_repeated_keys(child, source, seen)
 
 
 def _invalid(problems: list[str], source: str | None) -> ConfigError:

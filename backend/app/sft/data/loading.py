@@ -98,9 +98,10 @@ def _pick_split(
 
 
 def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, without the byte order mark that Windows editors and Excel put first."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
@@ -115,6 +116,10 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     records, lines = [], []
     try:
+        repeated = sorted({name for name in reader.fieldnames or [] if reader.fieldnames.count(name) > 1})
+        if repeated:
+            raise DataError(f"{path}:1: the header names column {', '.join(map(repr, repeated))} more than once; "
+                            "rename one (only one column's cells could be read)")
         for record in reader:
             if None in record:  # DictReader's key for cells beyond the header
                 raise DataError(f"{path}:{reader.line_num}: more cells than the header has columns")
@@ -142,12 +147,27 @@ def _read_json_lines(path: Path, text: str) -> tuple[list[dict[str, Any]], list[
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
+            _refuse_one_object(path, text)
             raise DataError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
         lines.append(number)
     return records, lines
+
+
+def _refuse_one_object(path: Path, text: str) -> None:
+    """Raise a `DataError` saying so when `text` is one JSON object written over several lines (as for
+    `datasets.load_dataset("json", field=...)`), not records."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if isinstance(whole, dict):
+        lists = [key for key, value in whole.items() if isinstance(value, list)]
+        held = f"; its {lists[0]!r} holds a list: save that list as the file" if lists else ""
+        raise DataError(f"{path}: one JSON object over several lines, not records; expected a JSON array of "
+                        f"records ([{{...}}, ...]) or one record per line (JSON lines){held}")
 
 
 _WHITESPACE = re.compile(r"\s*")
@@ -217,6 +237,8 @@ def _is_cut_off(text: str, pos: int) -> bool:
 def _records_to_dataset(records: list[dict[str, Any]], source: str) -> datasets.Dataset:
     """A `datasets.Dataset` with the union of the records' keys (missing values are None)."""
     columns = list(dict.fromkeys(key for record in records for key in record))
+    if records and not columns:
+        raise DataError(f"{source}: its {len(records)} records are all empty objects ({{}}); no field to train on")
     table = {key: [record.get(key) for record in records] for key in columns}
     return _via_datasets(source, lambda: datasets.Dataset.from_dict(table, on_mixed_types="use_json"))
 

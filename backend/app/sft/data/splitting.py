@@ -4,6 +4,7 @@ and validation data of a config, one source or several `datasets:` mixed by weig
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -13,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from app.sft.config import SFTConfig
 from app.sft.data.loading import EVAL_SPLITS
 from app.sft.data.tokenizing import tokenized_source
-from app.sft.errors import ConfigError, DataError
+from app.sft.errors import ConfigError, DataError, DataWarning
 from app.sft.tokenized import TokenizedDataset
 
 _D = TypeVar("_D")
@@ -98,7 +99,17 @@ def build_datasets(
         return train, tokenized_source(config, tokenizer, config.eval_dataset_name, EVAL_SPLITS)
     if config.datasets:
         return train, val
-    return split_train_val(train, config.validation_split, config.seed)
+    return _split_named(train, config.validation_split, config.seed, str(config.dataset_name))
+
+
+def _split_named(
+    data: TokenizedDataset, validation_split: float, seed: int, label: str
+) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """`split_train_val`, its `DataError` naming the source (`label`) that cannot be split."""
+    try:
+        return split_train_val(data, validation_split, seed)
+    except DataError as error:
+        raise DataError(f"{label}: {error}") from None
 
 
 def _mixed_sources(
@@ -111,11 +122,28 @@ def _mixed_sources(
         data = tokenized_source(config, tokenizer, entry.path, entry.split, entry, index)
         val = None
         if config.eval_dataset_name is None:
-            data, val = split_train_val(data, config.validation_split, config.seed + index)
+            data, val = _split_named(data, config.validation_split, config.seed + index,
+                                     f"datasets[{index}] ({entry.path})")
         trains.append(data.select(_weighted_indices(len(data), entry.weight, config.seed + index)))
         if val is not None:
             vals.append(val)
-    return _concatenate(trains), _concatenate(vals) if vals else None
+    return _concatenate(trains), _concatenate(_unseen(vals, trains)) if vals else None
+
+
+def _unseen(vals: list[TokenizedDataset], trains: list[TokenizedDataset]) -> list[TokenizedDataset]:
+    """The validation parts without the examples that another source trains on (the same rows in two entries,
+    or one file listed twice), with one warning counting them; a `DataError` when none is left."""
+    trained = {tuple(ids) for part in trains for ids in part.input_ids}
+    kept = [part.select(i for i, ids in enumerate(part.input_ids) if tuple(ids) not in trained) for part in vals]
+    left_out = sum(map(len, vals)) - sum(map(len, kept))
+    if left_out == sum(map(len, vals)):
+        raise DataError("datasets: every validation example is also a training example of another entry (the same "
+                        "rows in two sources); give validation data as eval_dataset_name, or set validation_split: 0")
+    if left_out:
+        warnings.warn(f"datasets: {left_out} validation examples are also training examples of another entry (the "
+                      "same rows in two sources); they are left out of validation, which measures unseen data",
+                      DataWarning, stacklevel=4)
+    return [part for part in kept if len(part)]
 
 
 def _weighted_indices(count: int, weight: float, seed: int) -> list[int]:
