@@ -437,13 +437,21 @@ def load_optimizer_and_scheduler(
 
 def load_rng_state(path: Path, process_index: int = 0) -> None:
     """Restore this process's random states, as stored by `write_rng_state`."""
-    state = _read_json(path / f"rng_state_{process_index}.json")
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    tensors = _load_safetensors(path / f"rng_state_{process_index}.safetensors")
-    torch.set_rng_state(tensors["torch_cpu"])
+    file = path / f"rng_state_{process_index}.json"
+    state = _read_json(file)
+    try:
+        version, internal, gauss = state["python"]
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        random.setstate((version, tuple(internal), gauss))
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{file} does not hold random states (the file is damaged or was edited)") from exc
+    file = path / f"rng_state_{process_index}.safetensors"
+    tensors = _load_safetensors(file)
+    try:
+        torch.set_rng_state(tensors["torch_cpu"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{file} does not hold random states (the file is damaged or was edited)") from exc
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
