@@ -363,6 +363,8 @@ def read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, 
         raise CheckpointError(f"{path / TRAINER_STATE_FILE} does not hold a trainer state")
     trainer = data["trainer"]
     problem = TrainerState.type_problem(trainer)
+    if problem is None:
+        problem = _value_problem(trainer)
     if problem is None and not isinstance(trainer.get("num_processes", 1), int):
         problem = f"field 'num_processes' must be int, got {trainer['num_processes']!r}"
     if problem is None and "layout" in trainer:
@@ -372,6 +374,17 @@ def read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, 
     if problem is not None:
         raise CheckpointError(f"{path / TRAINER_STATE_FILE}: {problem} (the file is damaged or was edited)")
     return trainer, data.get("callbacks", {})
+
+
+def _value_problem(trainer: dict[str, Any]) -> str | None:
+    """A counter of the trainer state below zero or a `log_history` record without its step, or None."""
+    for name in ("global_step", "epoch", "batch_in_epoch", "train_tokens", "epoch_tokens", "max_steps"):
+        if trainer.get(name, 0) < 0:
+            return f"field {name!r} must not be negative, got {trainer[name]!r}"
+    for index, record in enumerate(trainer.get("log_history", [])):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+            return f"field 'log_history' entry {index} must be an object with an integer 'step', got {record!r:.200}"
+    return None
 
 
 def _layout_problem(data: Any, processes: int) -> str | None:

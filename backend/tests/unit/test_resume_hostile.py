@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.sft.checkpointing import CheckpointError, capture_rng_state, load_rng_state, write_rng_state
+from app.sft.checkpointing import (
+    CheckpointError,
+    capture_rng_state,
+    load_rng_state,
+    read_trainer_state,
+    write_rng_state,
+)
 
 
 @pytest.mark.parametrize("edit", [
@@ -30,3 +38,20 @@ def test_intact_random_state_files_still_load(tmp_path):
     torch.manual_seed(123)
     load_rng_state(tmp_path, 0)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("global_step", -5, "'global_step' must not be negative"),
+    ("batch_in_epoch", -1, "'batch_in_epoch' must not be negative"),
+    ("log_history", [1, 2], "'log_history' entry 0 must be an object"),
+    ("log_history", [{"type": "train", "loss": 1.0}], "'log_history' entry 0 must be an object with an integer 'step'"),
+])
+def test_trainer_state_edited_with_impossible_values_is_named(tmp_path, field, value, said):
+    """trainer_state.json edited by hand with a negative counter or log records without their step: one
+    CheckpointError naming the file and the field (before, the resume failed later with a KeyError or
+    AttributeError, or trained from a negative step)."""
+    trainer = {"global_step": 4, "epoch": 0, "batch_in_epoch": 4, "max_steps": 4,
+               "log_history": [{"type": "train", "step": 1, "loss": 2.0}], field: value}
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"trainer": trainer, "callbacks": {}}))
+    with pytest.raises(CheckpointError, match=rf"trainer_state\.json: field {said}"):
+        read_trainer_state(tmp_path)
