@@ -44,6 +44,8 @@ def test_intact_random_state_files_still_load(tmp_path):
     ("global_step", -5, "'global_step' must not be negative"),
     ("batch_in_epoch", -1, "'batch_in_epoch' must not be negative"),
     ("log_history", [1, 2], "'log_history' entry 0 must be an object"),
+    ("best_checkpoint", "..", "'best_checkpoint' must name a checkpoint folder"),
+    ("best_checkpoint", "/etc", "'best_checkpoint' must name a checkpoint folder"),
     ("log_history", [{"type": "train", "loss": 1.0}], "'log_history' entry 0 must be an object with an integer 'step'"),
 ])
 def test_trainer_state_edited_with_impossible_values_is_named(tmp_path, field, value, said):
@@ -55,3 +57,9 @@ def test_trainer_state_edited_with_impossible_values_is_named(tmp_path, field, v
     (tmp_path / "trainer_state.json").write_text(json.dumps({"trainer": trainer, "callbacks": {}}))
     with pytest.raises(CheckpointError, match=rf"trainer_state\.json: field {said}"):
         read_trainer_state(tmp_path)
+
+
+def test_best_checkpoint_of_an_earlier_version_still_reads(tmp_path):
+    trainer = {"global_step": 4, "best_checkpoint": "/elsewhere/run/checkpoint_step_2"}
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"trainer": trainer, "callbacks": {}}))
+    assert read_trainer_state(tmp_path)[0]["best_checkpoint"] == "/elsewhere/run/checkpoint_step_2"
