@@ -363,6 +363,8 @@ def read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, 
         raise CheckpointError(f"{path / TRAINER_STATE_FILE} does not hold a trainer state")
     trainer = data["trainer"]
     problem = TrainerState.type_problem(trainer)
+    if problem is None:
+        problem = _value_problem(trainer)
     if problem is None and not isinstance(trainer.get("num_processes", 1), int):
         problem = f"field 'num_processes' must be int, got {trainer['num_processes']!r}"
     if problem is None and "layout" in trainer:
@@ -372,6 +374,21 @@ def read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, 
     if problem is not None:
         raise CheckpointError(f"{path / TRAINER_STATE_FILE}: {problem} (the file is damaged or was edited)")
     return trainer, data.get("callbacks", {})
+
+
+def _value_problem(trainer: dict[str, Any]) -> str | None:
+    """A counter of the trainer state below zero, a `best_checkpoint` that is no checkpoint's name, or a
+    `log_history` record without its step, or None."""
+    for name in ("global_step", "epoch", "batch_in_epoch", "train_tokens", "epoch_tokens", "max_steps"):
+        if trainer.get(name, 0) < 0:
+            return f"field {name!r} must not be negative, got {trainer[name]!r}"
+    best = trainer.get("best_checkpoint")
+    if best is not None and checkpoint_step(Path(best).name) is None:
+        return f"field 'best_checkpoint' must name a checkpoint folder (checkpoint_step_<N>), got {best!r:.200}"
+    for index, record in enumerate(trainer.get("log_history", [])):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+            return f"field 'log_history' entry {index} must be an object with an integer 'step', got {record!r:.200}"
+    return None
 
 
 def _layout_problem(data: Any, processes: int) -> str | None:
@@ -437,13 +454,21 @@ def load_optimizer_and_scheduler(
 
 def load_rng_state(path: Path, process_index: int = 0) -> None:
     """Restore this process's random states, as stored by `write_rng_state`."""
-    state = _read_json(path / f"rng_state_{process_index}.json")
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    tensors = _load_safetensors(path / f"rng_state_{process_index}.safetensors")
-    torch.set_rng_state(tensors["torch_cpu"])
+    file = path / f"rng_state_{process_index}.json"
+    state = _read_json(file)
+    try:
+        version, internal, gauss = state["python"]
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        random.setstate((version, tuple(internal), gauss))
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{file} does not hold random states (the file is damaged or was edited)") from exc
+    file = path / f"rng_state_{process_index}.safetensors"
+    tensors = _load_safetensors(file)
+    try:
+        torch.set_rng_state(tensors["torch_cpu"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{file} does not hold random states (the file is damaged or was edited)") from exc
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
