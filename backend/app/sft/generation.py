@@ -53,6 +53,7 @@ from app.sft.modeling import (
     pretrained_causal_lm,
     quiet_peft_deprecations,
     read_gguf,
+    refuse_non_finite_weights,
     refuse_pickled_weights,
 )
 from app.sft.progress import phase
@@ -145,6 +146,7 @@ def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel |
                                     "config.json)")
         else:
             model = load_model(config, device=device)
+    refuse_non_finite_weights(model, path)
     return model.eval()
 
 

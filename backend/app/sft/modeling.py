@@ -571,7 +571,9 @@ def merge_lora(
     with phase(f"Merging {adapter_dir} into {base_model}"), _hub_access(base_model) as hub:
         base = pretrained_causal_lm(model_path(base_model), dtype=_MERGE_DTYPES[dtype] or "auto", **hub)
         with quiet_peft_deprecations():
-            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+            adapted = PeftModel.from_pretrained(base, adapter_dir)
+        refuse_non_finite_weights(adapted, adapter_dir)
+        merged = adapted.merge_and_unload()
         if dtype not in ("auto", "fp32"):
             merged = merged.to(_MERGE_DTYPES[dtype])
     merged.name_or_path = merged.config.name_or_path = base_model
@@ -588,6 +590,16 @@ def merge_lora(
         record = {"adapter": str(adapter_dir), "base_model": base_model, "dtype": dtype, "files": written}
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return str(out)
+
+
+def refuse_non_finite_weights(model: nn.Module, source: str | os.PathLike[str]) -> None:
+    """Refuse a model with NaN or infinite weights (a run whose training diverged), naming the first such weight."""
+    for name, weights in model.named_parameters():
+        if weights.is_floating_point() and not torch.isfinite(weights).all():
+            raise ConfigError(
+                f"{source}: weight {name} holds NaN or infinite values (did training diverge? its metrics.jsonl "
+                "shows the loss); use a checkpoint saved before that"
+            )
 
 
 MERGE_RECORD = "sft_merge.json"

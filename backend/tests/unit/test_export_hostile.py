@@ -1,0 +1,49 @@
+"""Hostile inputs to what users do with a trained run: `sft export`, `sft merge`, `sft generate`.
+
+Runs are the tiny random LoRA runs of test_export.py (`make_run`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_export import make_run
+
+from app.sft.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("hostile"), "llama", tie=True)
+
+
+@pytest.fixture(scope="module")
+def diverged(run, tmp_path_factory) -> Path:
+    """A copy of `run` whose adapter weights are NaN, as a run whose training diverged saves them."""
+    copy = tmp_path_factory.mktemp("diverged") / "run"
+    shutil.copytree(run, copy)
+    weights = load_file(copy / "adapter_model.safetensors")
+    save_file({name: torch.full_like(value, float("nan")) if "lora_B" in name else value
+               for name, value in weights.items()}, copy / "adapter_model.safetensors")
+    return copy
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "{run}", "--prompt", "hello", "--max-new-tokens", "2"],
+    ["export", "{run}", "--out", "{tmp}/model.gguf"],
+    ["merge", "{run}", "--out", "{tmp}/merged"],
+])
+def test_diverged_run_is_refused_in_one_line_naming_the_weight_and_nothing_is_written(
+    diverged, command, tmp_path, capsys
+):
+    args = [part.format(run=diverged, tmp=tmp_path) for part in command]
+    assert main(args) == 2
+    messages = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sft ")]
+    assert len(messages) == 1, messages
+    assert "NaN or infinite" in messages[0] and "lora_B" in messages[0] and str(diverged) in messages[0]
+    assert list(tmp_path.iterdir()) == []
+
