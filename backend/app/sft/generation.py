@@ -21,6 +21,7 @@ stopping at its own EOS / turn terminator).
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -428,8 +429,8 @@ def generate_batch(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    if not 0 <= temperature < math.inf or not 0 < top_p <= 1:  # written so that NaN fails too
+        raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     if not prompts:
         return []
     stops = set(stop_ids)

@@ -47,3 +47,9 @@ def test_diverged_run_is_refused_in_one_line_naming_the_weight_and_nothing_is_wr
     assert "NaN or infinite" in messages[0] and "lora_B" in messages[0] and str(diverged) in messages[0]
     assert list(tmp_path.iterdir()) == []
 
+
+@pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
+def test_generate_with_a_temperature_that_is_not_a_finite_number_is_refused_naming_it(run, temperature, capsys):
+    assert main(["generate", str(run), "--prompt", "hello", "--max-new-tokens", "2", "--temperature", temperature]) != 0
+    messages = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sft ")]
+    assert len(messages) == 1 and "temperature" in messages[0] and temperature in messages[0], messages
