@@ -45,7 +45,7 @@ from app.sft import checkpointing
 from app.sft.config import SFTConfig
 from app.sft.data.batching import PaddedCollator
 from app.sft.data.formatting import prompt_and_reference, resolve_template
-from app.sft.errors import DataError
+from app.sft.errors import ConfigError, DataError
 from app.sft.loss import evaluation_totals
 from app.sft.modeling import (
     ensure_pad_token,
@@ -67,6 +67,9 @@ RUN_CONFIG_FILE = "config.yaml"
 GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily (as vLLM does): logits divided by a tiny one overflow to inf/NaN."""
 
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""A model folder holding none of these has no tokenizer of its own."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 """`org/name`: a Hugging Face Hub model id (a bare name such as `gpt2` is read as a local path)."""
@@ -93,6 +96,9 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfi
     elif (saved := checkpointing.read_config(path) if path.is_dir() else None) is not None:
         config = SFTConfig.from_dict(saved, source=str(path / checkpointing.CONFIG_FILE))
     elif _is_model_folder(path):
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise ConfigError(f"{path}: has model weights but no tokenizer (none of {', '.join(_TOKENIZER_FILES)}"
+                              "); copy the tokenizer files of its base model into it")
         config = _bare_model_config(str(path))
     elif not path.exists() and _HUB_ID.match(text) and ".." not in text:
         config = _bare_model_config(text)

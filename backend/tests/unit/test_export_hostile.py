@@ -53,3 +53,15 @@ def test_generate_with_a_temperature_that_is_not_a_finite_number_is_refused_nami
     assert main(["generate", str(run), "--prompt", "hello", "--max-new-tokens", "2", "--temperature", temperature]) != 0
     messages = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sft ")]
     assert len(messages) == 1 and "temperature" in messages[0] and temperature in messages[0], messages
+
+
+@pytest.mark.parametrize("command", ["generate", "export"])
+def test_model_folder_without_a_tokenizer_is_named_in_one_line(run, command, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(run.parent / "base", folder, ignore=shutil.ignore_patterns("tokenizer*", "*.jinja"))
+    args = {"generate": ["--prompt", "hi", "--max-new-tokens", "2"], "export": ["--dtype", "f32"]}[command]
+    assert main([command, str(folder), *args]) == 2
+    messages = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sft ")]
+    assert len(messages) == 1 and str(folder) in messages[0] and "no tokenizer" in messages[0], messages
+    assert sorted(path.name for path in folder.iterdir()) == ["config.json", "generation_config.json",
+                                                              "model.safetensors"]
