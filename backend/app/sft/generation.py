@@ -53,6 +53,7 @@ from app.sft.modeling import (
     load_tokenizer,
     pretrained_causal_lm,
     quiet_peft_deprecations,
+    read_adapter_config,
     read_gguf,
     refuse_non_finite_weights,
     refuse_pickled_weights,
@@ -144,6 +145,7 @@ def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel |
         if path.is_file() and path.suffix.lower() == ".gguf":
             model = read_gguf(path)[0].to(device or "cpu")
         elif (path / "adapter_config.json").is_file():
+            read_adapter_config(path)
             with quiet_peft_deprecations():
                 model = PeftModel.from_pretrained(load_model(config, device=device), path)
         elif (path / "config.json").is_file():

@@ -65,3 +65,21 @@ def test_model_folder_without_a_tokenizer_is_named_in_one_line(run, command, tmp
     assert len(messages) == 1 and str(folder) in messages[0] and "no tokenizer" in messages[0], messages
     assert sorted(path.name for path in folder.iterdir()) == ["config.json", "generation_config.json",
                                                               "model.safetensors"]
+
+
+@pytest.mark.parametrize("damage", ["no adapter weights", "adapter_config.json not JSON"])
+@pytest.mark.parametrize("command", ["export", "merge", "generate"])
+def test_half_copied_adapter_is_named_in_one_line(run, damage, command, tmp_path, capsys):
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    if damage == "no adapter weights":
+        (damaged / "adapter_model.safetensors").unlink()
+    else:
+        (damaged / "adapter_config.json").write_text("{", encoding="utf-8")
+    args = {"export": ["--out", str(tmp_path / "model.gguf")], "merge": ["--out", str(tmp_path / "merged")],
+            "generate": ["--prompt", "hi", "--max-new-tokens", "2"]}[command]
+    assert main([command, str(damaged), *args]) == 2
+    messages = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sft ")]
+    expected = "adapter_model.safetensors" if damage == "no adapter weights" else "adapter_config.json is not valid"
+    assert len(messages) == 1 and str(damaged) in messages[0] and expected in messages[0], messages
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
