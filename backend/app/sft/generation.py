@@ -78,7 +78,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfig:
     """The config of whatever names a model: a run directory (`config.yaml`), a checkpoint (`sft_config.json`),
-    a YAML config file, a Hugging Face model folder, a Hub id (`org/name`) or a `.gguf` file.
+    a YAML config file, a Hugging Face model folder, a LoRA adapter folder saved by peft alone (on the base model
+    its adapter_config.json names), a Hub id (`org/name`) or a `.gguf` file.
 
     A model folder's own `config.yaml` (what `sft merge` writes into `merged/`) gives the data format and
     template, with `base_model` set to the folder itself; a target without one is a chat model (see the module
@@ -101,12 +102,18 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfi
             raise ConfigError(f"{path}: has model weights but no tokenizer (none of {', '.join(_TOKENIZER_FILES)}"
                               "); copy the tokenizer files of its base model into it")
         config = _bare_model_config(str(path))
+    elif (path / "adapter_config.json").is_file():  # a LoRA adapter saved by peft itself (TRL, ...): on its base
+        base_model = read_adapter_config(path).get("base_model_name_or_path")
+        if not base_model:
+            raise ConfigError(f"{path / 'adapter_config.json'}: base_model_name_or_path is missing (the base model)")
+        config = _bare_model_config(base_model)
     elif not path.exists() and _HUB_ID.match(text) and ".." not in text:
         config = _bare_model_config(text)
     else:
         raise FileNotFoundError(
             f"{path}: holds no model: not a config file, a run directory (with {RUN_CONFIG_FILE}), a checkpoint "
-            f"(with {checkpointing.CONFIG_FILE}), a Hugging Face model folder (with config.json), a .gguf file "
+            f"(with {checkpointing.CONFIG_FILE}), a Hugging Face model folder (with config.json), a LoRA adapter "
+            "(with adapter_config.json), a .gguf file "
             "or a Hub id (org/name)"
         )
     if _is_model_folder(path) and (path / "tokenizer_config.json").is_file():  # its own weights and tokenizer

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_export import make_run
+from test_export import batch_logits, make_run, merged_model, relative_error
+from transformers import AutoModelForCausalLM
 
 from app.sft.cli import main
 
@@ -83,3 +84,18 @@ def test_half_copied_adapter_is_named_in_one_line(run, damage, command, tmp_path
     expected = "adapter_model.safetensors" if damage == "no adapter weights" else "adapter_config.json is not valid"
     assert len(messages) == 1 and str(damaged) in messages[0] and expected in messages[0], messages
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+
+
+def test_adapter_saved_by_peft_alone_merges_and_generates_like_the_run(run, tmp_path, capsys):
+    """A LoRA adapter folder without the run's config.yaml (what TRL or peft's save_pretrained write)."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run, adapter, ignore=shutil.ignore_patterns("config.yaml"))
+    prompt = ["--prompt", "hello world", "--max-new-tokens", "4"]
+    assert main(["generate", str(run), *prompt]) == 0
+    expected = capsys.readouterr().out
+    assert main(["generate", str(adapter), *prompt]) == 0
+    assert capsys.readouterr().out == expected
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged, generator = merged_model(run)
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert relative_error(batch_logits(merged, generator.tokenizer), batch_logits(written, generator.tokenizer)) < 1e-5
