@@ -448,6 +448,8 @@ def generate_batch(
         raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     if not prompts:
         return []
+    if empty := [index for index, ids in enumerate(prompts) if not len(ids)]:
+        raise ValueError(f"prompt {empty[0]} is empty (no tokens): give the model some text to continue")
     stops = set(stop_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_ids), 0)
     device = next(model.parameters()).device

@@ -99,3 +99,10 @@ def test_adapter_saved_by_peft_alone_merges_and_generates_like_the_run(run, tmp_
     merged, generator = merged_model(run)
     written = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     assert relative_error(batch_logits(merged, generator.tokenizer), batch_logits(written, generator.tokenizer)) < 1e-5
+
+
+def test_a_prompt_of_no_tokens_is_refused_in_words(run):
+    """A completion run given "" (its tokenizer adds no BOS) has nothing to continue."""
+    _, generator = merged_model(run)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        generator.answer([], max_new_tokens=2)
