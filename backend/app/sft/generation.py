@@ -21,6 +21,7 @@ stopping at its own EOS / turn terminator).
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from app.sft import checkpointing
 from app.sft.config import SFTConfig
 from app.sft.data.batching import PaddedCollator
 from app.sft.data.formatting import prompt_and_reference, resolve_template
-from app.sft.errors import DataError
+from app.sft.errors import ConfigError, DataError
 from app.sft.loss import evaluation_totals
 from app.sft.modeling import (
     ensure_pad_token,
@@ -52,7 +53,9 @@ from app.sft.modeling import (
     load_tokenizer,
     pretrained_causal_lm,
     quiet_peft_deprecations,
+    read_adapter_config,
     read_gguf,
+    refuse_non_finite_weights,
     refuse_pickled_weights,
 )
 from app.sft.progress import phase
@@ -66,13 +69,17 @@ GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily (as vLLM does): logits divided by a tiny one overflow to inf/NaN."""
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""A model folder holding none of these has no tokenizer of its own."""
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 """`org/name`: a Hugging Face Hub model id (a bare name such as `gpt2` is read as a local path)."""
 
 
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfig:
     """The config of whatever names a model: a run directory (`config.yaml`), a checkpoint (`sft_config.json`),
-    a YAML config file, a Hugging Face model folder, a Hub id (`org/name`) or a `.gguf` file.
+    a YAML config file, a Hugging Face model folder, a LoRA adapter folder saved by peft alone (on the base model
+    its adapter_config.json names), a Hub id (`org/name`) or a `.gguf` file.
 
     A model folder's own `config.yaml` (what `sft merge` writes into `merged/`) gives the data format and
     template, with `base_model` set to the folder itself; a target without one is a chat model (see the module
@@ -91,13 +98,22 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> SFTConfi
     elif (saved := checkpointing.read_config(path) if path.is_dir() else None) is not None:
         config = SFTConfig.from_dict(saved, source=str(path / checkpointing.CONFIG_FILE))
     elif _is_model_folder(path):
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise ConfigError(f"{path}: has model weights but no tokenizer (none of {', '.join(_TOKENIZER_FILES)}"
+                              "); copy the tokenizer files of its base model into it")
         config = _bare_model_config(str(path))
+    elif (path / "adapter_config.json").is_file():  # a LoRA adapter saved by peft itself (TRL, ...): on its base
+        base_model = read_adapter_config(path).get("base_model_name_or_path")
+        if not base_model:
+            raise ConfigError(f"{path / 'adapter_config.json'}: base_model_name_or_path is missing (the base model)")
+        config = _bare_model_config(base_model)
     elif not path.exists() and _HUB_ID.match(text) and ".." not in text:
         config = _bare_model_config(text)
     else:
         raise FileNotFoundError(
             f"{path}: holds no model: not a config file, a run directory (with {RUN_CONFIG_FILE}), a checkpoint "
-            f"(with {checkpointing.CONFIG_FILE}), a Hugging Face model folder (with config.json), a .gguf file "
+            f"(with {checkpointing.CONFIG_FILE}), a Hugging Face model folder (with config.json), a LoRA adapter "
+            "(with adapter_config.json), a .gguf file "
             "or a Hub id (org/name)"
         )
     if _is_model_folder(path) and (path / "tokenizer_config.json").is_file():  # its own weights and tokenizer
@@ -136,6 +152,7 @@ def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel |
         if path.is_file() and path.suffix.lower() == ".gguf":
             model = read_gguf(path)[0].to(device or "cpu")
         elif (path / "adapter_config.json").is_file():
+            read_adapter_config(path)
             with quiet_peft_deprecations():
                 model = PeftModel.from_pretrained(load_model(config, device=device), path)
         elif (path / "config.json").is_file():
@@ -145,6 +162,7 @@ def load_trained_model(path: str | Path, config: SFTConfig) -> PreTrainedModel |
                                     "config.json)")
         else:
             model = load_model(config, device=device)
+    refuse_non_finite_weights(model, path)
     return model.eval()
 
 
@@ -426,10 +444,12 @@ def generate_batch(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    if not 0 <= temperature < math.inf or not 0 < top_p <= 1:  # written so that NaN fails too
+        raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     if not prompts:
         return []
+    if empty := [index for index, ids in enumerate(prompts) if not len(ids)]:
+        raise ValueError(f"prompt {empty[0]} is empty (no tokens): give the model some text to continue")
     stops = set(stop_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_ids), 0)
     device = next(model.parameters()).device

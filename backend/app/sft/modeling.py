@@ -552,26 +552,24 @@ def merge_lora(
 
     adapter_dir = Path(adapter_dir_or_model)
     refuse_pickled_weights(adapter_dir)
-    adapter_config_file = adapter_dir / "adapter_config.json"
-    if not adapter_config_file.is_file():
-        raise FileNotFoundError(
-            f"{adapter_dir} has no adapter_config.json; it is not a LoRA adapter directory."
-        )
+    adapter_settings = read_adapter_config(adapter_dir)
     if dtype not in _MERGE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_MERGE_DTYPES)}; got {dtype!r}")
     out = Path(out_dir)
     _check_merge_target(out, overwrite)
     if base_model is None:
-        base_model = json.loads(adapter_config_file.read_text()).get("base_model_name_or_path")
+        base_model = adapter_settings.get("base_model_name_or_path")
         if not base_model:
             raise ConfigError(
-                f"{adapter_config_file} does not name its base model; pass base_model explicitly."
+                f"{adapter_dir / 'adapter_config.json'} does not name its base model; pass base_model explicitly."
             )
 
     with phase(f"Merging {adapter_dir} into {base_model}"), _hub_access(base_model) as hub:
         base = pretrained_causal_lm(model_path(base_model), dtype=_MERGE_DTYPES[dtype] or "auto", **hub)
         with quiet_peft_deprecations():
-            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+            adapted = PeftModel.from_pretrained(base, adapter_dir)
+        refuse_non_finite_weights(adapted, adapter_dir)
+        merged = adapted.merge_and_unload()
         if dtype not in ("auto", "fp32"):
             merged = merged.to(_MERGE_DTYPES[dtype])
     merged.name_or_path = merged.config.name_or_path = base_model
@@ -588,6 +586,35 @@ def merge_lora(
         record = {"adapter": str(adapter_dir), "base_model": base_model, "dtype": dtype, "files": written}
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return str(out)
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """The settings in `adapter_dir`'s adapter_config.json, refusing a folder that is not a complete LoRA adapter
+    (no or unreadable adapter_config.json, no adapter_model.safetensors)."""
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json; it is not a LoRA adapter directory.")
+    try:
+        settings = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        damaged = f"{config_file} is not valid JSON ({error}); the adapter was damaged or half-copied"
+        raise ConfigError(damaged) from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{config_file} must hold a JSON object, got {type(settings).__name__}")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors (the "
+                                "adapter's weights): it was not saved or copied completely")
+    return settings
+
+
+def refuse_non_finite_weights(model: nn.Module, source: str | os.PathLike[str]) -> None:
+    """Refuse a model with NaN or infinite weights (a run whose training diverged), naming the first such weight."""
+    for name, weights in model.named_parameters():
+        if weights.is_floating_point() and not torch.isfinite(weights).all():
+            raise ConfigError(
+                f"{source}: weight {name} holds NaN or infinite values (did training diverge? its metrics.jsonl "
+                "shows the loss); use a checkpoint saved before that"
+            )
 
 
 MERGE_RECORD = "sft_merge.json"
