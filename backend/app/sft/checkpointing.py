@@ -373,18 +373,19 @@ def read_trainer_state(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, 
         problem = f"field 'callbacks' must be an object, got {data['callbacks']!r}"
     if problem is not None:
         raise CheckpointError(f"{path / TRAINER_STATE_FILE}: {problem} (the file is damaged or was edited)")
+    best = trainer.get("best_checkpoint")
+    if best is not None and checkpoint_step(Path(best).name) is None:  # edited: the best is kept by no checkpoint
+        logger.warning("%s: 'best_checkpoint' %.200r names no checkpoint folder (checkpoint_step_<N>); no "
+                       "checkpoint is taken as the best", path / TRAINER_STATE_FILE, best)
+        trainer = {**trainer, "best_checkpoint": None}
     return trainer, data.get("callbacks", {})
 
 
 def _value_problem(trainer: dict[str, Any]) -> str | None:
-    """A counter of the trainer state below zero, a `best_checkpoint` that is no checkpoint's name, or a
-    `log_history` record without its step, or None."""
+    """A counter of the trainer state below zero or a `log_history` record without its step, or None."""
     for name in ("global_step", "epoch", "batch_in_epoch", "train_tokens", "epoch_tokens", "max_steps"):
         if trainer.get(name, 0) < 0:
             return f"field {name!r} must not be negative, got {trainer[name]!r}"
-    best = trainer.get("best_checkpoint")
-    if best is not None and checkpoint_step(Path(best).name) is None:
-        return f"field 'best_checkpoint' must name a checkpoint folder (checkpoint_step_<N>), got {best!r:.200}"
     for index, record in enumerate(trainer.get("log_history", [])):
         if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
             return f"field 'log_history' entry {index} must be an object with an integer 'step', got {record!r:.200}"

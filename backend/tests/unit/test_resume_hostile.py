@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -44,8 +45,6 @@ def test_intact_random_state_files_still_load(tmp_path):
     ("global_step", -5, "'global_step' must not be negative"),
     ("batch_in_epoch", -1, "'batch_in_epoch' must not be negative"),
     ("log_history", [1, 2], "'log_history' entry 0 must be an object"),
-    ("best_checkpoint", "..", "'best_checkpoint' must name a checkpoint folder"),
-    ("best_checkpoint", "/etc", "'best_checkpoint' must name a checkpoint folder"),
     ("log_history", [{"type": "train", "loss": 1.0}], "'log_history' entry 0 must be an object with an integer 'step'"),
 ])
 def test_trainer_state_edited_with_impossible_values_is_named(tmp_path, field, value, said):
@@ -57,6 +56,17 @@ def test_trainer_state_edited_with_impossible_values_is_named(tmp_path, field, v
     (tmp_path / "trainer_state.json").write_text(json.dumps({"trainer": trainer, "callbacks": {}}))
     with pytest.raises(CheckpointError, match=rf"trainer_state\.json: field {said}"):
         read_trainer_state(tmp_path)
+
+
+@pytest.mark.parametrize("best", ["..", "/etc", "../../victim"])
+def test_a_best_checkpoint_naming_no_checkpoint_is_dropped_with_a_warning(tmp_path, best, caplog):
+    """`best_checkpoint` edited to `..` or a folder that is no checkpoint: the run keeps no best checkpoint (it
+    was taken as `checkpoint_dir/..`, the run folder, and reported so in the summary) and goes on."""
+    trainer = {"global_step": 4, "best_metric": 0.5, "best_step": 2, "best_checkpoint": best}
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"trainer": trainer, "callbacks": {}}))
+    with caplog.at_level(logging.WARNING):
+        assert read_trainer_state(tmp_path)[0]["best_checkpoint"] is None
+    assert "'best_checkpoint'" in caplog.text and "names no checkpoint folder" in caplog.text
 
 
 def test_best_checkpoint_of_an_earlier_version_still_reads(tmp_path):
