@@ -155,6 +155,12 @@ def trainer_api(trainer: Any) -> TrainerAPI:
     return trainer if isinstance(trainer, TrainerAPI) else _StandInTrainer(trainer)
 
 
+def epoch_end_step(trainer: Any, last_step: int) -> int:
+    """The step an epoch's end belongs to: the trainer's `global_step`, or `last_step`, the newest step the
+    callback saw, when that is later (a hand-written loop's trainer may keep no global_step)."""
+    return max(int(trainer_api(trainer).global_step or 0), last_step)
+
+
 def publish_evaluation(trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
     """Hand an evaluation's results to the trainer (which fires `on_evaluate`); a no-op for a stand-in."""
     trainer_api(trainer).record_evaluation(step, dict(metrics))

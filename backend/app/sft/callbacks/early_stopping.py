@@ -6,7 +6,7 @@ import logging
 import math
 from typing import Any
 
-from app.sft.callbacks.base import BestRecord, Monitor, MonitoringCallback, trainer_api
+from app.sft.callbacks.base import BestRecord, Monitor, MonitoringCallback, epoch_end_step, trainer_api
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class EarlyStoppingCallback(MonitoringCallback):
         api = trainer_api(trainer)
         value = self.loop_value(trainer, metrics)
         if value is not None:
-            self._check(trainer, max(api.global_step, self._last_step), value)
+            self._check(trainer, epoch_end_step(api, self._last_step), value)
             self._last_checked_step = None  # only a step end's check is shared, with the epoch end at that step
         elif api.managed and self.monitor not in api.metrics:
             self._monitor.warn_missing(type(self).__name__, api.metrics)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from app.sft.callbacks.base import SFTCallback, trainer_api
+from app.sft.callbacks.base import SFTCallback, epoch_end_step, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
 from app.sft.callbacks.trackers import config_dict, scalar, without_credentials
 from app.sft.config import flatten
@@ -150,7 +150,7 @@ class MLflowCallback(SFTCallback):
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         values = {f"epoch/{key}": value for key, value in metrics.items()}  # `epoch` is each step's fractional one
-        self._log_metrics(values, max(int(trainer_api(trainer).global_step or 0), self._last_step))
+        self._log_metrics(values, epoch_end_step(trainer, self._last_step))
 
     def on_train_end(self, trainer: Any, error: BaseException | None = None, **kwargs: Any) -> None:
         if self.client is None:

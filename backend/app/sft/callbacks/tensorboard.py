@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.sft.callbacks.base import SFTCallback, trainer_api
+from app.sft.callbacks.base import SFTCallback, epoch_end_step, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
 from app.sft.callbacks.trackers import scalar, without_credentials_in
 from app.sft.paths import TENSORBOARD_DIR
@@ -129,7 +129,7 @@ class TensorBoardCallback(SFTCallback):
             self._fail(err)
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
-        step = max(int(trainer_api(trainer).global_step or 0), self._last_step)
+        step = epoch_end_step(trainer, self._last_step)
         self._add_scalars(metrics, step, lambda name: f"epoch/{name}")
 
     def on_train_end(self, trainer: Any, **kwargs: Any) -> None:

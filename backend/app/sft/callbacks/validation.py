@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from app.sft.callbacks.base import BestRecord, Monitor, SFTCallback, publish_evaluation, trainer_api
+from app.sft.callbacks.base import BestRecord, Monitor, SFTCallback, epoch_end_step, publish_evaluation, trainer_api
 from app.sft.data.batching import PaddedCollator
 from app.sft.loss import IGNORE_INDEX, evaluation_totals
 
@@ -85,7 +85,7 @@ class ValidationCallback(SFTCallback):
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         if self.eval_on_epoch_end:
-            self._validate(trainer, max(trainer_api(trainer).global_step, self._last_step), metrics)
+            self._validate(trainer, epoch_end_step(trainer, self._last_step), metrics)
             self._last_result = None  # only a step end's result is reused, by the epoch end at that step
 
     def _validate(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:

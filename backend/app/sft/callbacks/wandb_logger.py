@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from app.sft.callbacks.base import SFTCallback, trainer_api
+from app.sft.callbacks.base import SFTCallback, epoch_end_step, trainer_api
 from app.sft.callbacks.generation_eval import samples_of
 from app.sft.callbacks.trackers import config_dict
 from app.sft.paths import WANDB_DIR
@@ -130,7 +130,7 @@ class WandBCallback(SFTCallback):
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float], **kwargs: Any) -> None:
         self._log(
             {"epoch": epoch, **{f"epoch/{key}": value for key, value in metrics.items()}},
-            max(trainer_api(trainer).global_step, self._last_step),  # W&B drops a step older than the newest
+            epoch_end_step(trainer, self._last_step),  # W&B drops a step older than the newest
         )
 
     def _log_samples(self, samples: list[dict[str, Any]], step: int) -> None:
